@@ -1,0 +1,346 @@
+"""Pipelines as text and as TOML, and the ``O1``/``O2``/``O3`` presets.
+
+Text form (round-trips through :func:`format_pipeline`)::
+
+    fold-constants,fold-batchnorm,prune-channels(ratio=0.3,criterion=l1),quantize-int8(exclude=[Softmax,/head/Gemm])
+
+A value is a number, ``true``/``false``, ``none``, a bare word or a quoted string, or a ``[list]`` of
+those. A preset name (``O1``) stands for its pass list.
+
+File form (``onnxforge.toml`` or ``[tool.onnxforge]`` in ``pyproject.toml``)::
+
+    target = "cpu"
+    preset = "O1"                 # optional; [[passes]] run after it
+    calibration_data = "calib.npz"
+    verify = true
+    fixed_point = false
+
+    [[passes]]
+    name = "prune-channels"
+    ratio = 0.3                   # every other key is an option of the pass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import sys
+from typing import Any
+
+from onnxforge.errors import PipelineSpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESETS: dict[str, str] = {
+    # Lossless: cleanup and weight folding. Never changes outputs beyond fp32 rounding.
+    "O1": (
+        "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
+        "cse,dedup-initializers,remove-unused"
+    ),
+    # O1 + operator fusion for the target.
+    "O2": (
+        "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
+        "cse,dedup-initializers,remove-unused,fuse,remove-unused"
+    ),
+    # O2 + int8 quantization (needs calibration data), keeping int8 only where it is measured faster.
+    "O3": (
+        "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
+        "cse,dedup-initializers,remove-unused,fuse,remove-unused,quantize-int8(latency_guard=true)"
+    ),
+}
+DEFAULT_PRESET = "O1"
+
+CONFIG_KEYS = {
+    "target",
+    "preset",
+    "passes",
+    "calibration_data",
+    "verify",
+    "fixed_point",
+    "max_iterations",
+    "providers",
+    "num_samples",
+    "seed",
+}
+
+
+@dataclasses.dataclass
+class PassSpec:
+    """One pass in a pipeline: its registered name and option values."""
+
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options.items())
+        return f"{self.name}({opts})"
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """A whole build configuration, from a TOML file or CLI flags."""
+
+    passes: list[PassSpec]
+    target: str = "cpu"
+    calibration_data: str | None = None
+    verify: bool = False
+    fixed_point: bool = False
+    max_iterations: int = 4
+    providers: list[str] | None = None
+    num_samples: int | None = None
+    seed: int = 0
+    source: str | None = None
+
+    def pipeline_string(self) -> str:
+        return format_pipeline(self.passes)
+
+
+# --------------------------------------------------------------------------- text form
+
+_TOKEN_RE = re.compile(
+    r"""\s*(?:
+        (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+      | (?P<punct>[(),=\[\]])
+      | (?P<word>[^\s(),=\[\]"']+)
+    )""",
+    re.VERBOSE,
+)
+
+
+def _tokenize(text: str) -> list[tuple[str, str, int]]:
+    tokens = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN_RE.match(text, pos)
+        if not m or m.end() == pos:
+            raise PipelineSpecError(f"pipeline: unexpected character {text[pos]!r} at column {pos + 1}")
+        kind = m.lastgroup or ""
+        tokens.append((kind, m.group(kind), m.start(kind)))
+        pos = m.end()
+    return tokens
+
+
+def parse_pipeline(text: str) -> list[PassSpec]:
+    """Parse ``a,b(opt=1,l=[x,y])`` into pass specs; preset names expand to their passes."""
+    tokens = _tokenize(text)
+    specs: list[PassSpec] = []
+    i = 0
+
+    def expect(value: str) -> None:
+        nonlocal i
+        if i >= len(tokens) or tokens[i][1] != value:
+            got = repr(tokens[i][1]) if i < len(tokens) else "end of text"
+            col = f" at column {tokens[i][2] + 1}" if i < len(tokens) else ""
+            raise PipelineSpecError(f"pipeline: expected {value!r}, got {got}{col} in {text!r}")
+        i += 1
+
+    def parse_value() -> Any:
+        nonlocal i
+        if i >= len(tokens):
+            raise PipelineSpecError(f"pipeline: missing value at end of {text!r}")
+        kind, tok, _ = tokens[i]
+        if tok == "[":
+            i += 1
+            items = []
+            while i < len(tokens) and tokens[i][1] != "]":
+                items.append(parse_value())
+                if i < len(tokens) and tokens[i][1] == ",":
+                    i += 1
+            expect("]")
+            return items
+        if kind == "punct":
+            raise PipelineSpecError(f"pipeline: expected a value, got {tok!r} in {text!r}")
+        i += 1
+        if kind == "str":
+            return bytes(tok[1:-1], "utf-8").decode("unicode_escape")
+        return _parse_scalar(tok)
+
+    if not tokens:
+        raise PipelineSpecError("pipeline: empty pass list")
+    while i < len(tokens):
+        kind, name, col = tokens[i]
+        if kind != "word":
+            raise PipelineSpecError(f"pipeline: expected a pass name at column {col + 1}, got {name!r}")
+        i += 1
+        options: dict[str, Any] = {}
+        if i < len(tokens) and tokens[i][1] == "(":
+            i += 1
+            while i < len(tokens) and tokens[i][1] != ")":
+                kkind, key, kcol = tokens[i]
+                if kkind != "word":
+                    raise PipelineSpecError(f"pipeline: expected an option name at column {kcol + 1}")
+                i += 1
+                expect("=")
+                if key in options:
+                    raise PipelineSpecError(f"pipeline: option {key!r} given twice for {name!r}")
+                options[key] = parse_value()
+                if i < len(tokens) and tokens[i][1] == ",":
+                    i += 1
+            expect(")")
+        if name in PRESETS:
+            if options:
+                raise PipelineSpecError(f"pipeline: preset {name} takes no options")
+            specs.extend(parse_pipeline(PRESETS[name]))
+        else:
+            specs.append(PassSpec(name, options))
+        if i < len(tokens):
+            expect(",")
+            if i >= len(tokens):
+                raise PipelineSpecError(f"pipeline: trailing ',' in {text!r}")
+    return specs
+
+
+def _parse_scalar(tok: str) -> Any:
+    low = tok.lower()
+    if low == "true":
+        return True
+    if low == "false":
+        return False
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(tok)
+    except ValueError:
+        pass
+    try:
+        return float(tok)
+    except ValueError:
+        return tok
+
+
+_BARE_RE = re.compile(r"^[A-Za-z_/.:][\w/.:\-]*$")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    s = str(value)
+    if _BARE_RE.match(s) and _parse_scalar(s) == s:
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_pipeline(specs: list[PassSpec]) -> str:
+    """The text form of ``specs``; ``parse_pipeline(format_pipeline(s)) == s``."""
+    return ",".join(str(s) for s in specs)
+
+
+# --------------------------------------------------------------------------- file form
+
+
+def load_config(path: str | pathlib.Path) -> PipelineConfig:
+    """Read ``onnxforge.toml`` (top-level keys) or ``pyproject.toml`` (``[tool.onnxforge]``)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise PipelineSpecError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PipelineSpecError(f"{path}: invalid TOML: {e}") from e
+    if path.name == "pyproject.toml":
+        data = data.get("tool", {}).get("onnxforge")
+        if data is None:
+            raise PipelineSpecError(f"{path}: no [tool.onnxforge] table")
+    config = config_from_dict(data, where=str(path))
+    calib = config.calibration_data
+    if calib and not pathlib.Path(calib).is_absolute():
+        config.calibration_data = str((path.parent / calib))
+    return config
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> PipelineConfig:
+    unknown = set(data) - CONFIG_KEYS
+    if unknown:
+        raise PipelineSpecError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(CONFIG_KEYS))}"
+        )
+    specs: list[PassSpec] = []
+    preset = data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise PipelineSpecError(f"{where}: unknown preset {preset!r}; choose {', '.join(PRESETS)}")
+        specs.extend(parse_pipeline(PRESETS[preset]))
+    passes = data.get("passes", [])
+    if isinstance(passes, str):
+        specs.extend(parse_pipeline(passes))
+    elif isinstance(passes, list):
+        for n, entry in enumerate(passes, 1):
+            if isinstance(entry, str):
+                specs.extend(parse_pipeline(entry))
+                continue
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise PipelineSpecError(f"{where}: passes entry {n} needs a 'name'")
+            options = {k: v for k, v in entry.items() if k != "name"}
+            # A nested [passes.options] table is accepted too.
+            if isinstance(options.get("options"), dict):
+                options.update(options.pop("options"))
+            specs.append(PassSpec(str(entry["name"]), options))
+    else:
+        raise PipelineSpecError(f"{where}: 'passes' must be a list of tables or a pipeline string")
+    if not specs:
+        raise PipelineSpecError(f"{where}: no passes (give 'preset' or [[passes]])")
+
+    def typed(key: str, kind: type, default: Any) -> Any:
+        value = data.get(key, default)
+        if value is not None and not isinstance(value, kind):
+            raise PipelineSpecError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
+        return value
+
+    return PipelineConfig(
+        passes=specs,
+        target=typed("target", str, "cpu"),
+        calibration_data=typed("calibration_data", str, None),
+        verify=typed("verify", bool, False),
+        fixed_point=typed("fixed_point", bool, False),
+        max_iterations=typed("max_iterations", int, 4),
+        providers=typed("providers", list, None),
+        num_samples=typed("num_samples", int, None),
+        seed=typed("seed", int, 0),
+        source=where,
+    )
+
+
+def config_to_toml(config: PipelineConfig) -> str:
+    """Write ``config`` as an ``onnxforge.toml`` that :func:`load_config` reads back to the same passes."""
+    lines = [f'target = "{config.target}"']
+    if config.calibration_data:
+        lines.append(f"calibration_data = {_toml_value(config.calibration_data)}")
+    if config.verify:
+        lines.append("verify = true")
+    if config.fixed_point:
+        lines.append("fixed_point = true")
+    if config.seed:
+        lines.append(f"seed = {config.seed}")
+    for spec in config.passes:
+        lines.append("")
+        lines.append("[[passes]]")
+        lines.append(f'name = "{spec.name}"')
+        for key, value in spec.options.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if value is None:
+        raise PipelineSpecError("TOML has no null: drop options set to none")
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
