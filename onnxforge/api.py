@@ -41,9 +41,9 @@ def optimize(
     if context is None:
         data = None
         if calibration_data is not None:
-            from onnxforge.runtime.data import CalibrationData
+            from onnxforge.runtime import data as calibration
 
-            data = CalibrationData.load(calibration_data, ir_model)
+            data = calibration.load(calibration_data, ir_model)
         context = PassContext(target=target, calibration_data=data, explain=explain, seed=seed)
     pipeline = Pipeline(
         passes, context=context, verify=verify, fixed_point=fixed_point, reproducer_dir=reproducer_dir

@@ -45,7 +45,7 @@ def optimize(model, output, passes_text, preset, config_path, target, calibratio
     from onnxforge.passes.base import PassContext
     from onnxforge.passes.manager import Pipeline
     from onnxforge.passes.spec import DEFAULT_PRESET, PRESETS, PipelineConfig, load_config, parse_pipeline
-    from onnxforge.runtime.data import CalibrationData
+    from onnxforge.runtime import data as calibration
 
     chosen = [x for x in (passes_text, preset, config_path) if x]
     if len(chosen) > 1:
@@ -75,7 +75,7 @@ def optimize(model, output, passes_text, preset, config_path, target, calibratio
     ir_model = load(model)
     data = None
     if config.calibration_data:
-        data = CalibrationData.load(config.calibration_data, ir_model)
+        data = calibration.load(config.calibration_data, ir_model)
     elif any(s.name in _DATA_PASSES for s in config.passes):
         names = sorted({s.name for s in config.passes if s.name in _DATA_PASSES})
         raise CalibrationDataError(

@@ -244,7 +244,7 @@ class Pipeline(ir.passes.InPlacePass):
     @classmethod
     def from_config(cls, config: PipelineConfig, **kwargs: Any) -> "Pipeline":
         """Build from a :class:`PipelineConfig` (file form); calibration data is loaded here."""
-        from onnxforge.runtime.data import CalibrationData
+        from onnxforge.runtime import data as calibration
 
         context = kwargs.pop("context", None)
         if context is None:
@@ -253,7 +253,7 @@ class Pipeline(ir.passes.InPlacePass):
                 options["num_samples"] = config.num_samples
             context = PassContext(
                 target=config.target,
-                calibration_data=(CalibrationData.load(config.calibration_data) if config.calibration_data else None),
+                calibration_data=(calibration.load(config.calibration_data) if config.calibration_data else None),
                 seed=config.seed,
                 options=options,
             )
@@ -453,12 +453,12 @@ def _fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray
 
 
 def _sample_feeds(model: ir.Model, context: PassContext, samples: int) -> list[dict[str, np.ndarray]]:
-    from onnxforge.runtime.data import CalibrationData
+    from onnxforge.runtime import data as calibration
 
     if context.calibration_data is not None:
-        feeds = list(CalibrationData.load(context.calibration_data, model).take(samples))
+        feeds = list(calibration.load(context.calibration_data, model).take(samples))
         if feeds:
             return feeds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return list(CalibrationData.synthetic(model, n=samples, seed=context.seed))
+        return list(calibration.CalibrationData.synthetic(model, n=samples, seed=context.seed))

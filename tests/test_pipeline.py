@@ -1,0 +1,300 @@
+"""The pass manager: registry, options, instruments, verification, fixed point, reports, plugins."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import onnxforge
+from onnxforge.errors import PassFailedError, PassOptionError, UnknownPassError, VerificationError
+from onnxforge.passes import Pass, PassContext, PassStats, create_pass, register_pass
+from onnxforge.passes.manager import Pipeline
+from onnxforge.testing import numerics
+
+
+# ----------------------------------------------------------------------- test-only passes
+
+
+@register_pass("test-nudge-weights", replace=True)
+class NudgeWeightsPass(Pass):
+    """Deliberately wrong 'lossless' pass: multiplies every float initializer by ``factor``."""
+
+    def __init__(self, factor: float = 1.01, only_first: bool = False):
+        super().__init__()
+        self.factor = factor
+        self.only_first = only_first
+
+    def run(self, model, stats: PassStats) -> bool:
+        for value in list(model.graph.initializers.values()):
+            array = value.const_value.numpy()
+            if array.dtype != np.float32:
+                continue
+            value.const_value = ir.tensor(array * np.float32(self.factor), name=value.name)
+            stats.count("nudged")
+            if self.only_first:
+                break
+        return stats.counts["nudged"] > 0
+
+
+@register_pass("test-noop", replace=True)
+class NoopPass(Pass):
+    """Changes nothing."""
+
+    def run(self, model, stats):
+        return False
+
+
+@register_pass("test-countdown", replace=True)
+class CountdownPass(Pass):
+    """Removes one Identity (not producing a graph output) per run: needs several rounds."""
+
+    def run(self, model, stats):
+        for node in list(model.graph):
+            if node.op_type == "Identity" and not node.outputs[0].is_graph_output():
+                ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+                model.graph.remove(node, safe=True)
+                stats.count("removed")
+                return True
+        return False
+
+
+@register_pass("test-crash", replace=True)
+class CrashPass(Pass):
+    """Raises inside run()."""
+
+    def run(self, model, stats):
+        raise RuntimeError("boom at node /fc/Gemm")
+
+
+@pytest.fixture(scope="module")
+def mlp_model():
+    torch = pytest.importorskip("torch")
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(8, 16)
+            self.fc2 = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    module = MLP().eval()
+    return onnxforge.export(module, (torch.randn(2, 8),))
+
+
+def fresh(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+# ----------------------------------------------------------------------- registry
+
+
+def test_create_pass_coerces_option_strings():
+    p = create_pass("test-nudge-weights", {"factor": "2", "only_first": "true"})
+    assert p.factor == 2.0 and p.only_first is True
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [({"factr": 1}, "no option 'factr'"), ({"factor": "abc"}, "expected a number"), ({"only_first": "maybe"}, "true/false")],
+)
+def test_bad_options_are_clear(options, fragment):
+    with pytest.raises(PassOptionError) as e:
+        create_pass("test-nudge-weights", options)
+    assert fragment in str(e.value) and "test-nudge-weights" in str(e.value)
+
+
+def test_unknown_pass_suggests_close_names():
+    with pytest.raises(UnknownPassError, match="did you mean test-noop"):
+        create_pass("test-nop")
+
+
+def test_names_must_be_kebab_case():
+    with pytest.raises(ValueError, match="kebab-case"):
+        register_pass("Bad_Name")
+
+
+def test_foreign_onnx_ir_pass_runs_in_pipeline(mlp_model):
+    """An onnx_ir pass drops into our pipeline unchanged (and ours into theirs)."""
+    model = fresh(mlp_model)
+    pipeline = Pipeline([ir.passes.common.TopologicalSortPass(), create_pass("test-noop")])
+    result = pipeline.run(model)
+    assert [r.name for r in result.report.records] == ["TopologicalSortPass", "test-noop"]
+    theirs = ir.passes.PassManager([create_pass("test-noop")])
+    assert theirs(model).modified is False
+
+
+# ----------------------------------------------------------------------- instruments
+
+
+def test_report_records_every_pass(mlp_model, tmp_path):
+    model = fresh(mlp_model)
+    result = Pipeline("test-noop,test-nudge-weights(factor=1.0)", verify=True).run(model)
+    report = result.report
+    assert [r.name for r in report.records] == ["test-noop", "test-nudge-weights"]
+    noop, nudge = report.records
+    assert noop.modified is False and noop.verified is None  # unchanged passes are not re-verified
+    assert nudge.modified is True and nudge.verified is True
+    assert nudge.stats["counts"]["nudged"] == 4
+    assert nudge.before["params"] == nudge.after["params"] == 8 * 16 + 16 + 16 * 4 + 4
+    assert nudge.vs_original.max_abs == 0.0
+    path = tmp_path / "report.json"
+    report.write_json(path)
+    data = json.loads(path.read_text())
+    assert data["passes"][1]["stats"]["counts"] == {"nudged": 4}
+    assert data["pipeline"] == "test-noop,test-nudge-weights(factor=1.0)"
+
+
+def test_verify_names_the_first_breaking_pass(mlp_model, tmp_path):
+    model = fresh(mlp_model)
+    pipeline = Pipeline(
+        "test-noop,test-nudge-weights(factor=1.0),test-nudge-weights(factor=1.05),test-noop",
+        verify=True,
+        reproducer_dir=tmp_path / "repro",
+    )
+    with pytest.raises(VerificationError) as e:
+        pipeline.run(model)
+    assert "test-nudge-weights" in str(e.value) and "beyond tolerance" in str(e.value)
+    # The reproducer holds the model the failing pass received, and replays it.
+    repro = tmp_path / "repro"
+    assert (repro / "pipeline.txt").read_text().strip() == "test-nudge-weights(factor=1.05)"
+    replayed = onnxforge.load(repro / "input.onnx")
+    feeds = numerics.random_inputs(replayed)
+    np.testing.assert_allclose(numerics.run(replayed, feeds)[0], numerics.run(mlp_model, feeds)[0], rtol=1e-6)
+
+
+def test_lossy_pass_gets_its_own_tolerance(mlp_model):
+    class LossyNudge(NudgeWeightsPass):
+        lossless = False
+        tolerance = 0.2
+
+    model = fresh(mlp_model)
+    result = Pipeline([LossyNudge(factor=1.05)], verify=True).run(model)
+    (record,) = result.report.records
+    assert record.verified is True and record.tolerance == 0.2
+    assert 0 < record.vs_original.max_rel < 0.2
+
+
+def test_crashing_pass_is_named_with_reproducer(mlp_model, tmp_path):
+    with pytest.raises(PassFailedError, match="pass 'test-crash' failed: RuntimeError: boom") as e:
+        Pipeline("test-noop,test-crash", reproducer_dir=tmp_path).run(fresh(mlp_model))
+    assert str(tmp_path) in str(e.value)
+    assert (tmp_path / "input.onnx").is_file()
+
+
+def test_fixed_point_repeats_lossless_passes_until_stable(mlp_model):
+    model = fresh(mlp_model)
+    # Chain three Identity nodes onto the output.
+    graph = model.graph
+    out = graph.outputs[0]
+    last = out
+    for i in range(3):
+        node = ir.node("Identity", [last], name=f"extra_identity_{i}")
+        graph.append(node)
+        node.outputs[0].name = f"id_{i}"
+        node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+        last = node.outputs[0]
+    graph.outputs[0] = last
+    once = Pipeline("test-countdown").run(fresh(model))
+    assert sum(n.op_type == "Identity" for n in once.model.graph) == 2
+    fixed = Pipeline("test-countdown", fixed_point=True, max_iterations=10, verify=True).run(model)
+    assert sum(n.op_type == "Identity" for n in fixed.model.graph) == 1  # the one naming the output
+    rounds = [r.iteration for r in fixed.report.records]
+    assert rounds == [0, 1, 2]  # two removals, then one round that changed nothing
+
+
+def test_fixed_point_runs_lossy_passes_once(mlp_model):
+    class Lossy(NudgeWeightsPass):
+        lossless = False
+
+    result = Pipeline([Lossy(factor=1.0)], fixed_point=True).run(fresh(mlp_model))
+    assert len(result.report.records) == 1
+
+
+def test_context_reaches_passes():
+    ctx = PassContext(target="onnx", seed=7)
+    pipeline = Pipeline("test-noop", context=ctx)
+    assert pipeline.passes[0].context is ctx
+    with pytest.raises(PassOptionError, match="unknown target"):
+        PassContext(target="gpu")
+    with pytest.raises(PassOptionError, match="unknown context option"):
+        PassContext(options={"nope": 1})
+
+
+def test_pipeline_is_deterministic(mlp_model):
+    a = Pipeline("test-nudge-weights(factor=1.5)").run(fresh(mlp_model)).model
+    b = Pipeline("test-nudge-weights(factor=1.5)").run(fresh(mlp_model)).model
+    ser = lambda m: ir.serde.serialize_model(m).SerializeToString(deterministic=True)  # noqa: E731
+    assert ser(a) == ser(b)
+
+
+# ----------------------------------------------------------------------- plugins
+
+PLUGIN_SOURCE = textwrap.dedent(
+    '''
+    from onnxforge.passes import Pass, register_pass
+
+    class TagPass(Pass):
+        """Adds a metadata tag (plugin test)."""
+
+        def __init__(self, tag: str = "hello"):
+            super().__init__()
+            self.tag = tag
+
+        def run(self, model, stats):
+            model.metadata_props["plugin_tag"] = self.tag
+            stats.count("tagged")
+            return True
+    '''
+)
+
+
+def _run_cli(args, env_extra=None, cwd=None):
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "onnxforge", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+
+
+def test_plugin_via_entry_point(tmp_path, mlp_model):
+    """A package that declares the 'onnxforge.passes' entry point is found without any flag."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "tag_plugin.py").write_text(PLUGIN_SOURCE)
+    dist = site / "tag_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tag-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[onnxforge.passes]\ntag-model = tag_plugin:TagPass\n")
+    model_path = tmp_path / "m.onnx"
+    onnxforge.save(fresh(mlp_model), model_path)
+    env = {"PYTHONPATH": str(site)}
+    listing = _run_cli(["passes", "--json"], env)
+    assert listing.returncode == 0, listing.stderr
+    assert "tag-model" in json.loads(listing.stdout)["passes"]
+    run = _run_cli(["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"), "--passes",
+                    "tag-model(tag=ci)", "-q"], env)
+    assert run.returncode == 0, run.stderr
+    assert onnxforge.load(tmp_path / "out.onnx").metadata_props["plugin_tag"] == "ci"
+
+
+def test_plugin_via_flag(tmp_path, mlp_model):
+    plugin = tmp_path / "my_passes.py"
+    plugin.write_text(PLUGIN_SOURCE + "\nregister_pass('tag-model')(TagPass)\n")
+    model_path = tmp_path / "m.onnx"
+    onnxforge.save(fresh(mlp_model), model_path)
+    run = _run_cli(["--plugin", str(plugin), "optimize", str(model_path), "-o", str(tmp_path / "o.onnx"),
+                    "--passes", "tag-model", "-q"])
+    assert run.returncode == 0, run.stderr
+    bad = _run_cli(["--plugin", "no_such_module_xyz", "passes"])
+    assert bad.returncode != 0
+    assert bad.stderr.strip().startswith("onnxforge: error: plugin 'no_such_module_xyz' failed to import")
+    assert "Traceback" not in bad.stderr

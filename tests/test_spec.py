@@ -1,0 +1,118 @@
+"""Pipeline text and TOML forms, presets, and their errors."""
+
+import pytest
+
+from onnxforge.errors import PipelineSpecError
+from onnxforge.passes.spec import (
+    PRESETS,
+    PassSpec,
+    PipelineConfig,
+    config_to_toml,
+    format_pipeline,
+    load_config,
+    parse_pipeline,
+)
+
+
+def test_parse_names_and_typed_options():
+    specs = parse_pipeline('fold-constants, prune-channels(ratio=0.3,criterion=l1,round_to=8,global=true),'
+                           'quantize-int8(exclude=[Softmax,"/head/Gemm"],percentile=99.9,x=none)')
+    assert specs == [
+        PassSpec("fold-constants"),
+        PassSpec("prune-channels", {"ratio": 0.3, "criterion": "l1", "round_to": 8, "global": True}),
+        PassSpec("quantize-int8", {"exclude": ["Softmax", "/head/Gemm"], "percentile": 99.9, "x": None}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a,b(x=1,y=[1,2.5,c]),c(s=\"with space, and comma\")",
+        "prune-channels(ratio=0.3,criterion=l1)",
+        'q(exclude=["a b",c],flag=false)',
+    ],
+)
+def test_round_trip(text):
+    specs = parse_pipeline(text)
+    assert parse_pipeline(format_pipeline(specs)) == specs
+
+
+def test_preset_expands():
+    specs = parse_pipeline("O1,extra")
+    assert [s.name for s in specs] == [s.name for s in parse_pipeline(PRESETS["O1"])] + ["extra"]
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "empty"),
+        ("a(", "expected ')'"),
+        ("a(x)", "expected '='"),
+        ("a,,b", "pass name"),
+        ("a,", "trailing"),
+        ("a(x=1,x=2)", "given twice"),
+        ("O1(x=1)", "takes no options"),
+    ],
+)
+def test_parse_errors(text, fragment):
+    with pytest.raises(PipelineSpecError, match="pipeline") as e:
+        parse_pipeline(text)
+    assert fragment in str(e.value)
+
+
+def test_toml_config(tmp_path):
+    cfg = tmp_path / "onnxforge.toml"
+    cfg.write_text(
+        'target = "onnx"\npreset = "O1"\ncalibration_data = "calib.npz"\nverify = true\n\n'
+        '[[passes]]\nname = "prune-channels"\nratio = 0.25\ncriterion = "l2"\n'
+    )
+    config = load_config(cfg)
+    assert config.target == "onnx"
+    assert config.verify is True
+    assert config.calibration_data == str(tmp_path / "calib.npz")
+    assert config.passes[-1] == PassSpec("prune-channels", {"ratio": 0.25, "criterion": "l2"})
+    assert len(config.passes) == len(parse_pipeline(PRESETS["O1"])) + 1
+
+
+def test_pyproject_table(tmp_path):
+    cfg = tmp_path / "pyproject.toml"
+    cfg.write_text('[project]\nname="x"\n\n[tool.onnxforge]\npasses = "fold-constants,cse"\n')
+    assert [s.name for s in load_config(cfg).passes] == ["fold-constants", "cse"]
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ("nonsense = 1\npreset='O1'", "unknown key"),
+        ("preset = 'O9'", "unknown preset"),
+        ("verify = 'yes'\npreset='O1'", "'verify' must be bool"),
+        ("[[passes]]\nratio = 1", "needs a 'name'"),
+        ("target = 'cpu'", "no passes"),
+        ("preset = ", "invalid TOML"),
+    ],
+)
+def test_toml_errors(tmp_path, body, fragment):
+    cfg = tmp_path / "onnxforge.toml"
+    cfg.write_text(body)
+    with pytest.raises(PipelineSpecError) as e:
+        load_config(cfg)
+    assert fragment in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(PipelineSpecError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_config_written_back_reads_the_same(tmp_path):
+    config = PipelineConfig(
+        passes=parse_pipeline("fold-constants,prune-channels(ratio=0.5,criterion=l1,protect=[a,b])"),
+        target="cpu",
+        verify=True,
+        seed=3,
+    )
+    path = tmp_path / "saved.toml"
+    path.write_text(config_to_toml(config))
+    again = load_config(path)
+    assert again.passes == config.passes
+    assert (again.verify, again.seed, again.target) == (True, 3, "cpu")
