@@ -1,0 +1,146 @@
+"""bench / bench_interleaved give sane numbers; compare on hand-computed arrays; compare_models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.errors import CalibrationDataError
+from onnxforge.runtime.bench import BenchResult, bench, bench_interleaved, ratios
+from onnxforge.runtime.compare import class_axis, compare, compare_models
+from onnxforge.runtime.session import make_session
+
+
+def classifier(weight: np.ndarray, batch: str | int = "batch") -> onnx.ModelProto:
+    """logits = x @ W, x: float32 [batch, 4], W: [4, 3]."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["logits"])], "clf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 3])],
+        initializer=[numpy_helper.from_array(weight.astype(np.float32), "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10 - 0.5
+
+
+# --- bench ----------------------------------------------------------------------------------------
+
+def _sane(r: BenchResult, batch: int, n_min: int) -> None:
+    assert r.n >= n_min and len(r.times_ms) == r.n
+    assert 0 < r.min_ms <= r.p50_ms <= r.p90_ms <= r.p99_ms
+    assert r.mean_ms > 0
+    assert r.batch_size == batch
+    assert r.throughput_per_s == pytest.approx(batch / (r.p50_ms / 1e3))
+    assert r.providers_used == ["CPUExecutionProvider"]
+
+
+def test_bench_synthesizes_feeds_with_batch_size():
+    r = bench(classifier(W), batch_size=8, warmup=2, repeat=20, threads=1)
+    _sane(r, 8, 20)
+    assert set(r.to_dict()) >= {"p50_ms", "p90_ms", "p99_ms", "throughput_per_s", "providers_used"}
+    assert "times_ms" not in r.to_dict()
+
+
+def test_bench_with_feeds_and_min_time():
+    feeds = {"x": np.ones((3, 4), np.float32)}
+    r = bench(classifier(W), feeds, warmup=0, repeat=5, min_time_s=0.05)
+    _sane(r, 3, 5)
+    assert sum(r.times_ms) >= 40  # kept running for about min_time_s (timer overhead aside)
+
+
+def test_bench_fixed_batch_refuses_other_batch_size():
+    with pytest.raises(CalibrationDataError, match="fixed batch axis of 1"):
+        bench(classifier(W, batch=1), batch_size=4, repeat=1)
+
+
+def test_bench_interleaved_runs_every_model_equally():
+    models = {
+        "disabled": make_session(classifier(W), optimize="disable"),
+        "all": classifier(W),
+        "other": classifier(W * 2),
+    }
+    results = bench_interleaved(models, rounds=4, per_round=3, warmup=1, batch_size=2)
+    assert list(results) == ["disabled", "all", "other"]
+    for r in results.values():
+        _sane(r, 2, 12)
+        assert r.n == 12
+    rel = ratios(results, "disabled")
+    assert rel["disabled"] == 1.0 and all(v > 0 for v in rel.values())
+
+
+# --- compare --------------------------------------------------------------------------------------
+
+REF = {"logits": np.array([[1.0, 2.0, 3.0], [3.0, 0.0, 1.0]], np.float32), "count": np.array([5], np.int64)}
+CAND = {"logits": np.array([[1.0, 2.0, 2.5], [0.0, 4.0, 1.0]], np.float32), "count": np.array([7], np.int64)}
+# |diff| = [[0, 0, .5], [3, 4, 0]]: max 4, max|ref| 3, mean 7.5/6; <r,c> = 13.5, |r|^2 = 24, |c|^2 = 28.25;
+# argmax ref [2, 0], cand [2, 1]
+COSINE = 13.5 / math.sqrt(24 * 28.25)
+
+
+def test_compare_hand_computed():
+    r = compare(REF, CAND)
+    logits, count = r.per_output
+    assert logits.name == "logits" and logits.shape == (2, 3)
+    assert logits.max_abs == pytest.approx(4.0)
+    assert logits.max_rel == pytest.approx(4.0 / 3.0)
+    assert logits.mean_abs == pytest.approx(1.25)
+    assert logits.cosine == pytest.approx(COSINE)
+    assert logits.top1_agreement == pytest.approx(0.5)
+    assert count.max_abs == 2.0 and count.max_rel == pytest.approx(0.4)
+    assert count.cosine == pytest.approx(1.0) and count.top1_agreement is None  # integer output
+    assert r.max_abs == pytest.approx(4.0) and r.max_rel == pytest.approx(4.0 / 3.0)
+    assert r.cosine == pytest.approx(COSINE)  # min over outputs
+    assert r.top1_agreement == pytest.approx(0.5)
+
+
+def test_compare_many_samples_accumulates_like_one():
+    refs = [{"logits": REF["logits"][i : i + 1]} for i in range(2)]
+    cands = [{"logits": CAND["logits"][i : i + 1]} for i in range(2)]
+    r = compare(refs, cands, labels=[2, 1], metric=lambda ref, cand: float(np.abs(ref["logits"] - cand["logits"]).sum()))
+    assert r.n_samples == 2
+    assert r.max_abs == pytest.approx(4.0) and r.cosine == pytest.approx(COSINE)
+    assert r.top1_agreement == pytest.approx(0.5)
+    assert r.reference_accuracy == pytest.approx(0.5) and r.candidate_accuracy == pytest.approx(1.0)
+    assert r.metric == pytest.approx(7.5)
+
+
+def test_compare_edge_cases():
+    zeros = {"y": np.zeros((2, 2), np.float32)}
+    same = compare(zeros, zeros)
+    assert same.max_abs == 0 and same.max_rel == 0 and same.cosine == 1.0
+    off = compare(zeros, {"y": np.ones((2, 2), np.float32)})
+    assert off.max_rel == math.inf and off.cosine == 0.0
+    # lists of arrays and renamed outputs are matched by position
+    assert compare([REF["logits"]], {"renamed": CAND["logits"]}).max_abs == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="shape"):
+        compare({"y": np.zeros(3)}, {"y": np.zeros(4)})
+    with pytest.raises(ValueError, match="class axis"):
+        compare({"y": np.zeros(3)}, {"y": np.zeros(3)}, labels=[0, 1, 2])
+
+
+def test_class_axis():
+    assert class_axis((8, 10)) == 1
+    assert class_axis((2, 16, 30522)) == 2
+    assert class_axis((2, 21, 64, 64)) == 1
+    assert class_axis((8,)) is None and class_axis((8, 1)) is None
+
+
+def test_compare_models_runs_both_on_the_same_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    data = [{"x": x[i : i + 2]} for i in range(0, 6, 2)]
+    same = compare_models(classifier(W), classifier(W), data)
+    assert same.max_abs == 0 and same.cosine == pytest.approx(1.0) and same.top1_agreement == 1.0
+    assert same.providers_used == {"reference": ["CPUExecutionProvider"], "candidate": ["CPUExecutionProvider"]}
+    W2 = W + 0.01
+    diff = compare_models(classifier(W), classifier(W2), data, labels=np.argmax(x @ W, axis=1))
+    expected = np.abs(x.astype(np.float64) @ W - x.astype(np.float64) @ W2).max()
+    assert diff.max_abs == pytest.approx(expected, rel=1e-4)
+    assert diff.reference_accuracy == 1.0
+    assert diff.n_samples == 3
