@@ -87,8 +87,9 @@ def optimize(model, output, passes_text, preset, config_path, target, calibratio
                           options=options)
     pipeline = Pipeline(config.passes, context=context, verify=config.verify, fixed_point=config.fixed_point,
                         max_iterations=config.max_iterations, reproducer_dir=reproducer_dir,
-                        on_pass=lambda r: console.log(f"{r.name}: {'changed' if r.modified else 'no change'}"
-                                                      f" ({r.seconds * 1000:.0f} ms)"))
+                        on_pass=lambda r: console.print(
+                            f"[dim]{r.name}: {'changed' if r.modified else 'no change'} "
+                            f"({r.seconds * 1000:.0f} ms)[/dim]", highlight=False))
     original_bytes = None
     if bench:
         from onnxforge.ir.io import model_to_bytes

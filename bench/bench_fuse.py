@@ -1,0 +1,144 @@
+"""Fusion benchmark: our ``O2`` (fold + ``fuse``) vs onnxruntime's transformer optimizer vs plain ORT.
+
+For each model (zoo ``bert_encoder`` from both torch exporters, at batch 1 and 8 × 128 tokens; the
+``mobilenetv3_style`` and ``yolo_style`` CNNs at batch 1 and 8), in one process, interleaved
+(``onnxforge.runtime.bench.bench_interleaved``), every session at ``ORT_ENABLE_ALL``:
+
+* ``plain``: the exported model as is;
+* ``ort-opt``: ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)``
+  (its own fusions, then ORT_ENABLE_ALL at session creation like the others);
+* ``ours``: ``Pipeline("O2", target=cpu)``.
+
+Also: fused op counts of each, ratios of p50 latency, and for CNNs whether emitting FusedConv
+ourselves changes anything at ORT_ENABLE_ALL (it should not: ORT fuses Conv+activation itself).
+
+    .venv/bin/python bench/bench_fuse.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxforge.passes import PassContext
+from onnxforge.passes.manager import Pipeline
+from onnxforge.runtime.bench import bench_interleaved
+from onnxforge.testing import numerics, zoo
+
+FUSED = (
+    "Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu",
+    "Gelu", "FastGelu", "EmbedLayerNormalization", "FusedConv", "HardSwish", "Gemm",
+)  # fmt: skip
+
+
+def _counts(model: ir.Model) -> dict[str, int]:
+    c = collections.Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    return {k: c[k] for k in FUSED if c[k]}
+
+
+def _ours(model: ir.Model, target: str = "cpu") -> ir.Model:
+    m = ir.from_proto(ir.to_proto(model))
+    return Pipeline("O2", context=PassContext(target=target))(m).model
+
+
+def _ort_optimizer(model: ir.Model, num_heads: int, hidden: int) -> ir.Model:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.onnx")
+        onnx.save(ir.to_proto(model), path)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            opt = optimize_model(path, model_type="bert", num_heads=num_heads, hidden_size=hidden, opt_level=0)
+        return ir.from_proto(opt.model)
+
+
+def _machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line)
+    except Exception:
+        name = platform.processor() or "unknown"
+    import onnxruntime
+
+    return f"{name}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}"
+
+
+def _row(label, batch, seq, results, counts):
+    base = results["plain"].p50_ms
+    ort = results.get("ort-opt")
+    line = {
+        "model": label,
+        "batch": batch,
+        "seq": seq,
+        "p50_ms": {k: round(r.p50_ms, 3) for k, r in results.items()},
+        "ours/plain": round(results["ours"].p50_ms / base, 3),
+        "ours/ort-opt": round(results["ours"].p50_ms / ort.p50_ms, 3) if ort else None,
+        "ort-opt/plain": round(ort.p50_ms / base, 3) if ort else None,
+        "fused_ops": counts,
+    }
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    rounds, per_round = (4, 3) if args.quick else (20, 5)
+    rows = []
+    print("machine:", _machine(), flush=True)
+
+    for dynamo in (True, False):
+        label = f"bert_encoder ({'dynamo' if dynamo else 'torchscript'})"
+        plain = zoo.export_model("bert_encoder", dynamo=dynamo)
+        ours = _ours(plain)
+        ort_opt = _ort_optimizer(plain, num_heads=4, hidden=64)
+        counts = {"plain": _counts(plain), "ort-opt": _counts(ort_opt), "ours": _counts(ours)}
+        for batch in (1, 8):
+            feeds = zoo.feeds("bert_encoder", batch=batch, seq=128)
+            numerics.assert_outputs_close(plain, ours, feeds)
+            numerics.assert_outputs_close(plain, ort_opt, feeds)
+            res = bench_interleaved(
+                {"plain": plain, "ort-opt": ort_opt, "ours": ours},
+                feeds, rounds=rounds, per_round=per_round, threads=args.threads, optimize="all",
+            )
+            rows.append(_row(label, batch, 128, res, counts))
+
+    for name in ("mobilenetv3_style", "yolo_style"):
+        if name not in zoo.MODELS:
+            continue
+        plain = zoo.export_model(name)
+        ours = _ours(plain)
+        no_fc = _ours(plain, target="onnx")  # same minus contrib FusedConv
+        counts = {"plain": _counts(plain), "ours": _counts(ours), "ours-onnx": _counts(no_fc)}
+        for batch in (1, 8):
+            feeds = zoo.feeds(name, batch=batch)
+            numerics.assert_outputs_close(plain, ours, feeds)
+            res = bench_interleaved(
+                {"plain": plain, "ours": ours, "ours-onnx": no_fc},
+                feeds, rounds=rounds, per_round=per_round, threads=args.threads, optimize="all",
+            )
+            rows.append(_row(name, batch, None, res, counts))
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _machine(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

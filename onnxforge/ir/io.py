@@ -1,0 +1,573 @@
+"""Load and save ONNX models safely.
+
+* :func:`load` accepts a path, bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``. External
+  data stays on disk (``onnx_ir.ExternalTensor``, memory-mapped on first use). Before anything
+  is read, every external-data location in the main graph, subgraphs and functions is checked:
+  absolute paths, ``..`` that leaves the model's folder and symlinks that resolve outside it are
+  refused with :class:`~onnxforge.errors.UnsafePathError`; missing or too short data files give
+  :class:`~onnxforge.errors.ModelLoadError`.
+* :func:`save` is atomic: the model (and its external data) is written into a temporary folder
+  next to the destination and moved into place with ``os.replace``. On failure nothing is left
+  behind and an existing destination is untouched. Saving onto the file the model was loaded
+  from is safe: tensors that still read the old data file are detached from it first (they keep
+  the old file's memory map, which survives the replace on POSIX).
+* Output is deterministic: the same model gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx_ir import external_data as ir_external_data
+from onnx_ir import serde
+
+from onnxforge.errors import ModelLoadError, ModelSaveError, UnsafePathError, UnsupportedModelError
+from onnxforge.ir.graph import iter_tensors
+
+__all__ = [
+    "DEFAULT_EXTERNAL_THRESHOLD_BYTES",
+    "DEFAULT_TENSOR_THRESHOLD_BYTES",
+    "PROTOBUF_LIMIT_BYTES",
+    "SOURCE_PATH_KEY",
+    "check_external_paths",
+    "clone",
+    "load",
+    "model_to_bytes",
+    "model_to_proto",
+    "save",
+    "tensor_bytes",
+]
+
+ModelSource = Union[str, os.PathLike, bytes, bytearray, memoryview, onnx.ModelProto, ir.Model]
+
+#: ``model.meta`` key under which :func:`load` records the file a model came from.
+SOURCE_PATH_KEY = "onnxforge.source_path"
+#: protobuf cannot serialize a message of 2 GiB or more.
+PROTOBUF_LIMIT_BYTES = 2**31
+#: :func:`save` switches to external data above this many tensor bytes (2 GiB less 1 MiB of
+#: headroom for the graph itself).
+DEFAULT_EXTERNAL_THRESHOLD_BYTES = 2**31 - 2**20
+#: When writing external data, tensors of at most this many bytes stay inside the .onnx file.
+DEFAULT_TENSOR_THRESHOLD_BYTES = 1024
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load(
+    source: ModelSource,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    load_external_data: bool = False,
+) -> ir.Model:
+    """Load a model from a path, bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+
+    Args:
+        source: the model. An ``ir.Model`` is returned as is (no copy; see :func:`clone`).
+        base_dir: folder that external-data locations are relative to. Defaults to the model
+            file's folder for a path, and to the current directory for bytes/protos.
+        load_external_data: read external tensors into memory now (default: leave them on disk,
+            memory-mapped lazily when a pass needs the values).
+
+    Raises:
+        ModelLoadError: missing/empty/truncated/non-ONNX file, missing or short external data.
+        UnsafePathError: an external-data location escapes ``base_dir``.
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        proto, origin = source, "the given ModelProto"
+        default_dir = os.getcwd()
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        origin = "the given bytes"
+        proto = _parse_bytes(bytes(source), origin)
+        default_dir = os.getcwd()
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        origin = str(path)
+        proto = _parse_bytes(_read_model_file(path), origin)
+        default_dir = str(path.resolve().parent)
+    else:
+        raise TypeError(
+            f"load() takes a path, bytes, onnx.ModelProto or onnx_ir.Model, not {type(source).__name__}"
+        )
+    folder = os.fspath(base_dir) if base_dir is not None else default_dir
+    try:
+        model = serde.deserialize_model(proto)
+    except Exception as exc:  # serde raises assorted errors on malformed graphs
+        raise ModelLoadError(f"{origin} is not a valid ONNX model: {_one_line(exc)}") from exc
+    _set_base_dir(model, folder)
+    check_external_paths(model, folder)
+    if load_external_data:
+        _materialize_external(model)
+    if isinstance(source, (str, os.PathLike)):
+        # Not serialized; lets the summary report file sizes.
+        model.meta[SOURCE_PATH_KEY] = str(Path(source).resolve())
+    return model
+
+
+def _read_model_file(path: Path) -> bytes:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    if not data:
+        raise ModelLoadError(f"{path} is empty (0 bytes), not an ONNX model")
+    return data
+
+
+def _parse_bytes(data: bytes, origin: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelLoadError(f"{origin} is empty (0 bytes), not an ONNX model")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{origin} is not a valid ONNX model (truncated or not protobuf): {_one_line(exc)}"
+        ) from exc
+    # protobuf accepts many byte strings (e.g. some text); a model always has a graph and an IR
+    # version, and a truncated file typically loses its trailing fields (opset_import).
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        missing = [
+            name
+            for name, ok in (
+                ("ir_version", proto.ir_version > 0),
+                ("graph", proto.HasField("graph")),
+                ("opset_import", bool(proto.opset_import)),
+            )
+            if not ok
+        ]
+        raise ModelLoadError(
+            f"{origin} is not a valid ONNX model (truncated or not protobuf): "
+            f"missing {', '.join(missing)}"
+        )
+    return proto
+
+
+def _set_base_dir(model: ir.Model, base_dir: str) -> None:
+    for _graph, _owner, _attr, tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = base_dir
+
+
+def _is_within(path: str, folder: str) -> bool:
+    folder = folder.rstrip(os.sep) or os.sep
+    return path == folder or path.startswith(folder + os.sep) or folder == os.sep
+
+
+def check_external_paths(model: ir.Model, base_dir: str | os.PathLike) -> None:
+    """Refuse external-data locations that escape ``base_dir``; check the data files exist.
+
+    Reads no tensor data: only the locations, and ``os.stat`` of the files. Covers
+    initializers and tensor attributes in the main graph, subgraphs and function bodies.
+
+    Raises:
+        UnsafePathError: an absolute location, ``..`` leaving the folder, or a symlink (of the
+            file or of a folder on the way) that resolves outside the folder.
+        ModelLoadError: the data file is missing, not a file, or shorter than offset + length.
+    """
+    folder = os.path.abspath(os.fspath(base_dir))
+    real_folder = os.path.realpath(folder)
+    for _graph, _owner, _attr, tensor in iter_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = os.fspath(tensor.location)
+        name = tensor.name or "<unnamed>"
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location[:3]:
+            raise UnsafePathError(
+                f"tensor {name!r}: external data location {location!r} is an absolute path; "
+                "ONNX requires it to be relative to the model's folder"
+            )
+        joined = os.path.normpath(os.path.join(folder, location))
+        if not _is_within(joined, folder):
+            raise UnsafePathError(
+                f"tensor {name!r}: external data location {location!r} points outside the "
+                f"model's folder {folder}"
+            )
+        real = os.path.realpath(joined)
+        if not _is_within(real, real_folder):
+            raise UnsafePathError(
+                f"tensor {name!r}: external data location {location!r} resolves (via a symlink) "
+                f"to {real}, outside the model's folder {real_folder}"
+            )
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise ModelLoadError(
+                f"external data file {location!r} of tensor {name!r} not found in {folder}"
+            ) from None
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot read external data file {location!r} of tensor {name!r}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        if not os.path.isfile(real):
+            raise ModelLoadError(
+                f"external data location {location!r} of tensor {name!r} is not a file"
+            )
+        if st.st_nlink > 1:
+            # onnx_ir refuses these when reading (a hard link can smuggle in any file on the
+            # same filesystem); say so now rather than in the middle of a pass.
+            raise UnsafePathError(
+                f"tensor {name!r}: external data file {location!r} has {st.st_nlink} hard links; "
+                "refusing it (a hard link can point outside the model's folder). Copy the file "
+                "so it has a single link"
+            )
+        end = (tensor.offset or 0) + (
+            tensor.length if tensor.length is not None else tensor.nbytes
+        )
+        if st.st_size < end:
+            raise ModelLoadError(
+                f"external data file {location!r} is truncated: tensor {name!r} needs bytes up "
+                f"to {end}, the file has {st.st_size}"
+            )
+
+
+def _materialize_external(model: ir.Model) -> None:
+    """Replace every external tensor by an in-memory copy (reads the data now)."""
+    for _graph, owner, attr_name, tensor in list(iter_tensors(model)):
+        if isinstance(tensor, ir.ExternalTensor):
+            _set_tensor(owner, attr_name, tensor, _to_memory(tensor, copy=True))
+
+
+# --------------------------------------------------------------------------- tensor swapping
+
+
+def _to_memory(tensor: ir.ExternalTensor, *, copy: bool) -> ir.Tensor:
+    array = tensor.numpy()
+    if copy:
+        array = np.array(array, copy=True)
+    return ir.Tensor(
+        array,
+        dtype=tensor.dtype,
+        name=tensor.name,
+        doc_string=tensor.doc_string,
+        metadata_props=dict(tensor.metadata_props) or None,
+    )
+
+
+def _set_tensor(owner: ir.Value | ir.Node, attr_name: str, old, new) -> None:
+    """Put ``new`` where ``old`` is: an initializer's const_value or a node's tensor attribute."""
+    if isinstance(owner, ir.Value):
+        owner.const_value = new
+        return
+    attr = owner.attributes[attr_name]
+    if attr.type == ir.AttributeType.TENSOR:
+        owner.attributes[attr_name] = ir.AttrTensor(attr_name, new, doc_string=attr.doc_string)
+    else:
+        tensors = [new if t is old else t for t in attr.value]
+        owner.attributes[attr_name] = ir.AttrTensors(attr_name, tensors, doc_string=attr.doc_string)
+
+
+@contextlib.contextmanager
+def _swap_external(
+    model: ir.Model, *, copy: bool, keep_initializers_above: int | None = None
+) -> Iterator[None]:
+    """Temporarily replace external tensors by in-memory ones; put the originals back on exit.
+
+    With ``keep_initializers_above``, external initializers larger than that many bytes stay
+    as they are (they are about to be streamed into a new data file without being read).
+    """
+    swapped = []
+    for _graph, owner, attr_name, tensor in list(iter_tensors(model)):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        if (
+            keep_initializers_above is not None
+            and attr_name == ""
+            and tensor.nbytes > keep_initializers_above
+        ):
+            continue
+        memory = _to_memory(tensor, copy=copy)
+        _set_tensor(owner, attr_name, tensor, memory)
+        swapped.append((owner, attr_name, tensor, memory))
+    try:
+        yield
+    finally:
+        for owner, attr_name, tensor, memory in reversed(swapped):
+            _set_tensor(owner, attr_name, memory, tensor)
+
+
+def _detach_from_files(model: ir.Model, paths: list[Path]) -> int:
+    """Make tensors that read one of ``paths`` independent of it before it is replaced.
+
+    The replacement is an in-memory tensor over the *current* memory map of the file: after
+    ``os.replace`` the old inode stays alive while mapped, so nothing is copied into RAM.
+    """
+    targets = [p for p in paths if p.exists()]
+    if not targets:
+        return 0
+    count = 0
+    for _graph, owner, attr_name, tensor in list(iter_tensors(model)):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        try:
+            hit = any(os.path.samefile(tensor.path, p) for p in targets)
+        except OSError:
+            continue
+        if hit:
+            _set_tensor(owner, attr_name, tensor, _to_memory(tensor, copy=False))
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Total bytes of all tensors stored in the model (initializers and tensor attributes).
+
+    Uses dtypes and shapes only; reads no external data.
+    """
+    total = 0
+    for _graph, _owner, _attr, tensor in iter_tensors(model):
+        try:
+            total += int(tensor.nbytes)
+        except Exception:  # e.g. string tensors of unknown size
+            continue
+    return total
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold_bytes: int = DEFAULT_EXTERNAL_THRESHOLD_BYTES,
+    external_data_name: str | None = None,
+    all_tensors_to_one_file: bool = True,
+    tensor_threshold_bytes: int = DEFAULT_TENSOR_THRESHOLD_BYTES,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; returns the path written.
+
+    Args:
+        external_data: True: store tensors larger than ``tensor_threshold_bytes`` in a separate
+            file; False: everything inside the .onnx (fails above protobuf's 2 GiB); None
+            (default): external data when the tensors total more than ``size_threshold_bytes``.
+        size_threshold_bytes: the automatic switch to external data (default 2 GiB - 1 MiB).
+        external_data_name: data file name, in the same folder (default ``<file name>.data``).
+        all_tensors_to_one_file: False writes one data file per tensor
+            (``<name>-00001-of-000NN.data``, ...).
+        tensor_threshold_bytes: with external data, tensors up to this size stay inline.
+
+    The model object is not modified, except that tensors reading a data file that this call
+    replaces are re-pointed at that file's current memory map (same values).
+
+    Raises:
+        ModelSaveError: destination folder missing or not writable, path is a folder, model
+            too large for protobuf without external data, or the write failed. The destination
+            is untouched and no temporary file is left behind.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise ModelSaveError(f"cannot save to {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelSaveError(f"cannot save to {path}: {folder} is not a folder")
+    if path.is_dir():
+        raise ModelSaveError(f"cannot save to {path}: it is a folder; give a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelSaveError(f"cannot save to {path}: no permission to write in {folder}")
+
+    total = tensor_bytes(model)
+    use_external = external_data if external_data is not None else total > size_threshold_bytes
+    data_name = external_data_name or f"{path.name}.data"
+    if use_external:
+        if os.path.isabs(data_name) or os.path.basename(data_name) != data_name or data_name in (
+            ".",
+            "..",
+        ):
+            raise ModelSaveError(
+                f"external_data_name {data_name!r} must be a plain file name (it is stored next "
+                "to the model)"
+            )
+        if data_name == path.name:
+            raise ModelSaveError(
+                f"external_data_name {data_name!r} must differ from the model file name"
+            )
+
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise ModelSaveError(f"cannot save to {path}: {exc.strerror or exc}") from exc
+    try:
+        tmp_model = tmp_dir / path.name
+        if use_external:
+            payload = _serialize_external(
+                model,
+                tmp_dir,
+                data_name,
+                tensor_threshold_bytes=tensor_threshold_bytes,
+                one_file=all_tensors_to_one_file,
+            )
+        else:
+            payload = _serialize_inline(model, what=f"save {path}")
+        _write_bytes(tmp_model, payload)
+        # An empty data file means no tensor went external: do not create it.
+        data_files = sorted(
+            p.name for p in tmp_dir.iterdir() if p.name != path.name and p.stat().st_size > 0
+        )
+        destinations = [folder / name for name in data_files] + [path]
+        _detach_from_files(model, destinations)
+        # Data first, then the model that refers to it.
+        for name in data_files:
+            os.replace(tmp_dir / name, folder / name)
+        os.replace(tmp_model, path)
+    except ModelSaveError:
+        raise
+    except OSError as exc:
+        raise ModelSaveError(f"cannot save to {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        raise ModelSaveError(f"cannot save to {path}: {_one_line(exc)}") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to disk (a seam for tests)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _serialize_inline(model: ir.Model, *, what: str) -> bytes:
+    with _swap_external(model, copy=False):
+        proto = serde.serialize_model(model)
+    try:
+        data = proto.SerializeToString(deterministic=True)
+    except ValueError as exc:  # "Message onnx.ModelProto exceeds maximum protobuf size of 2GB"
+        raise ModelSaveError(
+            f"cannot {what}: the model is larger than protobuf's 2 GiB limit; save it with "
+            "external_data=True"
+        ) from exc
+    if len(data) >= PROTOBUF_LIMIT_BYTES:
+        raise ModelSaveError(
+            f"cannot {what}: the model is larger than protobuf's 2 GiB limit; save it with "
+            "external_data=True"
+        )
+    return data
+
+
+def _serialize_external(
+    model: ir.Model,
+    folder: Path,
+    data_name: str,
+    *,
+    tensor_threshold_bytes: int,
+    one_file: bool,
+) -> bytes:
+    """Write the large initializers into ``folder/data_name``; return the .onnx bytes.
+
+    Tensor attributes (Constant nodes) stay inline; external ones, and external initializers
+    that now fall below the threshold, are read for the occasion (in-memory copies, so that
+    onnx_ir never has to release a memory map someone else may still be reading).
+    """
+    initializers = [v for g in _graphs_for_save(model) for v in g.initializers.values()]
+    originals = [v.const_value for v in initializers]
+    try:
+        with _swap_external(model, copy=True, keep_initializers_above=tensor_threshold_bytes):
+            ir_external_data.unload_from_model(
+                model,
+                os.fspath(folder),
+                data_name,
+                size_threshold_bytes=tensor_threshold_bytes,
+                max_shard_size_bytes=None if one_file else 1,
+            )
+            proto = serde.serialize_model(model)
+    finally:
+        for value, tensor in zip(initializers, originals):
+            value.const_value = tensor
+    data = proto.SerializeToString(deterministic=True)
+    if len(data) >= PROTOBUF_LIMIT_BYTES:
+        raise ModelSaveError(
+            "the graph is larger than 2 GiB even with its initializers stored externally "
+            "(large Constant nodes?); fold Constant nodes into initializers first"
+        )
+    return data
+
+
+def _graphs_for_save(model: ir.Model):
+    # unload_from_model covers model.graphs() (main graph and its subgraphs), not functions.
+    return list(model.graphs())
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def model_to_proto(model: ir.Model) -> onnx.ModelProto:
+    """An ``onnx.ModelProto`` with every tensor inline (external data is read).
+
+    Raises:
+        UnsupportedModelError: the model is larger than protobuf's 2 GiB limit.
+    """
+    _check_fits_protobuf(model, "convert the model to a ModelProto")
+    with _swap_external(model, copy=False):
+        return serde.serialize_model(model)
+
+
+def model_to_bytes(model: ir.Model) -> bytes:
+    """The model serialized with every tensor inline, e.g. for ``onnxruntime.InferenceSession``.
+
+    Raises:
+        UnsupportedModelError: the model is larger than protobuf's 2 GiB limit; save it with
+            :func:`save` (external data) and give onnxruntime the path instead.
+    """
+    _check_fits_protobuf(model, "serialize the model to bytes")
+    with _swap_external(model, copy=False):
+        proto = serde.serialize_model(model)
+    try:
+        return proto.SerializeToString(deterministic=True)
+    except ValueError as exc:
+        raise UnsupportedModelError(_too_large("serialize the model to bytes")) from exc
+
+
+def _too_large(what: str) -> str:
+    return (
+        f"cannot {what}: the model is larger than protobuf's 2 GiB limit; save it with "
+        "onnxforge.ir.save(model, path) (external data) and pass the path instead"
+    )
+
+
+def _check_fits_protobuf(model: ir.Model, what: str) -> None:
+    if tensor_bytes(model) >= PROTOBUF_LIMIT_BYTES:
+        raise UnsupportedModelError(_too_large(what))
+
+
+def clone(model: ir.Model) -> ir.Model:
+    """An independent copy of the model's structure (graphs, nodes, values, attributes).
+
+    Tensors are *shared*, not copied, so cloning a multi-GB model costs no memory and external
+    data stays on disk. onnx_ir treats tensors as immutable: passes replace a value's
+    ``const_value`` rather than write into its array, and then the original is unaffected.
+    Writing into a shared ``ir.Tensor``'s numpy array in place would show through both models.
+    """
+    return model.clone()
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= 300 else first[:297] + "..."

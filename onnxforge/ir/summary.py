@@ -1,0 +1,495 @@
+"""What is in a model: interface, op histogram, parameters, bytes and estimated FLOPs.
+
+:func:`quick_stats` is cheap (one walk over nodes and tensor headers, no data read, no shape
+inference) so the pass manager can call it before and after every pass. :func:`summarize` is
+the full picture for ``onnxforge info`` and the report.
+
+FLOPs count multiply-accumulates of the compute-heavy ops, times two:
+
+* Conv: ``N * M * prod(out_spatial) * (C / group) * prod(kernel)`` MACs (output ``[N, M, ...]``,
+  weight ``[M, C/group, *kernel]``); ConvInteger and QLinearConv likewise.
+* ConvTranspose: ``N * C * prod(in_spatial) * (M / group) * prod(kernel)`` MACs (input
+  ``[N, C, ...]``, weight ``[C, M/group, *kernel]``).
+* MatMul (and MatMulInteger, QLinearMatMul): ``prod(output) * K``; Gemm: ``M * N * K``;
+  com.microsoft MatMulNBits: ``prod(A[:-1]) * N * K``.
+
+Biases, activations and elementwise ops are not counted. Symbolic dimensions (a dynamic batch)
+count as 1 (``symbolic_dims_as_one``); when a needed shape is unknown the node is left out and
+``flops_exact`` is False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir import serde
+
+from onnxforge.ir.graph import all_graphs, iter_tensors
+from onnxforge.ir.io import SOURCE_PATH_KEY
+
+__all__ = ["ModelSummary", "TensorInfo", "quick_stats", "summarize"]
+
+Dim = int | str | None
+
+_FLOP_OPS = {
+    ("", "Conv"),
+    ("", "ConvTranspose"),
+    ("", "Gemm"),
+    ("", "MatMul"),
+    ("", "ConvInteger"),
+    ("", "QLinearConv"),
+    ("", "MatMulInteger"),
+    ("", "QLinearMatMul"),
+    ("com.microsoft", "MatMulNBits"),
+}
+
+
+@dataclasses.dataclass
+class TensorInfo:
+    """A graph input or output: name, element type and shape (symbolic dims by name)."""
+
+    name: str
+    dtype: str | None
+    shape: list[Dim] | None
+
+    def shape_str(self) -> str:
+        if self.shape is None:
+            return "?"
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    """The numbers that describe a model. ``to_dict()`` is JSON-ready."""
+
+    ir_version: int
+    producer: str
+    opset_imports: dict[str, int]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    op_histogram: dict[str, int]
+    node_count: int
+    graph_count: int
+    function_count: int
+    initializer_count: int
+    param_count: int
+    param_bytes: int
+    external_data_bytes: int
+    file_size: int | None
+    flops: int
+    flops_exact: bool
+    flops_by_op: dict[str, int]
+    symbolic_dims_as_one: bool
+    flops_unknown_nodes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, plus :func:`quick_stats`' keys (``nodes``, ``params``) for easy diffs."""
+        data = dataclasses.asdict(self)
+        data["nodes"] = self.node_count
+        data["params"] = self.param_count
+        return data
+
+    def render(self, console: Any = None, *, title: str = "Model summary", top_ops: int = 25) -> None:
+        """Print the summary as rich tables on ``console`` (a new ``rich.console.Console`` if None)."""
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        console = console or Console()
+        overview = Table(title=title, show_header=False)
+        overview.add_column("key", style="bold")
+        overview.add_column("value")
+        opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in sorted(self.opset_imports.items()))
+        rows = [
+            ("producer", self.producer or "-"),
+            ("IR version", str(self.ir_version)),
+            ("opsets", opsets),
+            ("nodes", f"{self.node_count:,}"
+             + (f" in {self.graph_count} graphs" if self.graph_count > 1 else "")),
+            ("parameters", f"{self.param_count:,}"),
+            ("parameter bytes", _human_bytes(self.param_bytes)),
+        ]
+        if self.external_data_bytes:
+            rows.append(("external data", _human_bytes(self.external_data_bytes)))
+        if self.file_size is not None:
+            rows.append(("file size", _human_bytes(self.file_size)))
+        flops = _human_count(self.flops) + "FLOPs"
+        notes = []
+        if not self.flops_exact:
+            notes.append(f"lower bound: {len(self.flops_unknown_nodes)} node(s) with unknown shapes")
+        if self.symbolic_dims_as_one:
+            notes.append("symbolic dims counted as 1")
+        rows.append(("FLOPs (est.)", flops + (f" ({'; '.join(notes)})" if notes else "")))
+        for key, value in rows:
+            overview.add_row(key, escape(value))
+        console.print(overview)
+
+        io_table = Table(title="Inputs and outputs")
+        io_table.add_column("kind")
+        io_table.add_column("name")
+        io_table.add_column("dtype")
+        io_table.add_column("shape")
+        for kind, infos in (("input", self.inputs), ("output", self.outputs)):
+            for info in infos:
+                io_table.add_row(kind, escape(info.name), info.dtype or "?", escape(info.shape_str()))
+        console.print(io_table)
+
+        ops = Table(title="Operators")
+        ops.add_column("op")
+        ops.add_column("count", justify="right")
+        ops.add_column("FLOPs", justify="right")
+        items = list(self.op_histogram.items())
+        for op, count in items[:top_ops]:
+            f = self.flops_by_op.get(op)
+            ops.add_row(escape(op), str(count), _human_count(f) if f else "")
+        if len(items) > top_ops:
+            rest = sum(c for _, c in items[top_ops:])
+            ops.add_row(f"... {len(items) - top_ops} more", str(rest), "")
+        console.print(ops)
+
+
+# --------------------------------------------------------------------------- cheap stats
+
+
+# int64 tensors hold shapes, axes, indices and pads (ONNX's index type), not weights; quantized
+# weights (int8/uint8/int4), their int32 biases and every float type are parameters.
+_NOT_PARAM_DTYPES = frozenset(
+    {
+        ir.DataType.STRING,
+        ir.DataType.BOOL,
+        ir.DataType.UNDEFINED,
+        ir.DataType.INT64,
+        ir.DataType.UINT64,
+    }
+)
+
+
+def _is_param_dtype(dtype: ir.DataType) -> bool:
+    return dtype not in _NOT_PARAM_DTYPES
+
+
+def _param_tensors(model: ir.Model) -> tuple[int, int, int, int]:
+    """(params, param_bytes, initializer_count, external_bytes) without reading tensor data."""
+    params = nbytes = inits = external = 0
+    for _graph, owner, attr_name, tensor in iter_tensors(model):
+        if attr_name == "":
+            inits += 1
+        if isinstance(tensor, ir.ExternalTensor):
+            external += tensor.nbytes
+        if not _is_param_dtype(tensor.dtype):
+            continue
+        if isinstance(owner, ir.Node) and owner.op_type != "Constant":
+            continue  # e.g. ConstantOfShape's fill value: not a parameter
+        params += tensor.size
+        nbytes += tensor.nbytes
+    for graph in all_graphs(model):
+        for node in graph:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            # value_int(s) are int64: shapes and axes, not parameters (see _NOT_PARAM_DTYPES).
+            for name, attr in node.attributes.items():
+                if attr.is_ref():
+                    continue
+                if name == "value_float":
+                    params += 1
+                    nbytes += 4
+                elif name == "value_floats":
+                    params += len(attr.value)
+                    nbytes += 4 * len(attr.value)
+    return params, nbytes, inits, external
+
+
+def quick_stats(model: ir.Model) -> dict[str, int]:
+    """``{"nodes", "params", "param_bytes"}``: cheap (no data read, no shape inference).
+
+    ``nodes`` counts nodes in every graph (subgraphs and function bodies included).
+    ``params`` counts elements of initializers and Constant-node tensors of float and small
+    integer types (int8/uint8/int4/int16/int32...); int64 tensors (shapes, axes, indices),
+    bools and strings are not parameters. ``param_bytes`` is their storage size.
+    """
+    nodes = sum(len(graph) for graph in all_graphs(model))
+    params, nbytes, _inits, _external = _param_tensors(model)
+    return {"nodes": nodes, "params": params, "param_bytes": nbytes}
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _op_key(node: ir.Node) -> str:
+    domain = node.domain
+    if domain in ("", "ai.onnx"):
+        return node.op_type
+    return f"{domain}::{node.op_type}"
+
+
+def _dims_from_ir(shape: ir.Shape | None) -> list[Dim] | None:
+    if shape is None:
+        return None
+    dims: list[Dim] = []
+    for d in shape:
+        if isinstance(d, int):
+            dims.append(d)
+        else:
+            value = getattr(d, "value", None)
+            dims.append(None if value is None else str(value))
+    return dims
+
+
+def _tensor_info(value: ir.Value) -> TensorInfo:
+    dtype = value.dtype.name.lower() if value.dtype is not None else None
+    return TensorInfo(value.name or "", dtype, _dims_from_ir(value.shape))
+
+
+def _dims_from_proto(type_proto: onnx.TypeProto) -> list[Dim] | None:
+    if not type_proto.HasField("tensor_type"):
+        return None
+    tensor_type = type_proto.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for d in tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _inferred_shapes(model: ir.Model) -> dict[str, list[Dim]]:
+    """Shapes by value name from onnx's shape inference on a serialized copy (no data read).
+
+    External tensors stay references in the copy, so a multi-GB model serializes cheaply.
+    Returns {} when inference fails (the summary then reports ``flops_exact=False``).
+    """
+    try:
+        proto = serde.serialize_model(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    shapes: dict[str, list[Dim]] = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            dims = _dims_from_proto(vi.type)
+            if dims is not None and vi.name not in shapes:
+                shapes[vi.name] = dims
+        for init in graph.initializer:
+            shapes.setdefault(init.name, list(init.dims))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        visit(g)
+
+    visit(inferred.graph)
+    for function in inferred.functions:
+        for vi in function.value_info:
+            dims = _dims_from_proto(vi.type)
+            if dims is not None:
+                shapes.setdefault(vi.name, dims)
+    return shapes
+
+
+class _ShapeLookup:
+    """Shapes of values: the IR's own, completed by onnx shape inference when needed."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._model = model
+        self._inferred: dict[str, list[Dim]] | None = None
+        self.used_symbolic = False
+
+    def __call__(self, value: ir.Value | None) -> list[int] | None:
+        if value is None:
+            return None
+        dims: list[Dim] | None = None
+        if value.const_value is not None:
+            dims = list(value.const_value.shape.numpy())
+        elif value.shape is not None:
+            dims = _dims_from_ir(value.shape)
+        if dims is None or any(d is None for d in dims):
+            if self._inferred is None:
+                self._inferred = _inferred_shapes(self._model)
+            inferred = self._inferred.get(value.name or "")
+            if inferred is not None and (dims is None or len(inferred) == len(dims)):
+                dims = inferred if dims is None else [a if a is not None else b for a, b in zip(dims, inferred)]
+        if dims is None or any(d is None for d in dims):
+            return None
+        out: list[int] = []
+        for d in dims:
+            if isinstance(d, str):
+                self.used_symbolic = True
+                out.append(1)
+            else:
+                out.append(int(d))
+        return out
+
+
+def _input(node: ir.Node, i: int) -> ir.Value | None:
+    return node.inputs[i] if i < len(node.inputs) else None
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    if attr is None or attr.is_ref():
+        return default
+    return int(attr.value)
+
+
+def _conv_macs(out_shape: Sequence[int], w_shape: Sequence[int]) -> int:
+    # out [N, M, *spatial], w [M, C/group, *kernel]
+    return math.prod(out_shape) * math.prod(w_shape[1:])
+
+
+def _node_macs(node: ir.Node, shape: _ShapeLookup) -> int | None:
+    """Multiply-accumulates of one node, or None when a needed shape is unknown."""
+    op = node.op_type
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w_index = 3 if op == "QLinearConv" else 1
+        out = shape(node.outputs[0])
+        w = shape(_input(node, w_index))
+        if out is None or w is None or len(w) < 2:
+            return None
+        return _conv_macs(out, w)
+    if op == "ConvTranspose":
+        x = shape(_input(node, 0))
+        w = shape(_input(node, 1))
+        if x is None or w is None or len(w) < 2 or len(x) < 2:
+            return None
+        # x [N, C, *in], w [C, M/group, *kernel]: every input element scatters into
+        # (M/group) * prod(kernel) outputs.
+        return math.prod(x) * math.prod(w[1:])
+    if op == "Gemm":
+        a = shape(_input(node, 0))
+        b = shape(_input(node, 1))
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return None
+        m, k = (a[1], a[0]) if _int_attr(node, "transA", 0) else (a[0], a[1])
+        n = b[0] if _int_attr(node, "transB", 0) else b[1]
+        return m * n * k
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
+        a = shape(_input(node, 0))
+        b_index = 3 if op == "QLinearMatMul" else 1
+        b = shape(_input(node, b_index))
+        out = shape(node.outputs[0])
+        if a is None or b is None or not a:
+            return None
+        k = a[-1]
+        if out is None:
+            # Broadcasting rules for the batch dims: compute the output ourselves.
+            if len(b) == 1:
+                out = a[:-1]
+            elif len(a) == 1:
+                out = b[:-2] + b[-1:]
+            else:
+                batch_a, batch_b = a[:-2], b[:-2]
+                n = max(len(batch_a), len(batch_b))
+                batch_a = [1] * (n - len(batch_a)) + batch_a
+                batch_b = [1] * (n - len(batch_b)) + batch_b
+                out = [max(x, y) for x, y in zip(batch_a, batch_b)] + [a[-2], b[-1]]
+        return math.prod(out) * k
+    if op == "MatMulNBits":
+        a = shape(_input(node, 0))
+        if a is None:
+            return None
+        k = _int_attr(node, "K", 0)
+        n = _int_attr(node, "N", 0)
+        if not k or not n:
+            return None
+        return math.prod(a[:-1]) * n * k
+    return None
+
+
+def _file_size(model: ir.Model, path: str | os.PathLike | None) -> int | None:
+    source = path if path is not None else model.meta.get(SOURCE_PATH_KEY)
+    if source is None:
+        return None
+    try:
+        size = os.path.getsize(source)
+    except OSError:
+        return None
+    seen: set[str] = set()
+    for _graph, _owner, _attr, tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            real = os.path.realpath(tensor.path)
+            if real not in seen:
+                seen.add(real)
+                try:
+                    size += os.path.getsize(real)
+                except OSError:
+                    pass
+    return size
+
+
+def summarize(model: ir.Model, *, path: str | os.PathLike | None = None) -> ModelSummary:
+    """Describe ``model``. ``path`` (or the path :func:`onnxforge.ir.load` recorded) gives the
+    file size, external data files included. Reads no tensor data."""
+    histogram: Counter[str] = Counter()
+    flops_by_op: Counter[str] = Counter()
+    unknown: list[str] = []
+    shape = _ShapeLookup(model)
+    node_count = 0
+    graphs = list(all_graphs(model))
+    for graph in graphs:
+        for node in graph:
+            node_count += 1
+            key = _op_key(node)
+            histogram[key] += 1
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if (domain, node.op_type) in _FLOP_OPS:
+                macs = _node_macs(node, shape)
+                if macs is None:
+                    unknown.append(node.name or f"{key}#{histogram[key]}")
+                else:
+                    flops_by_op[key] += 2 * macs
+    params, nbytes, inits, external = _param_tensors(model)
+    producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
+    return ModelSummary(
+        ir_version=model.ir_version,
+        producer=producer,
+        opset_imports=dict(sorted(model.opset_imports.items())),
+        inputs=[_tensor_info(v) for v in model.graph.inputs],
+        outputs=[_tensor_info(v) for v in model.graph.outputs],
+        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        node_count=node_count,
+        graph_count=len(graphs),
+        function_count=len(model.functions),
+        initializer_count=inits,
+        param_count=params,
+        param_bytes=nbytes,
+        external_data_bytes=external,
+        file_size=_file_size(model, path),
+        flops=sum(flops_by_op.values()),
+        flops_exact=not unknown,
+        flops_by_op=dict(sorted(flops_by_op.items(), key=lambda kv: (-kv[1], kv[0]))),
+        symbolic_dims_as_one=shape.used_symbolic,
+        flops_unknown_nodes=unknown,
+    )
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n:,} B" if unit == "B" else f"{value:.2f} {unit} ({n:,} B)"
+        value /= 1024
+    return f"{n:,} B"  # pragma: no cover
+
+
+def _human_count(n: int | None) -> str:
+    if not n:
+        return "0 "
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} "

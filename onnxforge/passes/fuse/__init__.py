@@ -1,0 +1,249 @@
+"""The ``fuse`` pass: rewrite chains of small ops into the fused kernels a runtime implements.
+
+Rules come in families (:mod:`.cnn`, :mod:`.transformer`), each rule a named group of onnxscript
+rewrite rules (``RewriteRuleSet``); nothing here matches graphs by hand. Which rules run depends on the
+target: for onnxruntime (``cpu``/``cuda``/``tensorrt``) rules may emit ``com.microsoft`` contrib ops;
+for ``onnx`` only standard ops are emitted and the output is checked to contain no new domain.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Sequence
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+from onnxscript.rewriter import _basics
+from onnxscript.rewriter.ort_fusions import shape_optimization
+
+from onnxforge.errors import PassFailedError, PassOptionError
+from onnxforge.passes.base import Pass, PassStats
+from onnxforge.passes.fuse import cnn, transformer
+from onnxforge.passes.fuse._rule import FusionRule, Step
+from onnxforge.passes.registry import register_pass
+
+logger = logging.getLogger(__name__)
+
+FAMILIES: dict[str, list[FusionRule]] = {"cnn": cnn.RULES, "transformer": transformer.RULES}
+ALL_RULES: dict[str, FusionRule] = {r.name: r for rules in FAMILIES.values() for r in rules}
+
+# Ops the report counts as "fused" (net change per op type goes to stats.details["fused_ops"]).
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def default_families(target: str) -> list[str]:
+    """Every target gets both families; rules that do not apply to a target are filtered per rule."""
+    del target
+    return ["cnn", "transformer"]
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def _histogram(model: ir.Model) -> collections.Counter:
+    return collections.Counter(
+        (node.domain or "", node.op_type) for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+
+
+@register_pass("fuse")
+class FusePass(Pass):
+    """Fuse op chains into single kernels, chosen by target (lossless).
+
+    Rewrites, per rule (``onnxforge passes`` lists them; see :data:`ALL_RULES`):
+    CNN — Pad into Conv, Min/Max → Clip, successive Relu/Clip, HardSwish, Transpose/Reshape chains,
+    MatMul+Add → Gemm, Conv+activation → FusedConv (onnxruntime CPU/CUDA);
+    transformer — LayerNormalization, Gelu (erf), FastGelu (tanh), RMSNorm, SkipLayerNormalization,
+    RotaryEmbedding, MultiHeadAttention, packed-QKV Attention, BiasGelu.
+
+    Math: every rule replaces a subgraph by an op that computes the same function, e.g.
+    ``LayerNorm(x) = (x-μ)/√(σ²+ε)·γ+β``, ``Gelu(x) = x·½(1+erf(x/√2))``,
+    ``Attention(x) = softmax((xW_q)(xW_k)ᵀ·s + mask)(xW_v)`` per head. Lossless up to fp32 rounding
+    (kernels sum in a different order).
+
+    Before matching, the model is canonicalized with onnxscript's optimizer (shape inference,
+    constant folding, Shape-subgraph simplification): the attention rules check static shapes and
+    constant scale/reshape arguments. Set ``prepare=false`` to skip that when the model is already
+    folded and shape-inferred.
+
+    Options:
+        families: rule families to run (``cnn``, ``transformer``); default: both.
+        rules: run only these rules (names as in the report); overrides ``families``.
+        exclude_rules: rules not to run.
+        prepare: canonicalize with onnxscript's optimizer first (see above).
+
+    Counts (``stats.counts``) are matches per rule; ``stats.details["fused_ops"]`` is the net change
+    of each fused op type; with ``context.explain``, ``stats.details["near_misses"]`` lists patterns
+    that matched partly or failed a check, with onnxscript's reason (also in ``stats.skipped``).
+    """
+
+    def __init__(
+        self,
+        families: list[str] | None = None,
+        rules: list[str] | None = None,
+        exclude_rules: list[str] | None = None,
+        prepare: bool = True,
+    ):
+        super().__init__()
+        for fam in families or []:
+            if fam not in FAMILIES:
+                raise PassOptionError(
+                    f"fuse: unknown family {fam!r}; choose from {', '.join(FAMILIES)}"
+                )
+        for name in [*(rules or []), *(exclude_rules or [])]:
+            if name not in ALL_RULES:
+                import difflib
+
+                close = difflib.get_close_matches(name, ALL_RULES, n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise PassOptionError(
+                    f"fuse: unknown rule {name!r}{hint}; rules: {', '.join(ALL_RULES)}"
+                )
+        self.families = families
+        self.rules = rules
+        self.exclude_rules = exclude_rules
+        self.prepare = prepare
+
+    def selected_rules(self) -> list[FusionRule]:
+        """The rules this pass will try, in application order, before target filtering."""
+        target = self.context.target
+        if self.rules:
+            chosen = [ALL_RULES[n] for n in self.rules]
+            # keep the canonical order: later rules consume earlier rules' output
+            order = list(ALL_RULES)
+            chosen.sort(key=lambda r: order.index(r.name))
+        else:
+            fams = self.families or default_families(target)
+            chosen = [r for fam in FAMILIES if fam in fams for r in FAMILIES[fam] if r.default]
+        excluded = set(self.exclude_rules or ())
+        return [r for r in chosen if r.name not in excluded]
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        target = self.context.target
+        before = _histogram(model)
+        if self.prepare:
+            _prepare(model)
+        opset = _opset(model)
+        stats.details["target"] = target
+        near_misses: list[dict] = []
+        matches: dict[str, int] = {}
+        for rule in self.selected_rules():
+            if target not in rule.targets:
+                stats.note(f"{rule.name}: not applied for target {target!r} (emits contrib ops)")
+                continue
+            steps = rule.build(target, opset)
+            if isinstance(steps, str):
+                stats.note(f"{rule.name}: not applied: {steps}")
+                continue
+            n = _apply_steps(model, rule.name, steps, near_misses if self.context.explain else None)
+            matches[rule.name] = n
+            if n:
+                stats.count(rule.name, n)
+        if any(matches.values()):
+            # Intermediate nodes left by rules with remove_nodes=False, then unused opsets.
+            common_passes.RemoveUnusedNodesPass()(model)
+            common_passes.RemoveUnusedOpsetsPass()(model)
+        after = _histogram(model)
+        stats.details["rule_matches"] = matches
+        stats.details["fused_ops"] = _fused_delta(before, after)
+        if self.context.explain:
+            stats.details["near_misses"] = near_misses
+            for miss in near_misses:
+                for node in miss["nodes"]:
+                    stats.skip(node, f"{miss['rule']} ({miss['pattern']}): {miss['reason']}")
+        _check_domains(model, before, after, target)
+        logger.info("fuse: %s", ", ".join(f"{k} ×{v}" for k, v in stats.counts.items()) or "nothing")
+        return bool(any(matches.values())) or (self.prepare and after != before)
+
+
+def _prepare(model: ir.Model) -> None:
+    """Pre-fusion canonicalization, as onnxscript's ``ort_fusions._core._pre_optimize`` but without
+    the optimizer's default rewrite rules (those are ours to apply and count): inline functions,
+    shape inference, constant folding (with shape propagation), Shape-subgraph simplification."""
+    common_passes.InlinePass()(model)
+    common_passes.ShapeInferencePass()(model)
+    for _ in range(2):
+        onnxscript.optimizer.fold_constants(model)
+        common_passes.RemoveUnusedNodesPass()(model)
+        shape_optimization.rules.apply_to_model(model)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common_passes.DeduplicateInitializersPass()(model)
+    common_passes.CommonSubexpressionEliminationPass()(model)
+
+
+def _apply_steps(
+    model: ir.Model, name: str, steps: Sequence[Step], near_misses: list[dict] | None
+) -> int:
+    count = 0
+    for step in steps:
+        n = step.rules.apply_to_model(model)
+        if step.shape_inference and n:
+            common_passes.ShapeInferencePass()(model)
+        if step.counted:
+            count += n
+        if near_misses is not None:
+            near_misses.extend(_trace(model, name, step))
+    return count
+
+
+def _trace(model: ir.Model, name: str, step: Step) -> list[dict]:
+    """Near-misses of one step: onnxscript's MatchingTracer keeps each pattern's best partial
+    matches; we report those that failed a check or a replacement, or matched at least three ops of
+    the pattern before failing. Grouped by (pattern, reason) with the root nodes listed."""
+    tracer = _basics.MatchingTracer()
+    step.rules.apply_to_model(model, tracer=tracer)  # with a tracer, nothing is rewritten
+    groups: dict[tuple[str, str, str], dict] = {}
+    for rule, infos in tracer.best_matches_map.items():
+        for info in infos:
+            status = info.status
+            if status == _basics.MatchStatus.SUCCESS:
+                continue
+            matched = len(info.match_result.nodes)
+            if matched < 2 or (status == _basics.MatchStatus.NO_MATCH and matched < 3):
+                continue  # one or two ops in common is not a near-miss
+            reason = info.match_result.reason or "pattern did not match"
+            key = (str(rule), status.name, reason)
+            entry = groups.setdefault(
+                key,
+                {"rule": name, "pattern": str(rule), "status": status.name, "reason": reason, "nodes": []},
+            )
+            node_name = info.root_node.name or info.root_node.op_type
+            if node_name not in entry["nodes"]:
+                entry["nodes"].append(node_name)
+    return list(groups.values())
+
+
+def _fused_delta(before: collections.Counter, after: collections.Counter) -> dict[str, int]:
+    """Net change of non-standard-domain ops and the standard ops fusions create."""
+    created = {"LayerNormalization", "Gelu", "HardSwish", "Gemm", "Clip", "RMSNormalization",
+               "RotaryEmbedding", "HardSigmoid"}
+    delta = {}
+    for key in set(before) | set(after):
+        domain, op_type = key
+        if domain not in _STANDARD_DOMAINS or op_type in created:
+            d = after[key] - before[key]
+            if d:
+                label = op_type if domain in _STANDARD_DOMAINS else f"{domain}.{op_type}"
+                delta[label] = d
+    return dict(sorted(delta.items()))
+
+
+def _check_domains(model, before, after, target: str) -> None:
+    new_domains = {d for (d, _), n in after.items() if n > before.get((d, _), 0)} - set(_STANDARD_DOMAINS)
+    if target == "onnx" and new_domains:
+        raise PassFailedError(
+            f"fuse: target 'onnx' but the fused model has ops in {sorted(new_domains)}; "
+            "this is a bug in a fusion rule's target filter"
+        )
+    leftovers = [d for (d, _) in after if d.startswith("ai.onnxruntime._fusion")]
+    if leftovers:
+        raise PassFailedError(
+            "fuse: onnxscript intermediate ops (ai.onnxruntime._fusion) survived; "
+            "run the MultiHeadAttention rule or exclude the rules that create them"
+        )
+
+
+__all__ = ["ALL_RULES", "FAMILIES", "FusePass", "FusionRule", "Step"]

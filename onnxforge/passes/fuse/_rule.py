@@ -1,0 +1,52 @@
+"""What a fusion rule is to the ``fuse`` pass: a named group of onnxscript rewrite steps.
+
+One :class:`FusionRule` is what a user names in ``fuse(rules=[...])`` and what the report counts
+(``LayerNormalization ×12``). It is made of ordered :class:`Step`\\ s, each an onnxscript
+``RewriteRuleSet``; helper steps (e.g. onnxscript's intermediate ``SDPA`` op that the attention
+fusions consume) run but are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from onnxscript.rewriter import pattern
+
+ORT_TARGETS = frozenset({"cpu", "cuda", "tensorrt"})
+ALL_TARGETS = frozenset({"cpu", "cuda", "tensorrt", "onnx"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One onnxscript rule set applied to the whole model.
+
+    ``counted``: whether its matches count towards the rule's total (helper steps do not).
+    ``shape_inference``: run shape inference after it (rules that add nodes whose shapes later rules
+    check, as onnxscript's ``fuse_sdpa`` does).
+    """
+
+    rules: pattern.RewriteRuleSet
+    counted: bool = True
+    shape_inference: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionRule:
+    """A user-selectable fusion.
+
+    ``build(target, opset)`` returns the steps for that target and default-domain opset, or a string
+    saying why the rule does not apply there (recorded as a note, never silently dropped).
+    ``contrib``: the rule emits ``com.microsoft`` ops for this target (never for target ``onnx``).
+    """
+
+    name: str
+    family: str
+    summary: str
+    build: Callable[[str, int], Sequence[Step] | str]
+    targets: frozenset[str] = ALL_TARGETS
+    default: bool = True
+
+
+def ruleset(*rules: pattern.RewriteRule, commute: bool = False) -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet(list(rules), commute=commute)

@@ -1,0 +1,319 @@
+"""Transformer fusions: LayerNormalization, GELU, RMSNorm, SkipLayerNorm, rotary embeddings,
+multi-head attention, packed-QKV Attention, BiasGelu.
+
+Mostly onnxscript's ``ort_fusions`` (the rules behind ``fuse_xformers``), applied in the order
+``fuse_xformers`` uses, plus what they lack for the BERT encoders both torch exporters write:
+
+* ``ShapeOfLinear``: the attention fusion rewrites a ``[1,1,1,S]`` mask into a ``[1,1,S,S]`` bias
+  by reading ``Shape(q_projection)``. That extra use of the projection blocks the later bias and
+  packed-QKV fusions ("matched nodes have other uses"). ``Shape(MatMul(x, W) [+ b])`` restricted to
+  the leading axes equals ``Shape(x)`` on those axes, so we read the shape from ``x`` instead.
+* The TorchScript exporter writes ``Add(bias, MatMul)`` where dynamo writes ``Add(MatMul, bias)``;
+  onnxscript's bias rules only match the latter, so we apply them with ``commute=True``.
+* For target ``onnx``: GELU becomes the standard ``Gelu`` (opset 20), RMSNorm and rotary embedding
+  the opset-23 standard ops, LayerNormalization the opset-17 one; nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.ort_fusions import (
+    attention,
+    bias_gelu,
+    cos_sin_cache,
+    erfgelu,
+    gelu,
+    mha,
+    mha_bias,
+    mha_scale,
+    rms_normalization,
+    rotary_embedding,
+    sdpa,
+    sdpa_via_mha,
+    skip_normalization,
+)
+from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization, _rotary_embedding
+
+from onnxforge.passes.fuse._rule import ORT_TARGETS, FusionRule, Step, ruleset
+
+_SQRT_TWO = math.sqrt(2.0)
+_SQRT_TWO_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class ShapeOfLinear(pattern.RewriteRuleClassBase):
+    """``Shape(MatMul(x, W) [+ b], start, end)`` → ``Shape(x, start, end)`` when the slice excludes
+    the last axis (a 2-D ``W`` and 1-D ``b`` keep every other axis of ``x``). Lossless."""
+
+    def __init__(self):
+        super().__init__("ShapeOfLinear", remove_nodes=False)
+
+    def pattern(self, op, x, w, b):
+        y = pattern.OrValue(
+            [op.Add(op.MatMul(x, w), b), op.MatMul(x, w)],
+            tag_var="has_bias",
+            tag_values=[True, False],
+        )
+        return op.Shape(y, _allow_other_attributes=True, _outputs=["shape"])
+
+    def check(self, context, x, w, b, shape, has_bias, **_):
+        result = pattern.MatchResult()
+        if w.shape is None or len(w.shape) != 2:
+            return result.fail("weight is not 2-D", w)
+        if has_bias and (b.shape is None or len(b.shape) > 1):
+            return result.fail("bias is not 1-D", b)
+        if x.shape is None:
+            return result.fail("input rank unknown", x)
+        rank = len(x.shape)
+        node = shape.producer()
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        if min(end, rank) > rank - 1 or start >= min(end, rank):
+            return result.fail("Shape slice covers the last axis", node)
+        return result
+
+    def rewrite(self, op, x, shape, **_):
+        return op.Shape(x, **shape.producer().attributes)
+
+
+def _std_gelu_erf(op, x):
+    return op.Gelu(x, approximate="none")
+
+
+def _std_gelu_tanh(op, x):
+    return op.Gelu(x, approximate="tanh")
+
+
+class _StdGeluTanh(gelu.GeluTanhFusion):
+    def rewrite(self, op, x):
+        return op.Gelu(x, approximate="tanh")
+
+
+def _gelu_erf_pattern_3(op, x):
+    # torch's TorchScript exporter: (x * (Erf(x / sqrt2) + 1)) * 0.5
+    return (x * (op.Erf(x / _SQRT_TWO) + 1.0)) * 0.5
+
+
+def _gelu_tanh_pattern_2(op, x):
+    # HF NewGELU / torch code: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
+    inner = op.Mul(_SQRT_TWO_OVER_PI, op.Add(x, op.Mul(0.044715, op.Pow(x, 3.0))))
+    return op.Mul(op.Mul(0.5, x), op.Add(1.0, op.Tanh(inner)))
+
+
+def _contrib_fast_gelu(op, x):
+    return op.FastGelu(x, _domain="com.microsoft")
+
+
+def _contrib_gelu(op, x):
+    return op.Gelu(x, _domain="com.microsoft")
+
+
+class LayerNormFusion(_layer_norm.LayerNormFusion):
+    """onnxscript's rule, also matching ``Mul(scale, normalized)`` (``w * x_hat`` in torch code); its
+    untagged ``OrValue`` rules out ``RewriteRuleSet(commute=True)``."""
+
+    def __init__(self, name: str, scale_first: bool):
+        super().__init__(name)
+        self._scale_first = scale_first
+
+    def pattern(self, op, x, scale, epsilon):
+        mean = op.ReduceMean(x, [-1], keepdims=1)
+        deviation = op.Sub(x, mean)
+        deviation_squared = pattern.OrValue([op.Mul(deviation, deviation), op.Pow(deviation, 2)])
+        variance = op.ReduceMean(deviation_squared, [-1], keepdims=1)
+        std_dev = op.Sqrt(op.Add(variance, epsilon))
+        normalized = pattern.OrValue(
+            [op.Mul(deviation, op.Reciprocal(std_dev)), op.Div(deviation, std_dev)]
+        )
+        return op.Mul(scale, normalized) if self._scale_first else op.Mul(normalized, scale)
+
+
+class LayerNormBiasFusion(_layer_norm.LayerNormBiasFusion):
+    def __init__(self, name: str, bias_first: bool):
+        super().__init__(name)
+        self._bias_first = bias_first
+
+    def pattern(self, op, x, scale, bias):
+        normalized = op.LayerNormalization(x, scale, _outputs=["normalized"])
+        return op.Add(bias, normalized) if self._bias_first else op.Add(normalized, bias)
+
+
+def _layer_norm_steps(target: str, opset: int) -> Sequence[Step] | str:
+    if opset < 17:
+        return f"LayerNormalization needs opset 17, model has {opset}"
+    return [
+        Step(ruleset(LayerNormFusion.rule("LayerNorm", False), LayerNormFusion.rule("LayerNormScaleFirst", True))),
+        Step(
+            ruleset(LayerNormBiasFusion.rule("LayerNormBias", False), LayerNormBiasFusion.rule("LayerNormBiasFirst", True)),
+            counted=False,
+        ),
+    ]
+
+
+def _gelu_steps(target: str, opset: int) -> Sequence[Step] | str:
+    patterns = (erfgelu.erf_gelu_pattern_1, erfgelu.erf_gelu_pattern_2, _gelu_erf_pattern_3)
+    if target == "onnx":
+        if opset < 20:
+            return f"standard Gelu needs opset 20, model has {opset}"
+        rules = [pattern.RewriteRule(p, _std_gelu_erf, name="Gelu") for p in patterns]
+        tanh2 = pattern.RewriteRule(_gelu_tanh_pattern_2, _std_gelu_tanh, name="GeluTanh2")
+        return [Step(ruleset(*rules, _StdGeluTanh.rule("GeluTanh"))), Step(ruleset(tanh2, commute=True))]
+    rules = [pattern.RewriteRule(p, _contrib_gelu, name="Gelu") for p in patterns]
+    return [Step(ruleset(*rules))]
+
+
+def _fast_gelu_steps(target: str, opset: int) -> Sequence[Step] | str:
+    tanh2 = pattern.RewriteRule(_gelu_tanh_pattern_2, _contrib_fast_gelu, name="FastGelu2")
+    return [Step(ruleset(gelu.GeluTanhFusion.rule())), Step(ruleset(tanh2, commute=True))]
+
+
+def _rms_steps(target: str, opset: int) -> Sequence[Step] | str:
+    if target == "onnx":
+        if opset < 23:
+            return f"standard RMSNormalization needs opset 23, model has {opset}"
+        return [Step(_rms_normalization.rms_normalization_ruleset)]
+    return [Step(rms_normalization.rms_normalization_ruleset)]
+
+
+class SkipLayerNormFusion(skip_normalization.SkipLayerNormFusion):
+    """onnxscript's rule, with the pre-added bias in either operand order (``RewriteRuleSet(commute=
+    True)`` cannot be used: it fails on the rule's untagged ``OrValue``)."""
+
+    def pattern(self, op, input, skip, gamma, beta, bias):
+        if self._has_bias and self._bias_pre_add:
+            input = pattern.OrValue([op.Add(input, bias), op.Add(bias, input)])
+        skip_sum = pattern.OrValue([op.Add(skip, input), op.Add(input, skip)], name="skip_sum")
+        if self._has_bias and not self._bias_pre_add:
+            skip_sum = pattern.OrValue([op.Add(skip_sum, bias), op.Add(bias, skip_sum)])
+        normalized = op.LayerNormalization(
+            skip_sum, gamma, beta, axis=-1, _allow_other_attributes=True, _outputs=["layer_norm"]
+        )
+        return normalized, skip_sum
+
+
+def _skip_ln_steps(target: str, opset: int) -> Sequence[Step] | str:
+    return [
+        Step(
+            ruleset(
+                SkipLayerNormFusion.rule("SkipLayerNormPreBias", has_bias=True, bias_pre_add=True),
+                SkipLayerNormFusion.rule("SkipLayerNormBias", has_bias=True, bias_pre_add=False),
+                SkipLayerNormFusion.rule("SkipLayerNorm", has_bias=False),
+            )
+        )
+    ]
+
+
+def _skip_rms_steps(target: str, opset: int) -> Sequence[Step] | str:
+    return [Step(skip_normalization.skip_rms_normalization_ruleset)]
+
+
+def _rotary_steps(target: str, opset: int) -> Sequence[Step] | str:
+    if target == "onnx":
+        if opset < 23:
+            return f"standard RotaryEmbedding needs opset 23, model has {opset}"
+        return [
+            Step(_rotary_embedding.rotary_embedding_rules),
+            Step(_rotary_embedding.partial_embedding_rules),
+        ]
+    return [
+        Step(rotary_embedding.rotary_embedding_rules),
+        Step(cos_sin_cache.cos_sin_cache_rules, counted=False),
+        Step(rotary_embedding.partial_embedding_rules),
+    ]
+
+
+def _mha_steps(target: str, opset: int) -> Sequence[Step] | str:
+    # SDPA is onnxscript's intermediate op (domain ai.onnxruntime._fusion); every SDPA not turned
+    # into MultiHeadAttention by the mha rules is lowered to it by sdpa_via_mha, so none survives.
+    return [
+        Step(sdpa.sdpa_rules, counted=False, shape_inference=True),
+        Step(mha.mha_rules_with_past),
+        Step(mha.mha_rules_no_past),
+        Step(ruleset(*mha_scale._mha_scale_rules.rules), counted=False),
+        Step(ruleset(ShapeOfLinear.rule(), commute=True), counted=False),
+        Step(ruleset(*mha_bias.mha_bias_rules.rules, commute=True), counted=False),
+        Step(sdpa_via_mha._rules),
+    ]
+
+
+def _attention_steps(target: str, opset: int) -> Sequence[Step] | str:
+    if target == "tensorrt":
+        return "TensorRT builds its own attention kernels; packed-QKV Attention is left to it"
+    return [Step(attention.attention_rules)]
+
+
+def _bias_gelu_steps(target: str, opset: int) -> Sequence[Step] | str:
+    return [Step(ruleset(*bias_gelu.bias_gelu_rules.rules))]
+
+
+RULES: list[FusionRule] = [
+    FusionRule(
+        "LayerNormalization",
+        "transformer",
+        "ReduceMean/Sub/Pow/Sqrt/Div(+Mul,+Add) → LayerNormalization (opset 17)",
+        _layer_norm_steps,
+    ),
+    FusionRule(
+        "Gelu",
+        "transformer",
+        "x·½(1+erf(x/√2)) → Gelu (contrib, or standard Gelu opset 20 for target onnx)",
+        _gelu_steps,
+    ),
+    FusionRule(
+        "FastGelu",
+        "transformer",
+        "tanh GELU approximation → com.microsoft.FastGelu",
+        _fast_gelu_steps,
+        targets=ORT_TARGETS,
+    ),
+    FusionRule(
+        "RMSNormalization",
+        "transformer",
+        "x/√(mean(x²)+ε)·γ → SimplifiedLayerNormalization (or RMSNormalization opset 23)",
+        _rms_steps,
+    ),
+    FusionRule(
+        "SkipLayerNormalization",
+        "transformer",
+        "LayerNormalization(x + skip [+ bias]) → com.microsoft.SkipLayerNormalization",
+        _skip_ln_steps,
+        targets=ORT_TARGETS,
+    ),
+    FusionRule(
+        "SkipSimplifiedLayerNormalization",
+        "transformer",
+        "RMSNorm(x + skip [+ bias]) → com.microsoft.SkipSimplifiedLayerNormalization",
+        _skip_rms_steps,
+        targets=ORT_TARGETS,
+    ),
+    FusionRule(
+        "RotaryEmbedding",
+        "transformer",
+        "rotate-half rotary embedding → RotaryEmbedding (contrib, or opset 23)",
+        _rotary_steps,
+    ),
+    FusionRule(
+        "MultiHeadAttention",
+        "transformer",
+        "q/k/v reshape-transpose, QKᵀ·scale(+mask), Softmax, ·V → com.microsoft.MultiHeadAttention",
+        _mha_steps,
+        targets=ORT_TARGETS,
+    ),
+    FusionRule(
+        "Attention",
+        "transformer",
+        "MultiHeadAttention fed by three projections of one input → packed-QKV com.microsoft.Attention",
+        _attention_steps,
+        targets=ORT_TARGETS,
+    ),
+    FusionRule(
+        "BiasGelu",
+        "transformer",
+        "Gelu(x + bias) → com.microsoft.BiasGelu",
+        _bias_gelu_steps,
+        targets=ORT_TARGETS,
+    ),
+]

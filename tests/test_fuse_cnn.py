@@ -1,0 +1,230 @@
+"""The ``fuse`` pass on CNN patterns: one small torch module per rule, exported, fused, compared.
+
+The TorchScript exporter is used where the dynamo exporter's own onnxscript optimization would
+already remove the pattern (so that the test sees it); every test checks that the pattern was in the
+exported graph before fusing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxforge.export import export
+from onnxforge.passes import PassContext, create_pass
+from onnxforge.testing import numerics
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+
+def _fuse(model: ir.Model, target: str = "cpu", explain: bool = False, **options):
+    fused = ir.from_proto(ir.to_proto(model))
+    result = create_pass("fuse", options, PassContext(target=target, explain=explain))(fused)
+    return fused, result.stats
+
+
+def _export(module, shape, dynamo=False):
+    torch.manual_seed(0)
+    return export(module.eval(), (torch.randn(*shape),), dynamo=dynamo)
+
+
+def _check_close(model, fused, shape, seed=0):
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    numerics.assert_outputs_close(model, fused, feeds, rtol=1e-4)
+
+
+class ConvAct(nn.Module):
+    def __init__(self, act, bias=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+_ACTS = {
+    "Relu": nn.ReLU(),
+    "LeakyRelu": nn.LeakyReLU(0.1),
+    "Sigmoid": nn.Sigmoid(),
+    "Tanh": nn.Tanh(),
+    "Clip": nn.ReLU6(),
+    "HardSigmoid": nn.Hardsigmoid(),
+}
+
+
+@pytest.mark.parametrize("act", list(_ACTS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_activation_to_fused_conv(act, bias):
+    model = _export(ConvAct(_ACTS[act], bias), (2, 3, 8, 8))
+    assert numerics.op_count(model, act) == 1
+    fused, stats = _fuse(model, rules=["FusedConv"])
+    nodes = [n for n in fused.graph if n.op_type == "FusedConv"]
+    assert len(nodes) == 1 and nodes[0].domain == "com.microsoft"
+    assert nodes[0].attributes["activation"].as_string() == act
+    assert numerics.op_count(fused, act) == 0 and numerics.op_count(fused, "Conv") == 0
+    assert stats.counts["FusedConv"] == 1
+    _check_close(model, fused, (3, 3, 8, 8))
+
+
+def test_fused_conv_cuda_only_relu_and_none_for_tensorrt_or_onnx():
+    relu = _export(ConvAct(nn.ReLU()), (1, 3, 8, 8))
+    sig = _export(ConvAct(nn.Sigmoid()), (1, 3, 8, 8))
+    assert numerics.op_count(_fuse(relu, target="cuda", rules=["FusedConv"])[0], "FusedConv") == 1
+    assert numerics.op_count(_fuse(sig, target="cuda", rules=["FusedConv"])[0], "FusedConv") == 0
+    assert numerics.op_count(_fuse(relu, target="cpu")[0], "FusedConv") == 0  # opt-in only
+    for target in ("tensorrt", "onnx"):
+        fused, stats = _fuse(relu, target=target, rules=["FusedConv"])
+        assert numerics.op_count(fused, "FusedConv") == 0
+        assert any(n.startswith("FusedConv: not applied") for n in stats.notes)
+
+
+def test_conv_silu_is_a_reported_near_miss():
+    model = _export(ConvAct(nn.SiLU()), (1, 3, 8, 8))
+    fused, stats = _fuse(model, explain=True, rules=["FusedConv"])
+    assert numerics.op_count(fused, "FusedConv") == 0 and numerics.op_count(fused, "Conv") == 1
+    reasons = [m["reason"] for m in stats.details["near_misses"] if m["rule"] == "FusedConv"]
+    assert any("no SiLU activation" in r for r in reasons)
+    _check_close(model, fused, (1, 3, 8, 8))
+
+
+class ConvShared(nn.Module):
+    """The Conv output feeds Relu and also an output: FusedConv must not swallow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(y), y
+
+
+def test_fused_conv_refuses_shared_conv_output():
+    model = _export(ConvShared(), (1, 3, 8, 8))
+    fused, _ = _fuse(model, rules=["FusedConv"])
+    assert numerics.op_count(fused, "FusedConv") == 0
+    assert numerics.op_count(fused, "Relu") == 1
+
+
+class ManualHardSwish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * F.relu6(y + 3.0) / 6.0
+
+
+def test_hardswish_from_clip_form():
+    model = _export(ManualHardSwish(), (1, 3, 6, 6))
+    assert numerics.op_count(model, "Clip") == 1
+    fused, stats = _fuse(model, rules=["HardSwish"])
+    assert numerics.op_count(fused, "HardSwish") == 1
+    assert numerics.op_count(fused, "Clip") == 0
+    assert stats.counts["HardSwish"] >= 1
+    _check_close(model, fused, (2, 3, 6, 6))
+
+
+class PadConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (1, 1, 2, 2)))
+
+
+def test_pad_into_conv():
+    model = _export(PadConv(), (1, 3, 8, 8), dynamo=True)
+    assert numerics.op_count(model, "Pad") == 1
+    fused, stats = _fuse(model, rules=["PadConv"])
+    assert numerics.op_count(fused, "Pad") == 0
+    assert stats.counts["PadConv"] >= 1
+    _check_close(model, fused, (2, 3, 8, 8))
+
+
+class MatMulAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8))
+        self.b = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return torch.matmul(x, self.w) + self.b
+
+
+def test_matmul_add_to_gemm():
+    model = _export(MatMulAdd(), (4, 16))
+    assert numerics.op_count(model, "MatMul") == 1
+    fused, stats = _fuse(model, rules=["Gemm"])
+    assert numerics.op_count(fused, "Gemm") == 1 and numerics.op_count(fused, "MatMul") == 0
+    assert stats.counts["Gemm"] == 1
+    _check_close(model, fused, (4, 16))
+
+
+class TransposeTwice(nn.Module):
+    def forward(self, x):
+        return torch.relu(x.permute(0, 2, 1, 3).permute(0, 1, 3, 2))
+
+
+def test_transpose_chain():
+    model = _export(TransposeTwice(), (2, 3, 4, 5), dynamo=True)
+    assert numerics.op_count(model, "Transpose") == 2
+    fused, stats = _fuse(model, rules=["TransposeChain"])
+    assert numerics.op_count(fused, "Transpose") == 1
+    assert stats.counts["TransposeChain"] >= 1
+    _check_close(model, fused, (2, 3, 4, 5))
+
+
+class ReshapeTwice(nn.Module):
+    def forward(self, x):
+        return torch.relu(x.reshape(2, 12, 5).reshape(6, 20))
+
+
+def test_reshape_chain():
+    model = _export(ReshapeTwice(), (2, 3, 4, 5))
+    before = numerics.op_count(model, "Reshape")
+    assert before == 2
+    fused, stats = _fuse(model, rules=["ReshapeChain"])
+    assert numerics.op_count(fused, "Reshape") == 1
+    _check_close(model, fused, (2, 3, 4, 5))
+
+
+class MinMax(nn.Module):
+    def forward(self, x):
+        return torch.minimum(torch.maximum(x, torch.tensor(-1.0)), torch.tensor(2.0))
+
+
+def test_min_max_to_clip():
+    model = _export(MinMax(), (2, 8))
+    assert numerics.op_count(model, "Max") == 1 and numerics.op_count(model, "Min") == 1
+    fused, stats = _fuse(model, rules=["Clip"])
+    assert numerics.op_count(fused, "Clip") == 1
+    assert numerics.op_count(fused, "Max") + numerics.op_count(fused, "Min") == 0
+    _check_close(model, fused, (2, 8))
+
+
+class ReluRelu6(nn.Module):
+    def forward(self, x):
+        return F.relu6(torch.relu(x))
+
+
+def test_successive_relu_clip():
+    model = _export(ReluRelu6(), (2, 8))
+    assert numerics.op_count(model, "Relu") == 1 and numerics.op_count(model, "Clip") == 1
+    fused, stats = _fuse(model, rules=["ReluClip"])
+    assert numerics.op_count(fused, "Relu") + numerics.op_count(fused, "Clip") == 1
+    _check_close(model, fused, (2, 8))
+
+
+def test_cnn_target_onnx_has_no_contrib_ops():
+    model = _export(ConvAct(nn.ReLU()), (1, 3, 8, 8), dynamo=True)
+    fused, _ = _fuse(model, target="onnx", families=["cnn"])
+    assert all(n.domain in ("", "ai.onnx") for n in ir.traversal.RecursiveGraphIterator(fused.graph))
+    _check_close(model, fused, (2, 3, 8, 8))

@@ -1,0 +1,223 @@
+"""The ``fuse`` pass on transformer patterns: the zoo's BERT-style encoder from both torch exporters,
+plus small modules for the hand-written LayerNorm, tanh-GELU and RMSNorm forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxforge.errors import PassOptionError
+from onnxforge.export import export
+from onnxforge.passes import PassContext, create_pass
+from onnxforge.testing import numerics, zoo
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _fuse(model: ir.Model, target: str = "cpu", explain: bool = False, **options):
+    fused = _copy(model)
+    result = create_pass("fuse", options, PassContext(target=target, explain=explain))(fused)
+    return fused, result.stats
+
+
+def _ids(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, zoo.MODELS["bert_encoder"].vocab_size, (batch, seq)).astype(np.int64)}
+
+
+def _non_standard_ops(model: ir.Model) -> list[str]:
+    return [
+        f"{n.domain}::{n.op_type}"
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+        if n.domain not in ("", "ai.onnx")
+    ]
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["dynamo", "torchscript"])
+def bert(request) -> ir.Model:
+    return zoo.export_model("bert_encoder", dynamo=request.param)
+
+
+@pytest.fixture(scope="session")
+def bert_fused_cpu(bert):
+    return _fuse(bert, target="cpu")
+
+
+def test_bert_fused_op_counts(bert_fused_cpu):
+    # 2 layers: each one packed-QKV Attention, two SkipLayerNorm (attention and FFN residuals), one
+    # BiasGelu; the embedding LayerNorm has no residual and stays a plain LayerNormalization.
+    fused, stats = bert_fused_cpu
+    assert numerics.op_count(fused, "Attention", "com.microsoft") == 2
+    assert numerics.op_count(fused, "SkipLayerNormalization", "com.microsoft") == 4
+    assert numerics.op_count(fused, "BiasGelu", "com.microsoft") == 2
+    assert numerics.op_count(fused, "LayerNormalization") == 1
+    for gone in ("Softmax", "Erf", "Transpose"):
+        assert numerics.op_count(fused, gone) == 0, gone
+    assert stats.counts["Attention"] == 2
+    assert stats.counts["SkipLayerNormalization"] == 4
+    assert stats.counts["Gelu"] == 2
+    assert stats.counts["BiasGelu"] == 2
+    assert stats.details["fused_ops"]["com.microsoft.Attention"] == 2
+
+
+@pytest.mark.parametrize("batch,seq", [(2, 16), (3, 37)])
+def test_bert_outputs_match(bert, bert_fused_cpu, batch, seq):
+    fused, _ = bert_fused_cpu
+    numerics.assert_outputs_close(bert, fused, _ids(batch, seq), rtol=1e-4)
+
+
+def test_bert_target_onnx_has_no_contrib_ops(bert):
+    fused, stats = _fuse(bert, target="onnx")
+    assert _non_standard_ops(fused) == []
+    assert any("Gelu" in n for n in stats.notes)  # opset 18 < 20: GELU left as is, and said so
+    numerics.assert_outputs_close(bert, fused, _ids(2, 11))
+
+
+def test_bert_tensorrt_keeps_mha_not_packed_attention(bert):
+    fused, stats = _fuse(bert, target="tensorrt")
+    assert numerics.op_count(fused, "Attention", "com.microsoft") == 0
+    assert numerics.op_count(fused, "MultiHeadAttention", "com.microsoft") == 2
+    assert any(n.startswith("Attention: not applied") for n in stats.notes)
+
+
+def test_exclude_rule(bert):
+    fused, stats = _fuse(bert, exclude_rules=["Attention", "MultiHeadAttention"])
+    assert numerics.op_count(fused, "Attention", "com.microsoft") == 0
+    assert numerics.op_count(fused, "Softmax") == 2
+    assert "Attention" not in stats.counts
+    numerics.assert_outputs_close(bert, fused, _ids(2, 9))
+
+
+def test_only_selected_rules(bert):
+    fused, stats = _fuse(bert, rules=["SkipLayerNormalization"])
+    assert set(stats.counts) == {"SkipLayerNormalization"}
+    assert numerics.op_count(fused, "Softmax") == 2
+
+
+def test_explain_lists_near_misses(bert):
+    _, stats = _fuse(bert, explain=True)
+    misses = stats.details["near_misses"]
+    assert misses and all(m["reason"] and m["nodes"] for m in misses)
+    # the embedding LayerNorm has no residual Add: SkipLayerNorm near-miss with onnxscript's reason
+    assert any(m["rule"] == "SkipLayerNormalization" for m in misses)
+    assert len(stats.skipped) == sum(len(m["nodes"]) for m in misses)
+
+
+def test_unknown_rule_and_family_are_errors():
+    with pytest.raises(PassOptionError, match="SkipLayerNormalization"):
+        create_pass("fuse", {"rules": ["SkipLayerNorm"]})
+    with pytest.raises(PassOptionError, match="family"):
+        create_pass("fuse", {"families": ["rnn"]})
+
+
+def test_options_from_strings():
+    p = create_pass("fuse", {"families": "transformer", "exclude_rules": ["Attention"]})
+    assert p.families == ["transformer"]
+    names = [r.name for r in p.selected_rules()]
+    assert "Attention" not in names and "FusedConv" not in names
+
+
+# --- hand-written forms ------------------------------------------------------------------------------
+
+
+class ManualLayerNorm(nn.Module):
+    """LayerNorm as older BERT code writes it: mean, (x-u)^2 mean, /sqrt(var+eps), then affine."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(d) + 0.5)
+        self.b = nn.Parameter(torch.randn(d) * 0.1)
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.lin(x)
+        u = y.mean(-1, keepdim=True)
+        s = (y - u).pow(2).mean(-1, keepdim=True)
+        return self.w * ((y - u) / torch.sqrt(s + 1e-5)) + self.b
+
+
+class TanhGelu(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return 0.5 * y * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * torch.pow(y, 3))))
+
+
+class ManualRMSNorm(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(d) + 0.5)
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return self.w * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def _export_small(module, dynamo=True, opset=18):
+    torch.manual_seed(0)
+    return export(module.eval(), (torch.randn(2, 5, 32),), opset=opset, dynamo=dynamo)
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["dynamo", "torchscript"])
+def manual_ln(request) -> ir.Model:
+    torch.manual_seed(0)
+    return _export_small(ManualLayerNorm(), dynamo=request.param)
+
+
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
+def test_manual_layer_norm(manual_ln, target):
+    model = manual_ln
+    assert numerics.op_count(model, "ReduceMean") == 2
+    fused, stats = _fuse(model, target=target)
+    assert numerics.op_count(fused, "LayerNormalization") == 1
+    assert numerics.op_count(fused, "ReduceMean") == 0
+    assert stats.counts["LayerNormalization"] == 1
+    if target == "onnx":
+        assert _non_standard_ops(fused) == []
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(1).standard_normal((3, 5, 32)).astype(np.float32)}
+    numerics.assert_outputs_close(model, fused, feeds)
+
+
+def test_tanh_gelu_to_fast_gelu():
+    torch.manual_seed(0)
+    model = _export_small(TanhGelu(), dynamo=False)
+    fused, stats = _fuse(model)
+    # FastGelu with the Linear's bias folded in (onnxruntime's FastGelu takes an optional bias)
+    assert numerics.op_count(fused, "FastGelu", "com.microsoft") == 1
+    assert numerics.op_count(fused, "Tanh") == 0
+    assert stats.counts["FastGelu"] == 1
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(2).standard_normal((3, 5, 32)).astype(np.float32)}
+    numerics.assert_outputs_close(model, fused, feeds)
+
+
+def test_tanh_gelu_standard_at_opset_20():
+    torch.manual_seed(0)
+    model = _export_small(TanhGelu(), opset=20)
+    fused, _ = _fuse(model, target="onnx")
+    assert _non_standard_ops(fused) == []
+    assert numerics.op_count(fused, "Tanh") == 0
+    assert numerics.op_count(fused, "Gelu") == 1
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(2).standard_normal((3, 5, 32)).astype(np.float32)}
+    numerics.assert_outputs_close(model, fused, feeds)
+
+
+def test_rms_norm():
+    torch.manual_seed(0)
+    model = _export_small(ManualRMSNorm())
+    fused, stats = _fuse(model)
+    assert numerics.op_count(fused, "SimplifiedLayerNormalization") == 1
+    assert stats.counts["RMSNormalization"] == 1
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(3).standard_normal((3, 5, 32)).astype(np.float32)}
+    numerics.assert_outputs_close(model, fused, feeds)

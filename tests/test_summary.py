@@ -1,0 +1,267 @@
+"""onnxforge.ir.summary: numbers checked against hand-computed parameters and FLOPs."""
+
+from __future__ import annotations
+
+import io as pyio
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from onnxforge.ir import io
+from onnxforge.ir.summary import quick_stats, summarize
+
+torch = pytest.importorskip("torch")
+
+
+class ConvNet(torch.nn.Module):
+    """x [N, 3, 8, 8] -> Conv -> grouped Conv -> ConvTranspose -> mean -> Linear -> MatMul.
+
+    Hand count, per sample (MACs = output elements x reduction length):
+      conv   Conv2d(3, 8, 3, pad 1)          out [8, 8, 8]  512 x 27       = 13,824  params 216 + 8
+      group  Conv2d(8, 8, 3, pad 1, g=4)     out [8, 8, 8]  512 x 18       =  9,216  params 144 + 8
+      up     ConvTranspose2d(8, 4, 2, s=2)   in  [8, 8, 8]  512 x (4 x 4)  =  8,192  params 128 + 4
+      fc     Linear(4, 5)                    out [5]        5 x 4          =     20  params  20 + 5
+      proj   MatMul [5] x [5, 6]             out [6]        6 x 5          =     30  params  30
+    """
+
+    MACS = {"Conv": 13824 + 9216, "ConvTranspose": 8192, "Gemm": 20, "MatMul": 30}
+    FLOAT_PARAMS = 224 + 152 + 132 + 25 + 30
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.group = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.fc = torch.nn.Linear(4, 5)
+        self.proj = torch.nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):
+        y = torch.relu(self.group(torch.relu(self.conv(x))))
+        y = self.up(y).mean((2, 3))
+        return self.fc(y) @ self.proj
+
+
+@pytest.fixture(scope="module")
+def exported() -> bytes:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        ConvNet().eval(), (x,), dynamo=True, verbose=False, dynamic_shapes=({0: batch},)
+    )
+    return ir.serde.serialize_model(program.model).SerializeToString()
+
+
+@pytest.fixture
+def model(exported) -> ir.Model:
+    return io.load(exported)
+
+
+def _float_bytes(model: ir.Model) -> int:
+    return sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if v.const_value.dtype.is_floating_point()
+    )
+
+
+def _all_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values())
+
+
+def test_hand_computed_params_and_flops(model):
+    s = summarize(model)
+    # int64 initializers of the export (Reshape shapes, ReduceMean axes) are not parameters.
+    assert any(v.dtype == ir.DataType.INT64 for v in model.graph.initializers.values())
+    assert s.param_count == ConvNet.FLOAT_PARAMS
+    assert s.param_bytes == 4 * ConvNet.FLOAT_PARAMS == _float_bytes(model)
+    assert s.op_histogram["Conv"] == 2
+    assert s.op_histogram["ConvTranspose"] == 1
+    assert s.flops_by_op == {op: 2 * macs for op, macs in sorted(ConvNet.MACS.items(), key=lambda kv: -kv[1])}
+    assert s.flops == 2 * sum(ConvNet.MACS.values())
+    assert s.flops_exact
+    assert s.symbolic_dims_as_one  # the batch dim counted as 1
+    assert s.node_count == len(model.graph) == sum(s.op_histogram.values())
+    assert s.graph_count == 1
+
+
+def test_interface_with_symbolic_dims(model):
+    s = summarize(model)
+    assert s.ir_version == model.ir_version
+    assert s.producer.startswith("pytorch")
+    assert s.opset_imports[""] == model.opset_imports[""]
+    (inp,) = s.inputs
+    assert inp.dtype == "float"
+    assert isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 8, 8]
+    (out,) = s.outputs
+    assert out.shape[-1] == 6
+
+
+def test_quick_stats_agrees_with_summary(model):
+    s = summarize(model)
+    assert quick_stats(model) == {"nodes": s.node_count, "params": s.param_count, "param_bytes": s.param_bytes}
+
+
+def test_constant_node_weights_count_the_same(model):
+    from onnxforge.testing.zoo import constants_as_nodes
+
+    s = summarize(model)
+    c = summarize(constants_as_nodes(model))
+    assert c.param_count == s.param_count and c.param_bytes == s.param_bytes
+    assert c.flops == s.flops and c.flops_exact
+    assert c.op_histogram["Constant"] == len(model.graph.initializers)
+
+
+def test_to_dict_is_json_and_render_prints_tables(model):
+    s = summarize(model)
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["flops"] == s.flops and d["inputs"][0]["shape"][1:] == [3, 8, 8]
+    assert d["params"] == d["param_count"] == ConvNet.FLOAT_PARAMS and d["nodes"] == s.node_count
+    from rich.console import Console
+
+    console = Console(file=pyio.StringIO(), width=120, record=True)
+    s.render(console)
+    text = console.export_text()
+    for needle in ("Conv", "ConvTranspose", "FLOPs", "parameters", s.inputs[0].shape[0], "symbolic dims counted as 1"):
+        assert needle in text
+
+
+def test_file_size_includes_external_data(model, tmp_path):
+    path = io.save(model, tmp_path / "m.onnx", external_data=True, tensor_threshold_bytes=0)
+    loaded = io.load(path)
+    s = summarize(loaded)
+    expected = (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert s.file_size == expected
+    assert s.external_data_bytes == _all_bytes(model)
+    assert summarize(model).file_size is None
+    assert summarize(loaded, path=path).file_size == expected
+    assert summarize(model, path=path).file_size == (tmp_path / "m.onnx").stat().st_size
+    # Summarizing reads no tensor data.
+    assert all(v.const_value.raw is None for v in loaded.graph.initializers.values())
+
+
+# --------------------------------------------------------------------------- hand-built graphs
+
+
+def _model(nodes, inputs, outputs, initializers=(), opsets=(("", 18),)):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], ir_version=10)
+    return io.load(proto)
+
+
+def _vi(name, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _w(name, shape):
+    return helper.make_tensor(name, TensorProto.FLOAT, shape, np.zeros(shape, np.float32).ravel().tolist())
+
+
+def test_shapes_from_shape_inference():
+    """The Relu output has no recorded shape; onnx shape inference supplies it."""
+    m = _model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])],
+        [_vi("x", [2, 3])],
+        [_vi("y", None)],
+        [_w("w", [3, 4])],
+    )
+    s = summarize(m)
+    assert s.flops == 2 * 2 * 4 * 3 and s.flops_exact
+
+
+def test_unknown_shapes_make_flops_inexact():
+    m = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Conv", ["x4", "k"], ["z"])],
+        [_vi("x", None), _vi("x4", None)],
+        [_vi("y", None), _vi("z", None)],
+        [_w("w", [3, 4]), _w("k", [2, 1, 3, 3])],
+    )
+    s = summarize(m)
+    assert not s.flops_exact and s.flops == 0 and len(s.flops_unknown_nodes) == 2
+
+
+def test_gemm_transposes_and_batched_matmul_broadcast():
+    m = _model(
+        [
+            helper.make_node("Gemm", ["a", "b"], ["g"], transA=1, transB=1),
+            helper.make_node("MatMul", ["p", "q"], ["mm"]),
+        ],
+        [_vi("a", [3, 2]), _vi("b", [4, 3]), _vi("p", [2, 1, 3, 4]), _vi("q", [5, 4, 6])],
+        [_vi("g", None), _vi("mm", None)],
+    )
+    s = summarize(m)
+    # Gemm: A^T [2, 3] x B^T [3, 4] -> 2*4*3 MACs; MatMul: out [2, 5, 3, 6] x K=4
+    assert s.flops_by_op == {"MatMul": 2 * (2 * 5 * 3 * 6 * 4), "Gemm": 2 * (2 * 4 * 3)}
+    assert s.flops_exact and not s.symbolic_dims_as_one
+
+
+def test_subgraphs_and_custom_domains_are_counted():
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [], [_vi("t", [1, 2, 8])], [_w("w", [16, 8])]
+    )
+    other = helper.make_graph(
+        [
+            helper.make_node(
+                "MatMulNBits", ["x", "qw", "sc"], ["e"], domain="com.microsoft", K=16, N=8, bits=4, block_size=16
+            )
+        ],
+        "else",
+        [],
+        [_vi("e", [1, 2, 8])],
+    )
+    m = _model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        [_vi("c", [], TensorProto.BOOL), _vi("x", [1, 2, 16])],
+        [_vi("y", [1, 2, 8])],
+        [
+            helper.make_tensor("qw", TensorProto.UINT8, [8, 1, 8], np.zeros(64, np.uint8).tobytes(), raw=True),
+            _w("sc", [8]),
+        ],
+        opsets=(("", 18), ("com.microsoft", 1)),
+    )
+    s = summarize(m)
+    assert s.op_histogram == {"If": 1, "MatMul": 1, "com.microsoft::MatMulNBits": 1}
+    assert s.graph_count == 3 and s.node_count == 3
+    assert s.flops_by_op == {"MatMul": 2 * 2 * 8 * 16, "com.microsoft::MatMulNBits": 2 * 2 * 8 * 16}
+    assert s.param_count == 16 * 8 + 64 + 8  # subgraph weight, packed 4-bit bytes, scales
+    assert quick_stats(m)["nodes"] == 3
+
+
+def test_constant_float_attributes_are_parameters_int64_ones_are_not():
+    m = _model(
+        [
+            helper.make_node("Constant", [], ["a"], value_floats=[1.0, 2.0, 3.0]),
+            helper.make_node("Constant", [], ["b"], value_int=4),
+            helper.make_node("Constant", [], ["c"], value_float=0.5),
+            helper.make_node("Constant", [], ["d"], value_ints=[1, 2]),
+            helper.make_node("Constant", [], ["s"], value_string="hi"),
+            helper.make_node("Add", ["x", "a"], ["y"]),
+        ],
+        [_vi("x", [3])],
+        [_vi("y", [3])],
+    )
+    stats = quick_stats(m)
+    assert stats == {"nodes": 6, "params": 4, "param_bytes": 4 * 4}
+
+
+def test_quantized_weights_count_shape_tensors_do_not():
+    m = _model(
+        [
+            helper.make_node("ConvInteger", ["x", "w"], ["c"]),
+            helper.make_node("Reshape", ["c", "shape"], ["y"]),
+        ],
+        [_vi("x", [1, 2, 5, 5], TensorProto.UINT8)],
+        [_vi("y", None, TensorProto.INT32)],
+        [
+            helper.make_tensor("w", TensorProto.INT8, [4, 2, 3, 3], np.ones(72, np.int8).tobytes(), raw=True),
+            helper.make_tensor("shape", TensorProto.INT64, [2], [1, -1]),
+        ],
+        opsets=(("", 10),),
+    )
+    s = summarize(m)
+    assert (s.param_count, s.param_bytes) == (72, 72)
+    # ConvInteger: out [1, 4, 3, 3] x (2 * 3 * 3)
+    assert s.flops_by_op == {"ConvInteger": 2 * 36 * 18} and s.flops_exact
