@@ -36,7 +36,8 @@ def main() -> int:
     from onnxforge.runtime.data import CalibrationData
     from onnxforge.runtime.session import make_session
 
-    console = Console()
+    # Wide enough for the tables when output goes to a log rather than a terminal.
+    console = Console(width=None if sys.stdout.isatty() else 150)
     OUT.mkdir(exist_ok=True)
     original = onnxforge.load(MODEL)
     input_name = original.graph.inputs[0].name

@@ -108,6 +108,8 @@ def optimize(model, output, passes_text, preset, config_path, target, calibratio
     if report_path:
         report.write_json(report_path)
     if not quiet:
+        # Results go to stdout (progress went to stderr); wide when written to a CI log.
+        console = Console(width=None if sys.stdout.isatty() else 150)
         report.render(console)
         if "latency" in report.extra:
             lat = report.extra["latency"]
