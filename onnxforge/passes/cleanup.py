@@ -1,0 +1,528 @@
+"""Lossless graph cleanup: lift constants, remove dead code, drop identities, CSE, dedup, sort, infer shapes,
+fold constants.
+
+Every pass here wraps a pass of ``onnx_ir.passes.common`` or onnxscript's optimizer rather than
+re-implementing it, and adds what those lack: counts for the report (nodes before/after), a reason for
+every node left alone, and guards around the few cases where the wrapped pass is wrong or silent
+(a ``sparse_value`` Constant crashes the lifter; identity elimination renames values that other graph
+outputs or outer scopes own; shape inference swallows its failures).
+
+None of these passes changes what the model computes: they are all lossless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnx_ir.passes.common import shape_inference as _shape_inference
+from onnxscript.optimizer import _constant_folding
+from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase
+
+from onnxforge.errors import UnsupportedModelError
+from onnxforge.ir.graph import all_graphs, all_nodes, opset_version
+from onnxforge.passes.base import Pass, PassStats
+from onnxforge.passes.registry import register_pass
+
+__all__ = [
+    "CsePass",
+    "DedupInitializersPass",
+    "EliminateIdentityPass",
+    "FoldConstantsPass",
+    "LiftConstantsPass",
+    "RemoveUnusedPass",
+    "ShapeInferencePass",
+    "TopoSortPass",
+    "node_count",
+]
+
+logger = logging.getLogger(__name__)
+
+# A domain no ONNX pass acts on: nodes moved here for the duration of a wrapped pass are invisible to it.
+_HIDDEN_DOMAIN = "onnxforge.hidden"
+
+# Ops whose constant-folding would erase quantization: always left for the runtime.
+_NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def node_count(model: ir.Model, op_type: str | None = None) -> int:
+    """Nodes in the main graph, its subgraphs and function bodies (of ``op_type`` if given)."""
+    return sum(1 for n in all_nodes(model) if op_type is None or n.op_type == op_type)
+
+
+def _initializer_count(model: ir.Model) -> int:
+    return sum(len(g.initializers) for g in all_graphs(model))
+
+
+@contextlib.contextmanager
+def _hidden(nodes: Iterable[ir.Node]) -> Iterator[None]:
+    """Move ``nodes`` to a private domain while a wrapped pass runs, so that it leaves them alone."""
+    saved = [(node, node.domain) for node in nodes]
+    for node, _ in saved:
+        node.domain = _HIDDEN_DOMAIN
+    try:
+        yield
+    finally:
+        for node, domain in saved:
+            node.domain = domain
+
+
+def _is_onnx(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx", "onnx.ai")
+
+
+# --------------------------------------------------------------------------- lift-constants
+
+
+@register_pass("lift-constants")
+class LiftConstantsPass(Pass):
+    """Turn ``Constant`` nodes into initializers (``value`` and ``value_float(s)/int(s)/string(s)``).
+
+    Exporters such as PaddlePaddle's (and some torch paths) store weights as Constant nodes; the
+    folding passes look for initializers, so this runs first. Main graph and If/Loop subgraphs (a
+    subgraph's constant becomes an initializer of that subgraph). Wraps
+    ``onnx_ir.passes.common.LiftConstantsToInitializersPass``.
+
+    Left alone (and reported): a Constant whose output is a graph output (an initializer cannot be
+    one without changing the signature), a ``sparse_value`` Constant, and tensors with fewer than
+    ``size_limit`` elements. Lossless: the same tensor is read from another place.
+    """
+
+    def __init__(self, size_limit: int = 0, lift_all_constants: bool = True):
+        super().__init__()
+        self.size_limit = size_limit
+        self.lift_all_constants = lift_all_constants
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        hide, reported = [], set()
+        # Function bodies cannot hold initializers; the lifter (like this loop) leaves them alone.
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type != "Constant" or not _is_onnx(node):
+                continue
+            attrs = set(node.attributes)
+            if "sparse_value" in attrs or len(attrs) != 1:
+                hide.append(node)
+                reported.add(node)
+                stats.skip(node, f"Constant with attribute(s) {sorted(attrs)} is not lifted")
+            elif node.outputs[0].is_graph_output():
+                reported.add(node)
+                stats.skip(node, "output is a graph output; lifting would change the signature")
+        before = node_count(model, "Constant")
+        lifter = common.LiftConstantsToInitializersPass(
+            lift_all_constants=self.lift_all_constants, size_limit=self.size_limit
+        )
+        with _hidden(hide):
+            result = lifter(model)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type == "Constant" and _is_onnx(node) and node not in reported:
+                stats.skip(node, f"fewer than size_limit={self.size_limit} elements, or not a tensor "
+                           f"attribute (lift_all_constants={self.lift_all_constants})")
+        lifted = before - node_count(model, "Constant")
+        stats.count("lifted", lifted)
+        if lifted and model.ir_version is not None and model.ir_version < 4:
+            # Before IR 4 every initializer must also be a graph input; newer readers accept either.
+            model.ir_version = 4
+            stats.note("ir_version raised to 4 so that initializers need not be graph inputs")
+        return bool(result.modified)
+
+
+# --------------------------------------------------------------------------- remove-unused
+
+
+def _remove_unused_subgraph_initializers(model: ir.Model) -> int:
+    # onnx_ir removes unused initializers of the main graph only.
+    removed = 0
+    for graph in all_graphs(model):
+        if graph is model.graph:
+            continue
+        outputs, inputs = set(graph.outputs), set(graph.inputs)
+        for init in list(graph.initializers.values()):
+            if not init.uses() and init not in outputs and init not in inputs:
+                del graph.initializers[init.name]
+                removed += 1
+    return removed
+
+
+@register_pass("remove-unused")
+class RemoveUnusedPass(Pass):
+    """Dead-code elimination: nodes whose outputs nobody reads, unused initializers, functions, opsets.
+
+    Wraps ``RemoveUnusedNodesPass``, ``RemoveUnusedFunctionsPass`` and ``RemoveUnusedOpsetsPass`` of
+    ``onnx_ir.passes.common`` and also drops unused initializers of subgraphs. Graph inputs and outputs
+    are kept (the signature does not change). Lossless.
+    """
+
+    def __init__(self, functions: bool = True, opsets: bool = True):
+        super().__init__()
+        self.functions = functions
+        self.opsets = opsets
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        nodes, inits = node_count(model), _initializer_count(model)
+        n_functions, n_opsets = len(model.functions), len(model.opset_imports)
+        modified = common.RemoveUnusedNodesPass()(model).modified
+        modified |= bool(_remove_unused_subgraph_initializers(model))
+        if self.functions:
+            modified |= common.RemoveUnusedFunctionsPass()(model).modified
+        if self.opsets:
+            modified |= common.RemoveUnusedOpsetsPass()(model).modified
+        stats.count("nodes_removed", nodes - node_count(model))
+        stats.count("initializers_removed", inits - _initializer_count(model))
+        stats.count("functions_removed", n_functions - len(model.functions))
+        stats.count("opsets_removed", n_opsets - len(model.opset_imports))
+        return modified
+
+
+# --------------------------------------------------------------------------- eliminate-identity
+
+
+class DropoutInference(RewriteRuleClassBase):
+    """``Dropout(x)`` at inference is ``x``: replace it by ``Identity(x)``.
+
+    Opset < 12: Dropout has no training mode in ONNX inference, it is always the identity.
+    Opset >= 12: when ``training_mode`` is absent or the constant False, or ``ratio`` is the constant 0.
+    Refused when the ``mask`` output is read (it would have to become a tensor of ones).
+    """
+
+    def pattern(self, op, x):
+        return op.Dropout(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, x, out) -> MatchResult:
+        result = MatchResult()
+        node = out.producer()
+        if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+            return result.fail("the mask output is used")
+        version = opset_version(context.model) or 0
+        if version < 12:
+            return result
+        inputs = list(node.inputs) + [None, None]
+        ratio, training = inputs[1], inputs[2]
+        if training is None:
+            return result
+        t = training.const_value
+        if t is not None and t.size == 1 and not bool(t.numpy().reshape(-1)[0]):
+            return result
+        r = ratio.const_value if ratio is not None else None
+        if r is not None and r.size == 1 and float(r.numpy().reshape(-1)[0]) == 0.0:
+            return result
+        return result.fail("training_mode is not the constant False and ratio is not the constant 0")
+
+    def rewrite(self, op, x, out):
+        return op.Identity(x)
+
+
+dropout_inference_rule = DropoutInference().rule()
+
+
+def _identity_renames_foreign_value(node: ir.Node) -> str | None:
+    """Why onnx_ir's identity elimination must not touch ``node`` (None if it may).
+
+    When ``y = Identity(x)`` and ``y`` is a graph output, the pass renames ``x`` to ``y``. That is wrong
+    when ``x`` is itself a graph output (that output would lose its name) or when ``x`` lives in an outer
+    graph (the outer value would be renamed from inside a subgraph).
+    """
+    x, y = node.inputs[0] if node.inputs else None, node.outputs[0]
+    if x is None or not y.is_graph_output():
+        return None
+    if x.is_graph_output():
+        return "input and output are both graph outputs; removing it would merge two output names"
+    if x.graph is not node.graph and x.producer() is not None and x.producer().graph is not node.graph:
+        return "subgraph output reads an outer-scope value directly"
+    if x.graph is None and x.producer() is None and not x.is_graph_input():
+        return "subgraph output reads an outer-scope value directly"
+    return None
+
+
+@register_pass("eliminate-identity")
+class EliminateIdentityPass(Pass):
+    """Remove ``Identity`` nodes, and ``Dropout`` nodes that are identities at inference.
+
+    ``Dropout`` becomes ``Identity`` by :data:`dropout_inference_rule` (opset < 12 always; opset >= 12
+    when ``training_mode`` is absent/False or ``ratio`` is 0); then
+    ``onnx_ir.passes.common.IdentityEliminationPass`` reconnects readers of ``y = Identity(x)`` to ``x``
+    (main graph, subgraphs, functions). Kept: an Identity between a graph input/initializer and a graph
+    output, and the cases where removing it would rename a value that is not its own (see
+    :func:`_identity_renames_foreign_value`). Lossless.
+    """
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        dropouts = node_count(model, "Dropout")
+        modified = False
+        if dropouts:
+            modified |= bool(RewriteRuleSet([dropout_inference_rule]).apply_to_model(model))
+            for node in all_nodes(model):
+                if node.op_type == "Dropout":
+                    stats.skip(node, _dropout_reason(model, node))
+        stats.count("dropout_removed", dropouts - node_count(model, "Dropout"))
+
+        hide = []
+        for node in all_nodes(model):
+            if node.op_type != "Identity" or not _is_onnx(node):
+                continue
+            reason = _identity_renames_foreign_value(node)
+            if reason:
+                hide.append(node)
+                stats.skip(node, reason)
+        identities = node_count(model, "Identity")
+        with _hidden(hide):
+            modified |= common.IdentityEliminationPass()(model).modified
+        left = node_count(model, "Identity")
+        for node in all_nodes(model):
+            if node.op_type == "Identity" and node not in hide:
+                stats.skip(node, "connects a graph input or initializer directly to a graph output")
+        stats.count("identity_removed", identities - left)
+        return modified
+
+
+def _dropout_reason(model: ir.Model, node: ir.Node) -> str:
+    return why_not_matched([dropout_inference_rule], model, node) or "not an inference-mode Dropout"
+
+
+# --------------------------------------------------------------------------- rule helpers
+
+
+def why_not_matched(rules: Iterable, model: ir.Model, node: ir.Node) -> str:
+    """The reason the best-matching of ``rules`` gives for not rewriting at ``node`` ("" if one matches).
+
+    Uses onnxscript's ``MatchingTracer`` (which only observes): a failed ``check`` gives its
+    ``MatchResult.fail`` reason, a structural mismatch the matcher's.
+    """
+    from onnxscript.rewriter import MatchingTracer, MatchStatus
+
+    tracer = MatchingTracer()
+    graph = node.graph
+    for rule in rules:
+        rule.match(model, graph, node, tracer=tracer)
+    best, best_score = None, -1
+    for matches in tracer.best_matches_map.values():
+        for info in matches:
+            if info.root_node is node and info.score() > best_score:
+                best, best_score = info, info.score()
+    if best is None:
+        return "does not match the pattern"
+    if best.status == MatchStatus.SUCCESS:
+        return ""
+    return best.match_result.reason or "does not match the pattern"
+
+
+# --------------------------------------------------------------------------- cse, dedup, topo-sort
+
+
+@register_pass("cse")
+class CsePass(Pass):
+    """Common-subexpression elimination: nodes with the same op, attributes and inputs are merged.
+
+    Wraps ``onnx_ir.passes.common.CommonSubexpressionEliminationPass`` (main graph; control-flow nodes
+    and random ops are never merged; Constant nodes only up to ``size_limit`` elements). Lossless:
+    a deterministic op applied twice to the same inputs gives the same result.
+    """
+
+    def __init__(self, size_limit: int = 10):
+        super().__init__()
+        self.size_limit = size_limit
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        before = node_count(model)
+        modified = common.CommonSubexpressionEliminationPass(size_limit=self.size_limit)(model).modified
+        stats.count("nodes_merged", before - node_count(model))
+        return modified
+
+
+@register_pass("dedup-initializers")
+class DedupInitializersPass(Pass):
+    """Merge initializers with the same dtype, shape and bytes into one (per graph).
+
+    Wraps ``DeduplicateHashedInitializersPass`` (SHA-512 of the bytes, then a byte comparison; low
+    memory) or, with ``hashed=false``, ``DeduplicateInitializersPass``. Initializers that are graph
+    inputs or outputs are left alone (reported). Lossless: readers see the same values.
+    """
+
+    def __init__(self, size_limit: int = 1 << 32, hashed: bool = True):
+        super().__init__()
+        self.size_limit = size_limit
+        self.hashed = hashed
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        for graph in all_graphs(model):
+            for init in graph.initializers.values():
+                if init.is_graph_input() or init.is_graph_output():
+                    stats.skip(init.name or "<unnamed>", "initializer is a graph input or output")
+        before = _initializer_count(model)
+        if self.hashed:
+            _make_contiguous(model)
+        cls = common.DeduplicateHashedInitializersPass if self.hashed else common.DeduplicateInitializersPass
+        with _quiet("onnx_ir.passes.common.initializer_deduplication"):
+            modified = cls(size_limit=self.size_limit)(model).modified
+        stats.count("initializers_merged", before - _initializer_count(model))
+        return modified
+
+
+def _make_contiguous(model: ir.Model) -> None:
+    # The hashed pass feeds tensor.numpy() to hashlib, which rejects non-contiguous arrays (folding a
+    # Transpose yields one). Only in-memory tensors are touched; external data stays lazy.
+    for graph in all_graphs(model):
+        for init in graph.initializers.values():
+            tensor = init.const_value
+            if isinstance(tensor, ir.Tensor):
+                array = tensor.numpy()
+                if not array.flags.c_contiguous:
+                    init.const_value = ir.tensor(np.ascontiguousarray(array), name=tensor.name)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    # The wrapped pass logs a WARNING per skipped initializer; we report those as skips instead.
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@register_pass("topo-sort")
+class TopoSortPass(Pass):
+    """Topologically sort the main graph, its subgraphs and function bodies (stable).
+
+    Wraps ``onnx_ir.passes.common.TopologicalSortPass``. A graph with a cycle is an error. Lossless.
+    """
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        before = [list(g) for g in all_graphs(model)]
+        try:
+            common.TopologicalSortPass()(model)
+        except ValueError as e:
+            raise UnsupportedModelError(f"topo-sort: the graph has a cycle ({e})") from e
+        after = [list(g) for g in all_graphs(model)]
+        moved = sum(
+            sum(1 for a, b in zip(old, new) if a is not b) for old, new in zip(before, after)
+        )
+        stats.count("nodes_moved", moved)
+        return moved > 0
+
+
+# --------------------------------------------------------------------------- shape-inference
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@register_pass("shape-inference")
+class ShapeInferencePass(Pass):
+    """Annotate values with the types and shapes ONNX shape inference derives.
+
+    Wraps ``onnx_ir.passes.common.ShapeInferencePass`` (which handles >2 GB models). That pass logs and
+    swallows a failure; here a failure is counted (``failed``), its message goes to the report, and
+    with ``raise_on_failure=true`` it is an error. Lossless: only metadata changes.
+    """
+
+    def __init__(
+        self, strict_mode: bool = True, data_prop: bool = True, raise_on_failure: bool = False
+    ):
+        super().__init__()
+        self.strict_mode = strict_mode
+        self.data_prop = data_prop
+        self.raise_on_failure = raise_on_failure
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        shaped_before = _shaped_values(model)
+        capture = _Capture()
+        log = logging.getLogger(_shape_inference.__name__)
+        log.addHandler(capture)
+        propagate = log.propagate
+        log.propagate = False
+        try:
+            result = common.ShapeInferencePass(strict_mode=self.strict_mode, data_prop=self.data_prop)(
+                model
+            )
+        finally:
+            log.removeHandler(capture)
+            log.propagate = propagate
+        failures = [r for r in capture.records if r.exc_info or "failed" in r.getMessage().lower()]
+        if failures:
+            record = failures[0]
+            error = record.exc_info[1] if record.exc_info else None
+            message = f"{type(error).__name__}: {error}" if error else record.getMessage()
+            stats.count("failed")
+            stats.note(f"shape inference failed, model left unchanged: {message}")
+            stats.details["shape_inference_error"] = message
+            if self.raise_on_failure:
+                raise UnsupportedModelError(f"shape-inference failed: {message}")
+        stats.count("values_shaped", max(0, _shaped_values(model) - shaped_before))
+        return bool(result.modified)
+
+
+def _shaped_values(model: ir.Model) -> int:
+    count = 0
+    for graph in all_graphs(model):
+        for node in graph:
+            count += sum(1 for v in node.outputs if v.shape is not None and v.type is not None)
+    return count
+
+
+# --------------------------------------------------------------------------- fold-constants
+
+
+def _never_fold_quantization(node: ir.Node) -> bool | None:
+    if node.op_type in _NEVER_FOLD and _is_onnx(node):
+        return False
+    return None  # onnxscript's default rules (size limits, its own blacklist)
+
+
+@register_pass("fold-constants")
+class FoldConstantsPass(Pass):
+    """Evaluate nodes whose inputs are all constants and store the result as an initializer.
+
+    Wraps onnxscript's ``FoldConstantsPass`` (reference evaluator, plus its partial evaluators: Shape
+    of a static shape, Dropout at inference, Identity, ...). Size limits: a node with an input of more
+    than ``input_size_limit`` elements is not folded (except Transpose of a weight read only there), a
+    result of more than ``output_size_limit`` elements is not stored. Quantize/DequantizeLinear are never
+    folded, so that a quantized model survives later cleanup; ConstantOfShape is kept (it is smaller
+    than its result); control flow and random ops are not folded. Nodes left unread by the folding are
+removed. Lossless: the same ops are evaluated
+    ahead of time in float32 by ONNX's reference implementation.
+    """
+
+    def __init__(
+        self,
+        input_size_limit: int = _constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+        output_size_limit: int = _constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+        shape_inference: bool = True,
+    ):
+        super().__init__()
+        if input_size_limit < 0 or output_size_limit < 0:
+            raise ValueError("size limits must be >= 0")
+        self.input_size_limit = input_size_limit
+        self.output_size_limit = output_size_limit
+        self.shape_inference = shape_inference
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        before = node_count(model)
+        kept_q = sum(1 for n in all_nodes(model) if n.op_type in _NEVER_FOLD)
+        folder = _constant_folding.FoldConstantsPass(
+            shape_inference=self.shape_inference,
+            input_size_limit=self.input_size_limit,
+            output_size_limit=self.output_size_limit,
+            should_fold=_never_fold_quantization,
+        )
+        modified = bool(folder(model).modified)
+        if modified:
+            # The folder leaves the Constant nodes it read from behind, unread.
+            common.RemoveUnusedNodesPass()(model)
+        stats.count("nodes_folded", max(0, before - node_count(model)))
+        if kept_q:
+            stats.count("quantization_nodes_kept", kept_q)
+        return modified
