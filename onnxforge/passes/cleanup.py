@@ -526,3 +526,27 @@ removed. Lossless: the same ops are evaluated
         if kept_q:
             stats.count("quantization_nodes_kept", kept_q)
         return modified
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@register_pass("strip-metadata")
+class StripMetadataPass(Pass):
+    """Drop per-node and per-graph metadata and doc strings (exporter stack traces, scopes).
+
+    torch's dynamo exporter records a stack trace and module scope on every node; they help debugging
+    but are a tenth of a small model's file. Model-level ``metadata_props`` (licence, provenance) are
+    kept. Wraps ``onnx_ir.passes.common.ClearMetadataAndDocStringPass``. Lossless: outputs cannot change.
+    """
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        nodes_with_metadata = sum(
+            1
+            for graph in all_graphs(model)
+            for node in graph
+            if node.metadata_props or node.doc_string
+        )
+        modified = common.ClearMetadataAndDocStringPass()(model).modified
+        stats.count("nodes_cleared", nodes_with_metadata)
+        return modified or nodes_with_metadata > 0

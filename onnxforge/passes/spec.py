@@ -39,17 +39,18 @@ PRESETS: dict[str, str] = {
     # Lossless: cleanup and weight folding. Never changes outputs beyond fp32 rounding.
     "O1": (
         "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
-        "cse,dedup-initializers,remove-unused"
+        "cse,dedup-initializers,remove-unused,strip-metadata"
     ),
     # O1 + operator fusion for the target.
     "O2": (
         "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
-        "cse,dedup-initializers,remove-unused,fuse,remove-unused"
+        "cse,dedup-initializers,remove-unused,strip-metadata,fuse,remove-unused"
     ),
     # O2 + int8 quantization (needs calibration data), keeping int8 only where it is measured faster.
     "O3": (
         "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
-        "cse,dedup-initializers,remove-unused,fuse,remove-unused,quantize-int8(latency_guard=true)"
+        "cse,dedup-initializers,remove-unused,strip-metadata,fuse,remove-unused,"
+        "quantize-int8(latency_guard=true)"
     ),
 }
 DEFAULT_PRESET = "O1"
