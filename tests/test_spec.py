@@ -110,9 +110,10 @@ def test_config_written_back_reads_the_same(tmp_path):
         target="cpu",
         verify=True,
         seed=3,
+        num_samples=32,
     )
     path = tmp_path / "saved.toml"
     path.write_text(config_to_toml(config))
     again = load_config(path)
     assert again.passes == config.passes
-    assert (again.verify, again.seed, again.target) == (True, 3, "cpu")
+    assert (again.verify, again.seed, again.target, again.num_samples) == (True, 3, "cpu", 32)

@@ -326,6 +326,10 @@ def config_to_toml(config: PipelineConfig) -> str:
         lines.append("fixed_point = true")
     if config.seed:
         lines.append(f"seed = {config.seed}")
+    if config.num_samples:
+        lines.append(f"num_samples = {config.num_samples}")
+    if config.max_iterations != 4:
+        lines.append(f"max_iterations = {config.max_iterations}")
     for spec in config.passes:
         lines.append("")
         lines.append("[[passes]]")

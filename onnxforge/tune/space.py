@@ -1,0 +1,444 @@
+"""The search space of ``onnxforge tune``: which passes may run, and the values their options may take.
+
+A space is a lossless ``base`` pipeline that always runs first, then an ordered list of *slots*. A
+slot is one pass with, per option, a fixed value, a list of choices, or a numeric range. A slot may
+be ``optional`` (searched on and off), belong to an ``exclusive`` group (at most one pass of the group
+runs, e.g. ``quantize-int8`` or ``quantize-dynamic`` or neither), and ``require`` an earlier pass
+(``reconstruct`` only makes sense after ``prune-channels``). A *candidate* is one assignment of the
+parameters; it turns into a plain pipeline string (:meth:`Space.pipeline`), which is what gets
+built, cached and saved.
+
+File form (``--space tune.toml``; the same keys may sit in a ``[tune]`` table, so a project can keep
+them beside its ``onnxforge.toml`` in one file of its own)::
+
+    base = "O1"                      # lossless prefix, always run (a preset or a pipeline string)
+
+    [[space]]
+    pass = "prune-channels"
+    optional = true                  # also try without it
+    [space.options]
+    ratio = { low = 0.1, high = 0.6, step = 0.1 }   # a range (ints if low/high/step are ints)
+    criterion = ["l1", "activation"]                # choices
+    round_to = 4                                    # a fixed value
+
+    [[space]]
+    pass = "reconstruct"
+    optional = true
+    requires = "prune-channels"      # only when prune-channels runs
+
+    [[space]]
+    pass = "quantize-int8"
+    exclusive = "quantize"           # int8 or dynamic or neither
+    [space.options]
+    calibration = ["minmax", "percentile", "entropy"]
+    per_channel = [true, false]
+
+    [[space]]
+    pass = "quantize-dynamic"
+    exclusive = "quantize"
+
+Parameter names are ``pass.option`` for options, ``pass`` for the on/off switch of an optional slot
+and ``exclusive:group`` for the choice within a group (its values are the pass names and ``none``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import pathlib
+import sys
+import typing
+from typing import Any
+
+from onnxforge.errors import PipelineSpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+NONE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One of a list of values."""
+
+    values: tuple[Any, ...]
+
+    def grid(self) -> list[Any]:
+        return list(self.values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A number in ``[low, high]``; ``step`` makes it discrete (and gridable)."""
+
+    low: float
+    high: float
+    step: float | None = None
+    integer: bool = False
+
+    def grid(self) -> list[Any]:
+        if self.step is None:
+            raise PipelineSpecError(
+                f"range [{self.low}, {self.high}] has no 'step': a grid needs one (or use --strategy optuna)"
+            )
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        values = [self.low + i * self.step for i in range(n)]
+        return [int(round(v)) for v in values] if self.integer else [round(v, 10) for v in values]
+
+
+Dim = typing.Union[Choice, Range]
+
+
+@dataclasses.dataclass
+class Slot:
+    """One pass of the space and the values its options may take."""
+
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # option -> Dim or fixed value
+    optional: bool = False
+    exclusive: str | None = None
+    requires: str | None = None
+
+    def searched(self) -> dict[str, Dim]:
+        return {k: v for k, v in self.options.items() if isinstance(v, (Choice, Range))}
+
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.options.items() if not isinstance(v, (Choice, Range))}
+
+
+@dataclasses.dataclass
+class Space:
+    """A lossless base pipeline and the slots searched after it. ``notes`` says what was left out."""
+
+    base: str = ""
+    slots: list[Slot] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for s in self.slots:
+            if s.exclusive:
+                out.setdefault(s.exclusive, []).append(s.name)
+        return out
+
+    def enabled(self, params: dict[str, Any]) -> list[Slot]:
+        """The slots that run for ``params``, in order."""
+        on: list[Slot] = []
+        names: set[str] = set()
+        for s in self.slots:
+            if s.exclusive and params.get(f"exclusive:{s.exclusive}", NONE) != s.name:
+                continue
+            if s.optional and not s.exclusive and not params.get(s.name, False):
+                continue
+            if s.requires and s.requires not in names:
+                continue
+            on.append(s)
+            names.add(s.name)
+        return on
+
+    def pipeline(self, params: dict[str, Any]) -> str:
+        """The pipeline string for one candidate (base first, then the enabled slots)."""
+        from onnxforge.passes.spec import PassSpec, format_pipeline, parse_pipeline
+
+        specs = parse_pipeline(self.base) if self.base else []
+        for s in self.enabled(params):
+            options = {key: (params[f"{s.name}.{key}"] if isinstance(v, (Choice, Range)) else v)
+                       for key, v in s.options.items()}
+            specs.append(PassSpec(s.name, options))
+        if not specs:
+            return ""
+        return format_pipeline(specs)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Draw a candidate from an Optuna trial (define-by-run: options of passes that are off are
+        not drawn)."""
+        params: dict[str, Any] = {}
+        for group, names in self.groups().items():
+            params[f"exclusive:{group}"] = trial.suggest_categorical(f"exclusive:{group}", [NONE, *names])
+        seen: set[str] = set()
+        for s in self.slots:
+            if s.requires and s.requires not in seen:
+                continue
+            if s.exclusive:
+                if params[f"exclusive:{s.exclusive}"] != s.name:
+                    continue
+            elif s.optional:
+                params[s.name] = trial.suggest_categorical(s.name, [False, True])
+                if not params[s.name]:
+                    continue
+            seen.add(s.name)
+            for key, dim in s.searched().items():
+                pname = f"{s.name}.{key}"
+                if isinstance(dim, Choice):
+                    params[pname] = trial.suggest_categorical(pname, list(dim.values))
+                elif dim.integer:
+                    params[pname] = trial.suggest_int(pname, int(dim.low), int(dim.high), step=int(dim.step or 1))
+                else:
+                    value = trial.suggest_float(pname, dim.low, dim.high, step=dim.step)
+                    params[pname] = round(value, 10)
+        return params
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every candidate (options of passes that are off are not varied); duplicates removed, in a
+        fixed order."""
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for params in self._grid_from(0, {}, frozenset()):
+            key = self.pipeline(params)
+            if key not in seen:
+                seen.add(key)
+                out.append(params)
+        return out
+
+    def _grid_from(self, i: int, params: dict[str, Any], on: frozenset[str]):
+        if i == len(self.slots):
+            yield dict(params)
+            return
+        s = self.slots[i]
+        choices: list[bool] = []
+        if s.requires and s.requires not in on:
+            choices = [False]
+        elif s.exclusive:
+            key = f"exclusive:{s.exclusive}"
+            members = self.groups()[s.exclusive]
+            if key not in params:
+                # The group is decided at its first member: iterate over every choice there.
+                for value in [NONE, *members]:
+                    yield from self._grid_from(i, {**params, key: value}, on)
+                return
+            choices = [params[key] == s.name]
+        elif s.optional:
+            choices = [False, True]
+        else:
+            choices = [True]
+        for active in choices:
+            p = dict(params)
+            if s.optional and not s.exclusive and not (s.requires and s.requires not in on):
+                p[s.name] = active
+            if not active:
+                yield from self._grid_from(i + 1, p, on)
+                continue
+            dims = s.searched()
+            for values in itertools.product(*(d.grid() for d in dims.values())):
+                q = dict(p)
+                q.update({f"{s.name}.{k}": v for k, v in zip(dims, values)})
+                yield from self._grid_from(i + 1, q, on | {s.name})
+
+    def size(self) -> int | None:
+        """The number of distinct candidates, or None when a range has no step."""
+        try:
+            return len(self.grid())
+        except PipelineSpecError:
+            return None
+
+    def describe(self) -> list[str]:
+        lines = [f"base: {self.base or '(none)'}"]
+        for s in self.slots:
+            flags = []
+            if s.optional:
+                flags.append("optional")
+            if s.exclusive:
+                flags.append(f"exclusive={s.exclusive}")
+            if s.requires:
+                flags.append(f"requires={s.requires}")
+            opts = ", ".join(f"{k}={_dim_text(v)}" for k, v in s.options.items())
+            lines.append(f"{s.name}({opts})" + (f" [{', '.join(flags)}]" if flags else ""))
+        return lines + [f"note: {n}" for n in self.notes]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "slots": [_slot_dict(s) for s in self.slots], "notes": self.notes}
+
+
+def _dim_text(v: Any) -> str:
+    if isinstance(v, Choice):
+        return "{" + "|".join(map(str, v.values)) + "}"
+    if isinstance(v, Range):
+        return f"[{v.low}..{v.high}" + (f" step {v.step}]" if v.step else "]")
+    return repr(v)
+
+
+def _slot_dict(s: Slot) -> dict[str, Any]:
+    opts = {}
+    for k, v in s.options.items():
+        if isinstance(v, Choice):
+            opts[k] = list(v.values)
+        elif isinstance(v, Range):
+            opts[k] = {"low": v.low, "high": v.high, **({"step": v.step} if v.step else {})}
+        else:
+            opts[k] = v
+    return {"pass": s.name, "optional": s.optional, "exclusive": s.exclusive, "requires": s.requires,
+            "options": opts}
+
+
+# --------------------------------------------------------------------------------- defaults
+
+
+def _literal_choices(cls: type, option: str) -> tuple[Any, ...] | None:
+    from onnxforge.passes.registry import _type_hints
+
+    ann = _type_hints(cls).get(option)
+    if ann is not None and typing.get_origin(ann) is typing.Literal:
+        return typing.get_args(ann)
+    return None
+
+
+def _available_base(preset: str, passes: dict[str, type], notes: list[str]) -> str:
+    from onnxforge.passes.spec import PRESETS, format_pipeline, parse_pipeline
+
+    specs = parse_pipeline(PRESETS.get(preset, preset))
+    missing = sorted({s.name for s in specs if s.name not in passes})
+    if missing:
+        notes.append(f"base {preset}: pass(es) {', '.join(missing)} not registered here, left out")
+    return format_pipeline([s for s in specs if s.name in passes])
+
+
+def default_space(*, with_calibration: bool = True, base: str = "O1") -> Space:
+    """The default space: ``prune-channels`` (ratio 0.1..0.6, criterion), ``reconstruct``,
+    ``quantize-int8`` (calibration method, per-channel) or ``quantize-dynamic``, ``fuse`` on/off.
+
+    A pass missing from the registry is left out, with a note; so is an option it does not have, and
+    a choice its annotation does not allow. Without calibration data the data-driven passes and
+    criteria are left out too.
+    """
+    from onnxforge.passes.registry import available_passes
+    from onnxforge.passes.base import option_specs
+
+    passes = available_passes()
+    notes: list[str] = []
+    space = Space(base=_available_base(base, passes, notes), notes=notes)
+
+    def add(name: str, options: dict[str, Any], **flags: Any) -> None:
+        if name not in passes:
+            notes.append(f"{name}: not registered here, left out of the space")
+            return
+        if flags.pop("needs_data", False) and not with_calibration:
+            notes.append(f"{name}: needs calibration data, left out")
+            return
+        cls = passes[name]
+        known = option_specs(cls)
+        kept: dict[str, Any] = {}
+        for key, value in options.items():
+            if key not in known:
+                notes.append(f"{name}: has no option {key!r}, not searched")
+                continue
+            if isinstance(value, Choice):
+                allowed = _literal_choices(cls, key)
+                values = tuple(v for v in value.values if allowed is None or v in allowed)
+                dropped = [v for v in value.values if v not in values]
+                if dropped:
+                    notes.append(f"{name}.{key}: {dropped} not offered by the pass, left out")
+                if not values:
+                    continue
+                value = Choice(values) if len(values) > 1 else values[0]
+            kept[key] = value
+        space.slots.append(Slot(name, kept, **flags))
+
+    criteria = ["l1", "activation"] if with_calibration else ["l1"]
+    add("fuse", {}, optional=True)
+    add("prune-channels", {"ratio": Range(0.1, 0.6, 0.1), "criterion": Choice(tuple(criteria))}, optional=True)
+    add("reconstruct", {}, optional=True, requires="prune-channels", needs_data=True)
+    add("quantize-int8", {"calibration": Choice(("minmax", "percentile", "entropy")),
+                          "per_channel": Choice((True, False))}, exclusive="quantize", needs_data=True)
+    add("quantize-dynamic", {}, exclusive="quantize")
+    return space
+
+
+# --------------------------------------------------------------------------------- file form
+
+_SLOT_KEYS = {"pass", "optional", "exclusive", "requires", "options"}
+_TOP_KEYS = {"base", "space"}
+
+
+def load_space(path: str | pathlib.Path) -> Space:
+    """Read a space from a TOML file (top-level keys or a ``[tune]`` table); see the module docstring."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise PipelineSpecError(f"search space file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PipelineSpecError(f"{path}: invalid TOML: {e}") from e
+    if "tune" in data and isinstance(data["tune"], dict):
+        data = data["tune"]
+    elif path.name == "pyproject.toml":
+        data = data.get("tool", {}).get("onnxforge", {}).get("tune", {})
+    return space_from_dict(data, where=str(path))
+
+
+def space_from_dict(data: dict[str, Any], where: str = "space") -> Space:
+    from onnxforge.passes.registry import coerce_option, get_pass_class, _type_hints
+    from onnxforge.passes.base import option_specs
+    from onnxforge.passes.spec import PRESETS, parse_pipeline
+
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise PipelineSpecError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+    base = data.get("base", "")
+    if not isinstance(base, str):
+        raise PipelineSpecError(f"{where}: 'base' must be a pipeline string or a preset name")
+    base = PRESETS.get(base, base)
+    if base:
+        for spec in parse_pipeline(base):
+            get_pass_class(spec.name)
+    entries = data.get("space", [])
+    if not isinstance(entries, list) or not entries:
+        raise PipelineSpecError(f"{where}: needs a [[space]] list with at least one pass")
+    space = Space(base=base)
+    names: list[str] = []
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or "pass" not in entry:
+            raise PipelineSpecError(f"{where}: [[space]] entry {n} needs 'pass = \"name\"'")
+        bad = set(entry) - _SLOT_KEYS
+        if bad:
+            raise PipelineSpecError(f"{where}: [[space]] entry {n} ({entry['pass']}): unknown key(s) {sorted(bad)}")
+        name = str(entry["pass"])
+        cls = get_pass_class(name)
+        specs = option_specs(cls)
+        hints = _type_hints(cls)
+        options: dict[str, Any] = {}
+        for key, raw in (entry.get("options") or {}).items():
+            if key not in specs:
+                raise PipelineSpecError(
+                    f"{where}: pass {name!r} has no option {key!r} (options: {', '.join(specs) or 'none'})"
+                )
+            ann = hints.get(key, specs[key].annotation)
+            options[key] = _parse_dim(name, key, raw, ann, where, coerce_option)
+        requires = entry.get("requires")
+        if requires is not None and requires not in names:
+            raise PipelineSpecError(f"{where}: {name} requires {requires!r}, which is not an earlier [[space]] pass")
+        names.append(name)
+        space.slots.append(Slot(name, options, optional=bool(entry.get("optional", False)),
+                                exclusive=entry.get("exclusive"), requires=requires))
+    return space
+
+
+def _parse_dim(name: str, key: str, raw: Any, ann: Any, where: str, coerce) -> Any:
+    if isinstance(raw, dict):
+        bad = set(raw) - {"low", "high", "step"}
+        if bad or "low" not in raw or "high" not in raw:
+            raise PipelineSpecError(f"{where}: {name}.{key}: a range is {{low = ..., high = ..., step = ...}}")
+        low, high, step = raw["low"], raw["high"], raw.get("step")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise PipelineSpecError(f"{where}: {name}.{key}: range bounds must be numbers")
+        if high < low:
+            raise PipelineSpecError(f"{where}: {name}.{key}: high < low")
+        integer = all(isinstance(v, int) for v in (low, high)) and (step is None or isinstance(step, int))
+        for bound in (low, high):
+            coerce(name, key, bound, ann)  # the pass must accept the bounds
+        return Range(float(low), float(high), float(step) if step is not None else None, integer)
+    origin = typing.get_origin(ann)
+    list_typed = origin in (list, tuple) or any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(ann))
+    if isinstance(raw, list) and list_typed and not any(isinstance(v, list) for v in raw):
+        return coerce(name, key, raw, ann)  # a list-valued option given one value; choices are [[..], [..]]
+    if isinstance(raw, list):
+        if not raw:
+            raise PipelineSpecError(f"{where}: {name}.{key}: empty list of choices")
+        values = tuple(coerce(name, key, v, ann) for v in raw)
+        return Choice(values) if len(values) > 1 else values[0]
+    return coerce(name, key, raw, ann)
