@@ -59,6 +59,28 @@ def test_bench_fixed_batch_refuses_other_batch_size():
         bench(classifier(W, batch=1), batch_size=4, repeat=1)
 
 
+def test_bench_with_io_binding_runs_through_the_binding(monkeypatch):
+    """With io_binding the timed call is run_with_iobinding (inputs placed once), not session.run."""
+    info = make_session(classifier(W), optimize="all")
+    calls = {"run": 0, "bound": 0}
+    real_run, real_bound = info.session.run, info.session.run_with_iobinding
+
+    def counting_run(*a, **k):
+        calls["run"] += 1
+        return real_run(*a, **k)
+
+    def counting_bound(*a, **k):
+        calls["bound"] += 1
+        return real_bound(*a, **k)
+
+    monkeypatch.setattr(info.session, "run", counting_run, raising=False)
+    monkeypatch.setattr(info.session, "run_with_iobinding", counting_bound, raising=False)
+    r = bench(info, {"x": np.ones((2, 4), np.float32)}, warmup=1, repeat=4, io_binding=True)
+    assert r.n == 4 and calls == {"run": 0, "bound": 5}
+    bench(info, {"x": np.ones((2, 4), np.float32)}, warmup=1, repeat=4, io_binding=False)
+    assert calls["run"] == 5
+
+
 def test_bench_interleaved_runs_every_model_equally():
     models = {
         "disabled": make_session(classifier(W), optimize="disable"),

@@ -81,6 +81,13 @@ def _session(
     return make_session(model, providers, threads=threads, optimize=optimize, provider_options=provider_options)
 
 
+def _runner(info: SessionInfo, feeds: Mapping[str, Any], io_binding: bool | None, provider_options: Any):
+    # Imported here: tune builds on this module.
+    from onnxforge.runtime.tune import make_runner
+
+    return make_runner(info, feeds, io_binding=io_binding, provider_options=provider_options)
+
+
 def bench_feeds(
     info: SessionInfo,
     feeds: Mapping[str, Any] | None,
@@ -115,6 +122,7 @@ def bench(
     optimize: str | bool = "all",
     provider_options: Any = None,
     dim_values: Mapping[str, int] | None = None,
+    io_binding: bool | None = None,
 ) -> BenchResult:
     """Time ``model`` on ``feeds``: ``warmup`` untimed runs, then at least ``repeat`` timed runs
     and at least ``min_time_s`` seconds of them (capped at ``max_repeat`` runs).
@@ -122,18 +130,20 @@ def bench(
     ``model`` may be a :class:`SessionInfo` (then ``providers``/``threads``/``optimize`` are the
     session's own). Without ``feeds``, random feeds are drawn from the input shapes:
     ``batch_size`` replaces the symbolic first axis, other symbolic dims take ``dim_values`` or 1.
+    ``io_binding`` (default: on for CUDA/TensorRT, off for CPU) copies inputs to the device once and
+    binds outputs there, so host<->device copies are not timed.
     """
     info = _session(model, providers, threads, optimize, provider_options)
     checked, batch = bench_feeds(info, feeds, batch_size, dim_values)
-    run = info.session.run
+    run = _runner(info, checked, io_binding, provider_options)
     for _ in range(max(warmup, 0)):
-        run(None, checked)
+        run()
     times: list[float] = []
     clock = time.perf_counter
     start = clock()
     while len(times) < max(repeat, 1) or (clock() - start < min_time_s and len(times) < max_repeat):
         t0 = clock()
-        run(None, checked)
+        run()
         times.append(clock() - t0)
     return BenchResult.from_times(times, batch, info)
 
@@ -151,6 +161,7 @@ def bench_interleaved(
     optimize: str | bool = "all",
     provider_options: Any = None,
     dim_values: Mapping[str, int] | None = None,
+    io_binding: bool | None = None,
 ) -> dict[str, BenchResult]:
     """Benchmark several models fairly: in each of ``rounds`` rounds every model runs
     ``per_round`` times, the starting model rotating from round to round.
@@ -170,18 +181,19 @@ def bench_interleaved(
     checked = {labels[0]: first_feeds}
     for label in labels[1:]:
         checked[label], _ = bench_feeds(infos[label], first_feeds, batch)
+    runners = {label: _runner(infos[label], checked[label], io_binding, provider_options) for label in labels}
     for label in labels:
         for _ in range(max(warmup, 0)):
-            infos[label].session.run(None, checked[label])
+            runners[label]()
     times: dict[str, list[float]] = {label: [] for label in labels}
     clock = time.perf_counter
     for r in range(max(rounds, 1)):
         order = labels[r % len(labels):] + labels[: r % len(labels)]
         for label in order:
-            run, f = infos[label].session.run, checked[label]
+            run = runners[label]
             for _ in range(max(per_round, 1)):
                 t0 = clock()
-                run(None, f)
+                run()
                 times[label].append(clock() - t0)
     return {label: BenchResult.from_times(times[label], batch, infos[label]) for label in labels}
 
