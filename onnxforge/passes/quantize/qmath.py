@@ -1,0 +1,139 @@
+"""Quantization arithmetic shared by the quantization passes.
+
+Linear (affine) quantization, as ONNX ``QuantizeLinear`` / ``DequantizeLinear`` define it::
+
+    q = saturate(round_half_to_even(x / scale) + zero_point)       # QuantizeLinear
+    x' = (q - zero_point) * scale                                   # DequantizeLinear
+
+``saturate`` clips to the integer type's range ([0, 255] for uint8, [-128, 127] for int8). The
+error of one element inside the calibrated range is at most ``scale / 2``; outside it the value
+saturates to the range's edge.
+
+Parameters from a real range ``[lo, hi]`` (always widened to contain 0, so that 0 is exact and
+zero-padding is lossless):
+
+* asymmetric (uint8 activations, or int8 with a zero point): ``scale = (hi - lo) / (qmax - qmin)``,
+  ``zero_point = clip(round(qmin - lo / scale), qmin, qmax)``;
+* symmetric (weights; every tensor for TensorRT): ``scale = max(|lo|, |hi|) / 127``,
+  ``zero_point = 0``; weights use the restricted range [-127, 127] so that ``-w`` is representable.
+
+Bias of Conv/Gemm/MatMul is quantized to int32 with ``scale_b = scale_x * scale_w`` (per output
+channel) and ``zero_point = 0``, which is what integer kernels accumulate into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+INT8_RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+WEIGHT_QMAX = 127  # symmetric weights use [-127, 127]
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one tensor (scalars, or 1-D along ``axis`` for per-channel)."""
+
+    scale: np.ndarray  # float32, shape () or (C,)
+    zero_point: np.ndarray  # uint8/int8/int32, same shape as scale
+    axis: int | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.zero_point.dtype
+
+    def same_as(self, other: QParams) -> bool:
+        return (
+            self.axis == other.axis
+            and self.zero_point.dtype == other.zero_point.dtype
+            and np.array_equal(self.scale, other.scale)
+            and np.array_equal(self.zero_point, other.zero_point)
+        )
+
+
+def activation_qparams(lo: float, hi: float, dtype: np.dtype, symmetric: bool) -> QParams:
+    """QParams for an activation calibrated to ``[lo, hi]`` (see the module docstring)."""
+    dtype = np.dtype(dtype)
+    qmin, qmax = INT8_RANGE[dtype]
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        absmax = max(-lo, hi)
+        scale = absmax / 127.0 if absmax > 0 else 1.0
+        zp = 0 if dtype == np.int8 else 128
+    else:
+        scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+        zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return QParams(np.asarray(scale, np.float32), np.asarray(zp, dtype))
+
+
+def weight_qparams(w: np.ndarray, axis: int | None) -> QParams:
+    """Symmetric int8 QParams of a weight, per channel along ``axis`` or per tensor (axis None)."""
+    w = np.asarray(w, np.float32)
+    if axis is None:
+        absmax = np.asarray(np.max(np.abs(w)) if w.size else 0.0)
+    else:
+        axis = axis % w.ndim
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        absmax = np.max(np.abs(w), axis=other) if other else np.abs(w)
+    scale = np.where(absmax > 0, absmax / WEIGHT_QMAX, 1.0).astype(np.float32)
+    return QParams(scale, np.zeros(scale.shape, np.int8), axis)
+
+
+def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None or p.ndim == 0:
+        return p
+    shape = [1] * ndim
+    shape[axis] = p.shape[0]
+    return p.reshape(shape)
+
+
+def quantize(x: np.ndarray, qp: QParams, qrange: tuple[int, int] | None = None) -> np.ndarray:
+    """``saturate(round_half_to_even(x / scale) + zero_point)`` as ``qp.dtype``."""
+    x = np.asarray(x, np.float32)
+    scale = _broadcast(qp.scale, x.ndim, qp.axis)
+    zp = _broadcast(qp.zero_point.astype(np.int64), x.ndim, qp.axis)
+    lo, hi = qrange or INT8_RANGE.get(qp.dtype, (np.iinfo(qp.dtype).min, np.iinfo(qp.dtype).max))
+    q = np.rint(x.astype(np.float64) / scale.astype(np.float64)) + zp
+    return np.clip(q, lo, hi).astype(qp.dtype)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    scale = _broadcast(qp.scale, q.ndim, qp.axis)
+    zp = _broadcast(qp.zero_point.astype(np.int64), q.ndim, qp.axis)
+    return ((q.astype(np.int64) - zp) * scale).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, QParams]:
+    """Symmetric int8 weight in [-127, 127] and its QParams."""
+    qp = weight_qparams(w, axis)
+    return quantize(w, qp, (-WEIGHT_QMAX, WEIGHT_QMAX)), qp
+
+
+def quantize_bias(b: np.ndarray, x_scale: np.ndarray, w_qp: QParams) -> tuple[np.ndarray, QParams]:
+    """int32 bias ``round_half_even(b / (x_scale * w_scale))`` (per output channel when the weight
+    is per-channel), zero point 0, saturated to the int32 range."""
+    scale = (np.asarray(x_scale, np.float32) * w_qp.scale).astype(np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    axis = 0 if scale.ndim == 1 else None
+    qp = QParams(scale, np.zeros(scale.shape, np.int32), axis)
+    info = np.iinfo(np.int32)
+    q = np.clip(np.rint(b.astype(np.float64) / _broadcast(scale, b.ndim, axis).astype(np.float64)), info.min, info.max)
+    return q.astype(np.int32), qp
+
+
+def np_to_ir_dtype(dtype: np.dtype) -> ir.DataType:
+    return ir.DataType.from_numpy(np.dtype(dtype))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays flattened (1.0 for two zero arrays)."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))

@@ -1,0 +1,143 @@
+"""``quantize-weights-int4``: block-wise 4-bit MatMul weights run by ``com.microsoft.MatMulNBits``.
+
+For ``Y = X @ W`` with a constant ``W`` of shape ``[K, N]`` (Gemm: ``transB`` handled), each output
+column ``n`` is cut along ``K`` into blocks of ``block_size`` (K is zero-padded to a multiple) and
+every block ``B`` gets its own scale (and zero point):
+
+* symmetric: ``s = max|B| / 7``, ``z = 8``, ``q = clip(round_half_even(w / s) + 8, 0, 15)``;
+* asymmetric: ``s = (max(B, 0) - min(B, 0)) / 15``, ``z = clip(round(-min(B, 0) / s), 0, 15)``,
+  ``q = clip(round_half_even(w / s) + z, 0, 15)``.
+
+``W'[k, n] = (q - z) * s``. Two 4-bit values per byte (low nibble first), as MatMulNBits reads
+them: ``B`` is ``uint8[N, K / block_size, block_size / 2]``, scales ``float[N * K / block_size]``,
+zero points (asymmetric only) packed likewise. Activations stay float (weight-only), so no
+calibration is needed.
+
+Lossy: per weight ``|w - w'| <= s / 2`` (symmetric: ``<= max|B| / 14``); the model-level bound
+is ``tolerance`` (10% of the output magnitude; cosine >= 0.98 on a BERT-style encoder). Needs
+onnxruntime (the op is ``com.microsoft``), so on target ``onnx`` the pass refuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxforge.errors import PassOptionError
+from onnxforge.passes.base import Pass, PassStats
+from onnxforge.passes.quantize.dynamic import matmul_weight
+from onnxforge.passes.quantize.qdq import _Builder
+from onnxforge.passes.registry import register_pass
+
+
+def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool):
+    """``[K, N]`` float -> (q uint8 [N, n_blocks, block_size], scales [N, n_blocks], zps [N, n_blocks])."""
+    k, n = w.shape
+    n_blocks = (k + block_size - 1) // block_size
+    padded = np.zeros((n_blocks * block_size, n), np.float32)
+    padded[:k] = w
+    blocks = padded.T.reshape(n, n_blocks, block_size).astype(np.float64)
+    if symmetric:
+        absmax = np.abs(blocks).max(axis=2)
+        scale = np.where(absmax > 0, absmax / 7.0, 1.0)
+        zp = np.full(scale.shape, 8, np.int64)
+    else:
+        lo = np.minimum(blocks.min(axis=2), 0.0)
+        hi = np.maximum(blocks.max(axis=2), 0.0)
+        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+        zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.int64)
+    q = np.clip(np.rint(blocks / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
+    return q, scale.astype(np.float32), zp.astype(np.uint8)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Pack the last axis two 4-bit values per byte, low nibble first (odd length: pad with 0)."""
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, k: int) -> np.ndarray:
+    n = q.shape[0]
+    w = (q.astype(np.float32) - zp[..., None]) * scale[..., None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+@register_pass("quantize-weights-int4")
+class QuantizeWeightsInt4Pass(Pass):
+    """Weight-only 4-bit block quantization of MatMul/Gemm weights into ``com.microsoft.MatMulNBits``.
+
+    See the module docstring for the math and packing. Lossy (``tolerance``: 10% of the output's
+    magnitude). Options: ``block_size`` (power of two >= 16), ``symmetric``, ``min_weight_size``.
+    """
+
+    lossless = False
+    tolerance = 0.1
+
+    def __init__(self, block_size: int = 32, symmetric: bool = True, min_weight_size: int = 0,
+                 exclude: list[str] | None = None, accuracy_level: int = 0):
+        super().__init__()
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        self.block_size = block_size
+        self.symmetric = symmetric
+        self.min_weight_size = min_weight_size
+        self.exclude = list(exclude or [])
+        self.accuracy_level = accuracy_level
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        if self.context.target == "onnx":
+            raise PassOptionError(
+                "quantize-weights-int4 emits com.microsoft.MatMulNBits (onnxruntime only); "
+                "target 'onnx' allows standard ops only"
+            )
+        graph = model.graph
+        todo = []
+        for node in graph:
+            if node.op_type not in ("MatMul", "Gemm"):
+                continue
+            if node.name in self.exclude or node.op_type in self.exclude:
+                stats.skip(node, "excluded by option 'exclude'")
+                continue
+            w, why = matmul_weight(node)
+            if w is None:
+                stats.skip(node, why)
+                continue
+            if w.size < self.min_weight_size:
+                stats.skip(node, f"weight has {w.size} < min_weight_size={self.min_weight_size} elements")
+                continue
+            todo.append((node, w))
+        if not todo:
+            return False
+        model.opset_imports.setdefault("com.microsoft", 1)
+        b = _Builder(graph)
+        for node, w in todo:
+            k, n = w.shape
+            q, scale, zp = quantize_blocks(w, self.block_size, self.symmetric)
+            base = node.inputs[1].name or node.name
+            inputs = [node.inputs[0], b.init(base + "_q4", pack_nibbles(q)), b.init(base + "_scales", scale.reshape(-1))]
+            if not self.symmetric:
+                inputs.append(b.init(base + "_zero_points", pack_nibbles(zp).reshape(-1)))
+            bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+            if bias is not None:
+                inputs += [None] * (5 - len(inputs)) + [bias]
+            attrs = {"K": k, "N": n, "bits": 4, "block_size": self.block_size}
+            if self.accuracy_level:
+                attrs["accuracy_level"] = self.accuracy_level
+            new = b.node("MatMulNBits", inputs, node.name + "_nbits", attrs)
+            new.domain = "com.microsoft"
+            out = node.outputs[0]
+            last = new.outputs[0]
+            last.type, last.shape = out.type, out.shape
+            graph.insert_after(node, new)
+            name, graph_output = out.name, out.is_graph_output()
+            out.replace_all_uses_with(last, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            if graph_output:
+                out.name = None
+                last.name = name
+            stats.count(f"int4_{node.op_type}")
+        for name, v in list(graph.initializers.items()):
+            if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+                del graph.initializers[name]
+        return True

@@ -1,0 +1,103 @@
+"""quantize-int8's accuracy fallback (max_drop) and latency guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxforge.passes import PassContext, create_pass
+from onnxforge.passes.quantize.calibrate import run_outputs
+from onnxforge.passes.quantize.qmath import cosine
+
+
+@pytest.fixture(scope="session")
+def outlier_mlp():
+    """An MLP whose first layer reads an input with one feature 1000x the others.
+
+    The network's function is ordinary (fc1's weights for that feature are scaled down by 1000),
+    but quantizing fc1's input per-tensor leaves the other 15 features about one uint8 level:
+    fc1 is the one sensitive layer."""
+    torch = pytest.importorskip("torch")
+    from onnxforge.testing import zoo
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        mlp[0].weight[:, 0] /= 1000.0
+    model = zoo.export_model(mlp, (torch.zeros(4, 16),))
+    rng = np.random.default_rng(0)
+    name = model.graph.inputs[0].name
+
+    def batch():
+        x = rng.standard_normal((8, 16)).astype(np.float32)
+        x[:, 0] *= 1000.0
+        return {name: x}
+
+    calib = [batch() for _ in range(8)]
+    names = [n.name for n in model.graph if n.op_type in ("Gemm", "MatMul")]
+    return model, calib, names
+
+
+def _q(model, calib, **opts):
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    return create_pass("quantize-int8", opts, PassContext(calibration_data=calib))(model)
+
+
+def _drop(ref, cand, feeds):
+    a = run_outputs(ref, feeds, optimize=False)
+    b = run_outputs(cand, feeds)
+    return 1.0 - float(np.mean([cosine(x[0], y[0]) for x, y in zip(a, b)]))
+
+
+def _float_gemms(model):
+    return [n.name for n in model.graph if n.op_type in ("Gemm", "MatMul") and n.inputs[1].producer() is None]
+
+
+def test_all_int8_breaks_the_budget(outlier_mlp):
+    model, calib, names = outlier_mlp
+    r = _q(model, calib)
+    assert _float_gemms(r.model) == []
+    assert _drop(model, r.model, calib) > 0.01
+
+
+def test_max_drop_keeps_the_sensitive_layer_float(outlier_mlp):
+    model, calib, names = outlier_mlp
+    r = _q(model, calib, max_drop=0.01)
+    fb = r.stats.details["fallback"]
+    assert fb["drop_all_int8"] > 0.01
+    assert _float_gemms(r.model) == [names[0]], fb
+    assert fb["kept_float"] == [names[0]]
+    assert fb["drop_final"] <= 0.01
+    assert _drop(model, r.model, calib) <= 0.01  # measured independently
+    assert any("max_drop" in s.reason and s.node == names[0] for s in r.stats.skipped)
+
+
+def test_max_drop_with_user_metric(outlier_mlp):
+    model, calib, names = outlier_mlp
+    ref = run_outputs(model, calib, optimize=False)
+    labels = [o[0].argmax(1) for o in ref]
+
+    def agreement(outputs, feeds):
+        return float(np.mean([np.mean(o[0].argmax(1) == y) for o, y in zip(outputs, labels)]))
+
+    model2 = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    ctx = PassContext(calibration_data=calib, options={"metric": agreement, "eval_data": calib})
+    r = create_pass("quantize-int8", {"max_drop": 0.0}, ctx)(model2)
+    assert r.stats.details["fallback"]["measure"] == "metric"
+    assert r.stats.details["fallback"]["drop_final"] <= 0.0
+
+
+def test_latency_guard_reports_and_is_consistent(outlier_mlp):
+    model, calib, names = outlier_mlp
+    r = _q(model, calib, latency_guard=True)
+    rep = r.stats.details["latency_guard"]
+    assert "Gemm" in rep
+    q_nodes = sum(1 for n in r.model.graph if n.op_type == "QuantizeLinear")
+    if "model" in rep and rep["model"]["ratio"] <= 0.97:
+        assert q_nodes > 0
+    else:
+        # thin model: int8 not faster -> stays float, and says why
+        assert q_nodes == 0
+        assert any("latency guard" in s for s in r.stats.notes + [s.reason for s in r.stats.skipped])
