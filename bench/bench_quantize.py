@@ -78,7 +78,7 @@ def load_model(name: str):
         module = fold_bn_torch(zoo.build(base))
         ex = zoo.example_inputs(base)
     if opset11:
-        from onnxforge.export import export
+        from onnxforge.torch_export import export
 
         model = export(module, ex, opset=11, dynamo=False, dynamic_batch=True)
     else:

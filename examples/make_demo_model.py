@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxforge.export import export
+from onnxforge.torch_export import export
 from onnxforge.testing.digits import accuracy, load_digits_split, train_digits_cnn
 
 N_CALIBRATION = 256

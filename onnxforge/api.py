@@ -57,7 +57,7 @@ def optimize(
 
 
 def export(module: Any, example_inputs: Any, path: str | os.PathLike | None = None, **kwargs: Any) -> ir.Model:
-    """Export a ``torch.nn.Module`` to ONNX (see :func:`onnxforge.export.export`)."""
-    from onnxforge.export import export as _export
+    """Export a ``torch.nn.Module`` to ONNX (see :func:`onnxforge.torch_export.export`)."""
+    from onnxforge.torch_export import export as _export
 
     return _export(module, example_inputs, path, **kwargs)

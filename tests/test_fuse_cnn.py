@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxforge.export import export
+from onnxforge.torch_export import export
 from onnxforge.passes import PassContext, create_pass
 from onnxforge.testing import numerics
 

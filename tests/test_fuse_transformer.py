@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxforge.errors import PassOptionError
-from onnxforge.export import export
+from onnxforge.torch_export import export
 from onnxforge.passes import PassContext, create_pass
 from onnxforge.testing import numerics, zoo
 

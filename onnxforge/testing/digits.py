@@ -52,7 +52,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 8, lr: float = 3e-3, batch: in
     ``seed`` and ``threads`` (one thread by default: multi-threaded reductions can reorder sums).
     About 97-99% test accuracy in a few seconds on a CPU.
     """
-    from onnxforge.export import import_torch
+    from onnxforge.torch_export import import_torch
     from onnxforge.testing import zoo
 
     torch = import_torch()

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxforge.errors import ModelSaveError
-from onnxforge.export import export, import_torch
+from onnxforge.torch_export import export, import_torch
 
 __all__ = [
     "MODELS",
@@ -680,7 +680,7 @@ def export_model(
     dynamo: bool = True,
     dynamic_batch: bool = True,
 ) -> ir.Model:
-    """Export a zoo model (by name) or any module with :func:`onnxforge.export.export`.
+    """Export a zoo model (by name) or any module with :func:`onnxforge.torch_export.export`.
 
     For a name, the spec's input names, extra dynamic axes (bert: ``seq``) and post-processing (the
     dead branch) apply, and ``example_inputs`` defaults to the spec's. For a module,
@@ -712,12 +712,12 @@ def export_cached(name: str, *, opset: int = 18, dynamo: bool = True, cache_dir:
     """:func:`export_model` of zoo model ``name`` through an on-disk cache (exports take seconds).
 
     The key covers the model name, opset, exporter, the source of this module and of
-    :mod:`onnxforge.export`, and the torch / onnxscript / onnx_ir versions, so an edit invalidates it.
+    :mod:`onnxforge.torch_export`, and the torch / onnxscript / onnx_ir versions, so an edit invalidates it.
     ``cache_dir`` defaults to ``$ONNXFORGE_CACHE_DIR/zoo`` or ``~/.cache/onnxforge/zoo``. Every call
     returns a fresh model (passes modify models in place). Writes are atomic, so parallel test workers
     can share the folder.
     """
-    from onnxforge.export import save_atomic
+    from onnxforge.torch_export import save_atomic
 
     torch = import_torch()
     import onnxscript

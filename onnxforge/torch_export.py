@@ -312,17 +312,3 @@ def _quiet_torch():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-class _CallableModule(type(contextlib)):
-    """``onnxforge.export`` is both this module and the public function (``onnxforge/__init__.py``
-    re-exports it); importing the module rebinds the package attribute to the module, so the module
-    forwards calls to :func:`export` and ``onnxforge.export(module, inputs)`` works either way."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
