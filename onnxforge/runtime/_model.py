@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -193,6 +193,21 @@ def session_input_specs(session: Any) -> dict[str, InputSpec]:
     return specs
 
 
+def check_input_names(names: Iterable[str], specs: Mapping[str, InputSpec], where: str) -> None:
+    """Every required input is named and no unknown one is, or a CalibrationDataError saying which."""
+    names = list(names)
+    required = [n for n, s in specs.items() if not s.optional]
+    missing = [n for n in required if n not in names]
+    extra = [n for n in names if n not in specs]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {missing}")
+        if extra:
+            parts.append(f"unknown input(s) {extra}")
+        raise CalibrationDataError(f"{where}: {' and '.join(parts)}; the model's inputs are {required}")
+
+
 def check_feeds(
     feeds: Mapping[str, Any], specs: Mapping[str, InputSpec], *, where: str = "feeds"
 ) -> dict[str, np.ndarray]:
@@ -208,18 +223,7 @@ def check_feeds(
         raise CalibrationDataError(
             f"{where}: expected a dict of input name -> array, got {type(feeds).__name__}"
         )
-    required = [name for name, spec in specs.items() if not spec.optional]
-    missing = [name for name in required if name not in feeds]
-    extra = [name for name in feeds if name not in specs]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {missing}")
-        if extra:
-            parts.append(f"unknown input(s) {extra}")
-        raise CalibrationDataError(
-            f"{where}: {' and '.join(parts)}; the model's inputs are {required}"
-        )
+    check_input_names(feeds, specs, where)
     out = {}
     for name, value in feeds.items():
         spec = specs[name]

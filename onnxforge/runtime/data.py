@@ -22,7 +22,7 @@ from typing import Any, Union
 import numpy as np
 
 from onnxforge.errors import CalibrationDataError
-from onnxforge.runtime._model import InputSpec, ModelLike, check_feeds, input_specs
+from onnxforge.runtime._model import InputSpec, ModelLike, check_feeds, check_input_names, input_specs
 
 Feeds = dict[str, np.ndarray]
 
@@ -133,7 +133,7 @@ class CalibrationData:
             raise CalibrationDataError(f"{source}: no arrays")
         specs = input_specs(model) if model is not None else None
         if specs is not None:
-            _check_names(arrays.keys(), specs, source)
+            check_input_names(arrays.keys(), specs, source)
         lengths = {name: (a.shape[0] if a.ndim else None) for name, a in arrays.items()}
         if None in lengths.values():
             scalars = [n for n, l in lengths.items() if l is None]
@@ -226,7 +226,7 @@ class CalibrationData:
             except Exception as exc:
                 raise CalibrationDataError(f"cannot read calibration file {file}: {exc}") from exc
             if specs is not None:
-                _check_names(feeds.keys(), specs, str(file))
+                check_input_names(feeds.keys(), specs, str(file))
                 for name, a in feeds.items():
                     shape = specs[name].shape
                     if shape is not None and a.ndim == len(shape) - 1:
@@ -407,20 +407,6 @@ def load(
     else:
         raise CalibrationDataError(f"cannot use a {type(source).__name__} as calibration data")
     return data.take(n) if n is not None else data
-
-
-def _check_names(names: Iterable[str], specs: Mapping[str, InputSpec], where: str) -> None:
-    names = list(names)
-    required = [n for n, s in specs.items() if not s.optional]
-    missing = [n for n in required if n not in names]
-    extra = [n for n in names if n not in specs]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {missing}")
-        if extra:
-            parts.append(f"unknown input(s) {extra}")
-        raise CalibrationDataError(f"{where}: {' and '.join(parts)}; the model's inputs are {required}")
 
 
 def _natural_key(name: str) -> list[Any]:
