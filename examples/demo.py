@@ -44,12 +44,12 @@ def main() -> int:
     data = np.load(DATA)
     x_test, y_test = data["x_test"].astype(np.float32), data["y_test"]
     # The .npz holds calibration samples under the model's input name, and the held-out test set.
-    calib = CalibrationData.from_arrays({input_name: data[input_name]}, original)
+    calib = CalibrationData.from_arrays({input_name: data[input_name]}, original, batch_size=64)
 
     builds: dict[str, str] = {"O1 (lossless)": "O1"}
     available = onnxforge.available_passes()
     if {"prune-channels", "reconstruct"} <= available.keys():
-        builds["O1 + prune 50% + reconstruct"] = "O1,prune-channels(ratio=0.5,criterion=l1),reconstruct"
+        builds["O1 + prune 30% + reconstruct"] = "O1,prune-channels(ratio=0.3,criterion=l1),reconstruct"
     if "quantize-int8" in available:
         builds["O1 + int8 (static QDQ)"] = "O1,quantize-int8"
 

@@ -298,3 +298,58 @@ def test_plugin_via_flag(tmp_path, mlp_model):
     assert bad.returncode != 0
     assert bad.stderr.strip().startswith("onnxforge: error: plugin 'no_such_module_xyz' failed to import")
     assert "Traceback" not in bad.stderr
+
+
+def test_teacher_is_the_model_just_before_the_first_lossy_pass(mlp_model):
+    """reconstruct-style passes get a teacher with the student's structure (lossless passes done)."""
+    seen = {}
+
+    class LossyRecorder(Pass):
+        lossless = False
+
+        def run(self, model, stats):
+            teacher = self.context.reference_model
+            seen["teacher_nodes"] = [n.op_type for n in teacher.graph]
+            seen["shares_tensors"] = any(
+                teacher.graph.initializers[k].const_value is v.const_value
+                for k, v in model.graph.initializers.items()
+                if k in teacher.graph.initializers
+            )
+            return False
+
+    ctx = PassContext()
+    model = fresh(mlp_model)
+    out = model.graph.outputs[0]
+    middle = ir.node("Identity", [out], name="extra_identity")
+    model.graph.append(middle)
+    middle.outputs[0].name = "renamed_output"
+    middle.outputs[0].type, middle.outputs[0].shape = out.type, out.shape
+    model.graph.outputs[0] = middle.outputs[0]
+    final = ir.node("Identity", [middle.outputs[0]], name="final_identity")
+    model.graph.append(final)
+    final.outputs[0].name = "final_output"
+    final.outputs[0].type, final.outputs[0].shape = out.type, out.shape
+    model.graph.outputs[0] = final.outputs[0]
+    input_ops = [n.op_type for n in model.graph]
+    Pipeline([create_pass("test-countdown"), LossyRecorder()], context=ctx).run(model)
+    # The teacher is the model after the lossless pass removed an Identity, not the input model.
+    assert seen["teacher_nodes"] == [n.op_type for n in model.graph]
+    assert len(seen["teacher_nodes"]) == len(input_ops) - 1
+    assert seen["shares_tensors"] is False  # a deep copy: the student's edits cannot reach it
+    assert ctx.reference_model is None  # set for the run only
+
+
+def test_user_given_teacher_wins(mlp_model):
+    seen = {}
+
+    class LossyRecorder(Pass):
+        lossless = False
+
+        def run(self, model, stats):
+            seen["teacher"] = self.context.reference_model
+            return False
+
+    teacher = fresh(mlp_model)
+    ctx = PassContext(reference_model=teacher)
+    Pipeline([LossyRecorder()], context=ctx).run(fresh(mlp_model))
+    assert seen["teacher"] is teacher and ctx.reference_model is teacher

@@ -274,30 +274,37 @@ class Pipeline(ir.passes.InPlacePass):
         from onnxforge.ir.summary import quick_stats
 
         start = time.perf_counter()
-        if self.context.reference_model is None:
-            # Data-driven passes (reconstruct, fallback) compare against the model as it came in.
-            from onnxforge.ir.io import clone
-
-            self.context.reference_model = clone(model)
         report = Report(pipeline=self.spec_string(), target=self.context.target, before=quick_stats(model))
         checker = _Verifier(model, self.context, self.verify_samples) if self.verify else None
         any_modified = False
+        # The teacher of data-driven passes (reconstruct) is the model just before the first lossy pass:
+        # lossless passes keep its function, and it keeps the structure the student still has (e.g.
+        # BatchNorm already folded into the Conv when O1 ran first). A user-given teacher wins. It is
+        # set for this run only, so the pipeline stays re-entrant.
+        user_reference = self.context.reference_model
+        teacher_taken = user_reference is not None
 
         rounds = [self.passes]
         for _ in range(1, self.max_iterations if self.fixed_point else 1):
             rounds.append([p for p in self.passes if getattr(p, "lossless", True)])
-        for iteration, passes in enumerate(rounds):
-            round_modified = False
-            for p in passes:
-                record = self._run_one(p, model, iteration, checker, report)
-                round_modified |= record.modified
-                if self.on_pass:
-                    self.on_pass(record)
-            any_modified |= round_modified
-            if iteration > 0 and not round_modified or not passes:
-                break
-            if iteration == 0 and not self.fixed_point:
-                break
+        try:
+            for iteration, passes in enumerate(rounds):
+                round_modified = False
+                for p in passes:
+                    if not teacher_taken and not getattr(p, "lossless", True):
+                        self.context.reference_model = _deep_copy(model)
+                        teacher_taken = True
+                    record = self._run_one(p, model, iteration, checker, report)
+                    round_modified |= record.modified
+                    if self.on_pass:
+                        self.on_pass(record)
+                any_modified |= round_modified
+                if iteration > 0 and not round_modified or not passes:
+                    break
+                if iteration == 0 and not self.fixed_point:
+                    break
+        finally:
+            self.context.reference_model = user_reference
         report.after = quick_stats(model)
         report.seconds = time.perf_counter() - start
         return PipelineResult(model, any_modified, report=report)
@@ -368,6 +375,11 @@ class Pipeline(ir.passes.InPlacePass):
         atomic_write_bytes(d / "replay.sh", ("#!/bin/sh\ncd \"$(dirname \"$0\")\"\n" + command).encode())
         report.reproducer = str(d)
         return str(d)
+
+
+def _deep_copy(model: ir.Model) -> ir.Model:
+    """A copy sharing no tensor with ``model`` (passes may rewrite arrays in place)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _snapshot(model: ir.Model) -> bytes | None:
