@@ -12,6 +12,7 @@ import importlib.util
 _MODULES = [
     "onnxforge.passes.cleanup",
     "onnxforge.passes.fold",
+    "onnxforge.passes.simplify",
     "onnxforge.passes.fuse",
     "onnxforge.passes.quantize",
     "onnxforge.passes.prune",

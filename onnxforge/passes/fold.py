@@ -131,7 +131,7 @@ def _output_channels(node: ir.Node, weight: np.ndarray) -> int:
     return weight.shape[1]
 
 
-def _apply(rules: Sequence[RewriteRule], model: ir.Model, stats: PassStats) -> int:
+def apply_rules(rules: Sequence[RewriteRule], model: ir.Model, stats: PassStats) -> int:
     """Apply ``rules`` until none matches; count applications per rule. Returns the total."""
     total = 0
     for _ in range(_MAX_ROUNDS):
@@ -286,7 +286,7 @@ class FoldBatchNormPass(Pass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         rules = batchnorm_rules()
         before = node_count(model, "BatchNormalization")
-        applied = _apply(rules, model, stats)
+        applied = apply_rules(rules, model, stats)
         for node in all_nodes(model):
             if node.op_type == "BatchNormalization":
                 stats.skip(node, _explain(why_not_matched(rules, model, node)))
@@ -489,7 +489,7 @@ class FoldAffinePass(Pass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         rules = affine_rules()
         before = node_count(model)
-        applied = _apply(rules, model, stats)
+        applied = apply_rules(rules, model, stats)
         for node in all_nodes(model):
             if _affine_candidate(node):
                 stats.skip(node, _explain(why_not_matched(rules, model, node)))

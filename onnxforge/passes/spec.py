@@ -38,17 +38,17 @@ else:  # pragma: no cover
 PRESETS: dict[str, str] = {
     # Lossless: cleanup and weight folding. Never changes outputs beyond fp32 rounding.
     "O1": (
-        "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
+        "lift-constants,fold-constants,simplify,eliminate-identity,fold-batchnorm,fold-affine,"
         "cse,dedup-initializers,remove-unused,strip-metadata"
     ),
     # O1 + operator fusion for the target.
     "O2": (
-        "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
+        "lift-constants,fold-constants,simplify,eliminate-identity,fold-batchnorm,fold-affine,"
         "cse,dedup-initializers,remove-unused,strip-metadata,fuse,remove-unused"
     ),
     # O2 + int8 quantization (needs calibration data), keeping int8 only where it is measured faster.
     "O3": (
-        "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,fold-affine,"
+        "lift-constants,fold-constants,simplify,eliminate-identity,fold-batchnorm,fold-affine,"
         "cse,dedup-initializers,remove-unused,strip-metadata,fuse,remove-unused,"
         "quantize-int8(latency_guard=true)"
     ),
