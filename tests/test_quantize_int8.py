@@ -140,21 +140,61 @@ def test_qdq_placement(q_cpu):
             assert n.inputs[2].producer().inputs[0].const_value.dtype == ir.DataType.INT32
 
 
-def test_ort_fuses_into_integer_kernels(q_cpu):
+def _ort_optimized_ops(model: ir.Model) -> collections.Counter:
+    """Op types of the graph onnxruntime actually runs (ORT_ENABLE_EXTENDED: QDQ fusions, no NCHWc)."""
+    import os
+    import tempfile
+
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    import tempfile, os
-
     with tempfile.TemporaryDirectory() as d:
         so.optimized_model_filepath = os.path.join(d, "opt.onnx")
-        ort.InferenceSession(ir.serde.serialize_model(q_cpu.model).SerializeToString(), so,
+        ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so,
                              providers=["CPUExecutionProvider"])
-        ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_ort_fuses_into_integer_kernels(q_cpu):
+    ops = _ort_optimized_ops(q_cpu.model)
     assert ops["QLinearConv"] == 5 and ops["Conv"] == 0, ops
     assert ops["QGemm"] == 1 and ops["Gemm"] == 0, ops
-    # The residual Add is in QDQ form but onnxruntime 1.32 leaves this one unfused (a minimal
-    # DQ,DQ -> Add -> Q graph does fuse); it then runs in float between its DQs and Q.
-    assert ops["QLinearAdd"] + ops["Add"] == 1, ops
+    # The residual Add fuses too: it did not while per-tensor scales/zero points were written with
+    # shape (1,) instead of scalars (onnxruntime's binary-op QDQ selector wants scalars).
+    assert ops["QLinearAdd"] == 1 and ops["Add"] == 0, ops
+
+
+def test_per_tensor_qparams_are_scalars(q_cpu):
+    for n in q_cpu.model.graph:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and "axis" not in n.attributes:
+            for v in n.inputs[1:]:
+                assert v.const_value.shape == ir.Shape([]), (n.name, v.name, v.const_value.shape)
+
+
+def test_batchnorm_export_folded_and_fully_fused(zoo_model):
+    """A BatchNorm left by the exporter between Conv and ReLU6 broke every int8 region (float BN,
+    Q/DQ and NHWC<->NCHW Transposes around each conv: int8 2-7x slower than fp32 on
+    mobilenetv2_style); quantize-int8 folds it first, so every conv and residual Add runs in int8."""
+    from onnxforge.testing import zoo
+
+    model = zoo_model("mobilenetv2_style", opset=17, dynamo=False)
+    counts = collections.Counter(n.op_type for n in model.graph)
+    assert counts["BatchNormalization"] == counts["Conv"] > 0  # the export keeps BN
+    calib = [zoo.feeds("mobilenetv2_style", batch=4, seed=i) for i in range(2)]
+    result = quantize(model, calib)
+    assert result.stats.counts["batchnorm_folded"] == counts["Conv"]
+    ops = _ort_optimized_ops(result.model)
+    assert ops["QLinearConv"] == counts["Conv"] and ops["QLinearAdd"] == counts["Add"], ops
+    assert ops["BatchNormalization"] == ops["Conv"] == ops["Add"] == ops["Clip"] == 0, ops
+    assert ops["Transpose"] <= 2, ops  # only at the region's two ends
+    feeds = zoo.feeds("mobilenetv2_style", batch=4, seed=99)
+    from onnxforge.testing import numerics
+
+    ref, out = numerics.run(model, feeds)[0], numerics.run(result.model, feeds)[0]
+    assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+    # and off when asked: the BN stays (float) and is reported
+    kept = quantize(model, calib, fold_batchnorm=False)
+    assert "batchnorm_folded" not in kept.stats.counts
+    assert any(s.op_type == "BatchNormalization" for s in kept.stats.skipped)
 
 
 def test_uint8_activations_int8_weights_on_cpu(q_cpu):
@@ -255,3 +295,15 @@ def test_bad_option_rejected():
 
     with pytest.raises(PassOptionError):
         create_pass("quantize-int8", {"calibration": "kl"})
+
+
+def test_calibration_progress_bar_only_on_a_tty(monkeypatch):
+    from onnxforge.passes.quantize import calibrate as cal
+
+    data = [{"x": np.zeros(1)} for _ in range(3)]
+    monkeypatch.setattr(cal, "_stderr_is_tty", lambda: False)
+    assert cal.with_progress(data, None, "calibrating") is data  # logs and tests: untouched
+    monkeypatch.setattr(cal, "_stderr_is_tty", lambda: True)
+    wrapped = cal.with_progress(data, 2, "calibrating")
+    assert wrapped is not data
+    assert list(wrapped) == data

@@ -21,7 +21,8 @@ Methods (each returns the real range ``[lo, hi]`` that the quantizer maps onto t
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -182,7 +183,8 @@ def collect_ranges(
     if not names:
         return {}, {}
     stats = collect_stats(
-        model, data, names, lambda: _Sink(RangeReducer(histogram=method != "minmax")),
+        model, with_progress(data, num_samples, f"calibrating {len(names)} tensors"), names,
+        lambda: _Sink(RangeReducer(histogram=method != "minmax")),
         providers=providers, max_samples=num_samples,
     )
     if stats.n_samples == 0:
@@ -196,6 +198,39 @@ def collect_ranges(
             continue
         ranges[name] = sink.reducer.range("minmax" if name in full else method, percentile)
     return ranges, skipped
+
+
+def with_progress(data: Iterable, limit: int | None, description: str) -> Iterable:
+    """``data`` unchanged, or, when stderr is a terminal, a generator over it that drives a rich
+    progress bar (transient: it leaves nothing behind; logs, pipes and tests see no output)."""
+    if not _stderr_is_tty():
+        return data
+    try:
+        total = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if total is not None and limit:
+        total = min(total, limit)
+    return _progress(data, total, description)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
+def _progress(data: Iterable, total: int | None, description: str) -> Iterator:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for feeds in data:
+            yield feeds
+            bar.advance(task)
 
 
 class _Sink:

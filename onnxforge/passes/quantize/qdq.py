@@ -46,6 +46,8 @@ from onnxforge.passes.quantize.qmath import (
     activation_qparams,
     quantize_bias,
     quantize_weight,
+    weight_qparams,
+    weight_scale_floor,
 )
 from onnxforge.passes.registry import register_pass
 
@@ -117,7 +119,8 @@ def analyze(model: ir.Model, *, per_channel: bool, exclude: Sequence[str], inclu
             continue
         if op not in WEIGHTED | INT8_OPS | SHARE_SCALE | FOLDABLE:
             if op == "BatchNormalization":
-                info.reason = "BatchNormalization stays float: run the 'fuse' pass (conv-bn folding) first"
+                info.reason = ("BatchNormalization stays float: it does not follow a Conv/Gemm it can be "
+                               "folded into (see 'fold-batchnorm')")
             elif op not in _QUIET:
                 info.reason = f"{op} has no fused int8 kernel on target {target!r}: stays float"
             continue
@@ -364,7 +367,11 @@ def plan_tensors(model: ir.Model, analysis: Analysis, chosen: set[int], *, targe
 
 
 def _np(a: np.ndarray, name: str) -> ir.Tensor:
-    return ir.tensor(np.ascontiguousarray(a), name=name)
+    # np.ascontiguousarray turns a 0-d array into shape (1,): a per-tensor scale / zero point must stay
+    # a scalar, or onnxruntime's QDQ selectors refuse QLinearAdd/QLinearMul (they did: residual Adds
+    # ran in float between DQ and Q) while QLinearConv happens to accept (1,).
+    a = np.asarray(a)
+    return ir.tensor(np.ascontiguousarray(a).reshape(a.shape), name=name)
 
 
 class _Builder:
@@ -489,7 +496,21 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
         if stats:
             stats.count("qdq_pairs")
 
-    # 3. weights and biases
+    # 3. weights and biases. An int32 bias needs ``b / (s_x * s_w)`` inside the int32 range: first the
+    # floor that puts on each weight's scale (max over the nodes sharing the weight), then the weights.
+    floors: dict[tuple[str, int | None], np.ndarray] = {}
+    for idx in sorted(plan.chosen):
+        info = infos[idx]
+        node = nodes[idx]
+        if info.role != "weighted" or info.bias_input is None or not plan.int32_bias:
+            continue
+        x_scale = _dq_scale(node.inputs[0])
+        if x_scale is None:
+            continue
+        key = (node.inputs[info.weight_input].name, info.weight_axis)
+        floor = weight_scale_floor(const_value(node.inputs[info.bias_input]), x_scale,
+                                   per_channel=info.weight_axis is not None)
+        floors[key] = floor if key not in floors else np.maximum(floors[key], floor)
     w_cache: dict[tuple[str, int | None], ir.Value] = {}
     for idx in sorted(plan.chosen):
         info = infos[idx]
@@ -500,7 +521,13 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
         axis = info.weight_axis
         key = (w.name, axis)
         if key not in w_cache:
-            wq, wqp = quantize_weight(const_value(w), axis)
+            wv = const_value(w)
+            wq, wqp = quantize_weight(wv, axis, floors.get(key))
+            raised = _raised_channels(wv, axis, wqp)
+            if raised and stats:
+                stats.count("weight_scales_raised_for_bias", raised)
+                stats.note(f"{node.name}: weight scale raised on {raised} channel(s) so the int32 bias fits "
+                           "(weights tiny next to the bias, e.g. after 'reconstruct')")
             qw = b.init(w.name + "_quantized", wq)
             s, z = b.qparam_inits(w.name, wqp)
             attrs = {"axis": axis} if axis is not None else {}
@@ -515,11 +542,9 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
         wdq = w_cache[key]
         node.replace_input_with(info.weight_input, wdq)
         if info.bias_input is not None and plan.int32_bias:
-            x = node.inputs[0]
-            xp = x.producer()
-            if xp is None or xp.op_type != "DequantizeLinear":
+            x_scale = _dq_scale(node.inputs[0])
+            if x_scale is None:
                 continue
-            x_scale = const_value(xp.inputs[1])
             bias = node.inputs[info.bias_input]
             bq, bqp = quantize_bias(const_value(bias), x_scale, wdq.producer().meta["qparams"])
             qb = b.init(bias.name + "_quantized", bq)
@@ -537,6 +562,20 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
         if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
             del graph.initializers[name]
     graph.sort()
+
+
+def _dq_scale(x: ir.Value | None) -> np.ndarray | None:
+    """The scale of the DequantizeLinear producing ``x`` (None if ``x`` is not dequantized)."""
+    p = x.producer() if x is not None else None
+    if p is None or p.op_type != "DequantizeLinear":
+        return None
+    return const_value(p.inputs[1])
+
+
+def _raised_channels(w: np.ndarray, axis: int | None, qp: QParams) -> int:
+    """How many channels of ``w`` got a scale above ``max|w| / 127`` (the int32-bias floor)."""
+    natural = weight_qparams(w, axis).scale
+    return int(np.count_nonzero(qp.scale > natural))
 
 
 def _first_in(graph: ir.Graph, candidates: list[ir.Node]) -> ir.Node:
@@ -650,6 +689,10 @@ class QuantizeInt8Pass(Pass):
     ``eval_data``) keeps the most sensitive nodes float until the budget holds; ``latency_guard``
     keeps int8 only for the op types measured faster, and the model float if int8 is not faster.
 
+    ``fold_batchnorm`` (default on) first folds every BatchNormalization that follows a Conv/Gemm
+    into it (the lossless ``fold-batchnorm`` pass): a float BatchNorm between a QLinearConv and its
+    activation breaks the int8 region (Q/DQ and NHWC<->NCHW Transposes around every conv).
+
     Needs calibration data (``PassContext.calibration_data``) and opset >= 13 for per-channel
     weights: older models are upgraded (onnxscript's version converter) or, if that fails,
     quantized per-tensor (reported).
@@ -669,6 +712,7 @@ class QuantizeInt8Pass(Pass):
         num_samples: int | None = None,
         max_drop: float | None = None,
         latency_guard: bool = False,
+        fold_batchnorm: bool = True,
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -688,6 +732,7 @@ class QuantizeInt8Pass(Pass):
         self.num_samples = num_samples
         self.max_drop = max_drop
         self.latency_guard = latency_guard
+        self.fold_batchnorm = fold_batchnorm
 
     def requires(self, model: ir.Model) -> None:
         data = self.context.calibration_data
@@ -716,7 +761,27 @@ class QuantizeInt8Pass(Pass):
             return np.dtype(np.int8), False
         return np.dtype(np.uint8), False
 
+    def _fold_batchnorm(self, model: ir.Model, stats: PassStats) -> None:
+        """Fold BatchNormalization into the Conv/Gemm before it (the lossless ``fold-batchnorm``).
+
+        A BatchNorm left between a Conv and its activation keeps ``Conv -> Q | DQ -> BN -> Clip -> Q``
+        apart: onnxruntime runs QLinearConv in NHWC and the float BatchNorm in NCHW, so every conv
+        pays a Q/DQ pair and two Transposes (mobilenetv2_style: 74 Transposes, int8 slower than fp32).
+        """
+        if not any(n.op_type == "BatchNormalization" for n in model.graph):
+            return
+        from onnxforge.passes.registry import create_pass
+
+        result = create_pass("fold-batchnorm", {}, self.context)(model)
+        n = result.stats.counts.get("batchnorm_folded", 0)
+        if n:
+            stats.count("batchnorm_folded", n)
+            stats.note(f"folded {n} BatchNormalization node(s) into the preceding Conv/Gemm before quantizing "
+                       "(option fold_batchnorm)")
+
     def prepare(self, model: ir.Model, stats: PassStats) -> QuantContext:
+        if self.fold_batchnorm:
+            self._fold_batchnorm(model, stats)
         per_channel = self.per_channel
         version = opset_version(model) or 0
         if version < 13:
@@ -800,7 +865,7 @@ class QuantizeInt8Pass(Pass):
             chosen = latency_guard(self, qc, chosen, stats)
         if not chosen:
             stats.note("nothing quantized: the model stays float")
-            return bool(stats.counts.get("opset_upgraded"))
+            return bool(stats.counts.get("opset_upgraded") or stats.counts.get("batchnorm_folded"))
         for info in analysis.infos:
             if info.index in chosen:
                 stats.count(f"quantized_{info.op_type}")

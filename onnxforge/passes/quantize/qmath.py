@@ -18,7 +18,12 @@ zero-padding is lossless):
   ``zero_point = 0``; weights use the restricted range [-127, 127] so that ``-w`` is representable.
 
 Bias of Conv/Gemm/MatMul is quantized to int32 with ``scale_b = scale_x * scale_w`` (per output
-channel) and ``zero_point = 0``, which is what integer kernels accumulate into.
+channel) and ``zero_point = 0``, which is what integer kernels accumulate into. When a channel's
+weights are tiny next to its bias (a layer re-fitted so that the bias carries the output), that
+product is so small that ``b / scale_b`` leaves the int32 range and saturation would silently
+replace the bias by ~0; the weight scale is then raised to the floor
+``|b| / (scale_x * BIAS_QMAX)`` (:func:`weight_scale_floor`), as TFLite and onnxruntime's quantizer
+do: the weights lose only precision they did not contribute anyway, the bias stays exact.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import onnx_ir as ir
 
 INT8_RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 WEIGHT_QMAX = 127  # symmetric weights use [-127, 127]
+# Largest |int32 bias| we write: 2**30 leaves the accumulator (bias + sum of int8 products) headroom.
+BIAS_QMAX = float(2**30)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +75,10 @@ def activation_qparams(lo: float, hi: float, dtype: np.dtype, symmetric: bool) -
     return QParams(np.asarray(scale, np.float32), np.asarray(zp, dtype))
 
 
-def weight_qparams(w: np.ndarray, axis: int | None) -> QParams:
-    """Symmetric int8 QParams of a weight, per channel along ``axis`` or per tensor (axis None)."""
+def weight_qparams(w: np.ndarray, axis: int | None, min_scale: np.ndarray | None = None) -> QParams:
+    """Symmetric int8 QParams of a weight, per channel along ``axis`` or per tensor (axis None).
+
+    ``min_scale`` (scalar or per channel) is a floor on the scale, see :func:`weight_scale_floor`."""
     w = np.asarray(w, np.float32)
     if axis is None:
         absmax = np.asarray(np.max(np.abs(w)) if w.size else 0.0)
@@ -77,8 +86,25 @@ def weight_qparams(w: np.ndarray, axis: int | None) -> QParams:
         axis = axis % w.ndim
         other = tuple(i for i in range(w.ndim) if i != axis)
         absmax = np.max(np.abs(w), axis=other) if other else np.abs(w)
-    scale = np.where(absmax > 0, absmax / WEIGHT_QMAX, 1.0).astype(np.float32)
+    scale = np.where(absmax > 0, absmax / WEIGHT_QMAX, 1.0).astype(np.float64)
+    if min_scale is not None:
+        floor = np.asarray(min_scale, np.float64)
+        if scale.ndim == 0 and floor.ndim:
+            floor = floor.max(initial=0.0)
+        scale = np.maximum(scale, floor)
+    scale = scale.astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, np.int8), axis)
+
+
+def weight_scale_floor(bias: np.ndarray, x_scale: np.ndarray | float, per_channel: bool) -> np.ndarray:
+    """Smallest weight scale that keeps ``bias / (x_scale * w_scale)`` within ``+-BIAS_QMAX``
+    (per output channel, or one scalar for a per-tensor weight)."""
+    b = np.abs(np.asarray(bias, np.float64)).reshape(-1)
+    xs = float(np.asarray(x_scale, np.float64).reshape(-1).max(initial=0.0))
+    if xs <= 0:
+        return np.zeros(b.shape if per_channel else (), np.float64)
+    floor = b / (xs * BIAS_QMAX) * 1.0001  # margin against float32 rounding of the scale
+    return floor if per_channel else np.asarray(floor.max(initial=0.0))
 
 
 def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
@@ -105,9 +131,10 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     return ((q.astype(np.int64) - zp) * scale).astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, QParams]:
-    """Symmetric int8 weight in [-127, 127] and its QParams."""
-    qp = weight_qparams(w, axis)
+def quantize_weight(w: np.ndarray, axis: int | None,
+                    min_scale: np.ndarray | None = None) -> tuple[np.ndarray, QParams]:
+    """Symmetric int8 weight in [-127, 127] and its QParams (scale at least ``min_scale``)."""
+    qp = weight_qparams(w, axis, min_scale)
     return quantize(w, qp, (-WEIGHT_QMAX, WEIGHT_QMAX)), qp
 
 
