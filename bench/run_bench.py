@@ -34,7 +34,6 @@ import onnxforge  # noqa: E402
 from onnxforge.ir.io import model_to_bytes  # noqa: E402
 from onnxforge.ir.summary import quick_stats  # noqa: E402
 from onnxforge.runtime.bench import bench_interleaved  # noqa: E402
-from onnxforge.runtime.data import random_feeds  # noqa: E402,F401
 from onnxforge.runtime.session import make_session  # noqa: E402
 from onnxforge.testing import numerics, zoo  # noqa: E402
 

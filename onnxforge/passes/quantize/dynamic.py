@@ -35,6 +35,29 @@ from onnxforge.passes.quantize.qmath import quantize_weight
 from onnxforge.passes.registry import register_pass
 
 
+def matmul_candidates(
+    graph: ir.Graph, exclude, min_weight_size: int, stats: PassStats
+) -> list[tuple[ir.Node, np.ndarray]]:
+    """MatMul/Gemm nodes with a constant 2-D weight of at least ``min_weight_size`` elements, not
+    excluded by name or op type, with their weights; every other MatMul/Gemm is reported as skipped."""
+    todo = []
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        if node.name in exclude or node.op_type in exclude:
+            stats.skip(node, "excluded by option 'exclude'")
+            continue
+        w, why = matmul_weight(node)
+        if w is None:
+            stats.skip(node, why)
+            continue
+        if w.size < min_weight_size:
+            stats.skip(node, f"weight has {w.size} < min_weight_size={min_weight_size} elements")
+            continue
+        todo.append((node, w))
+    return todo
+
+
 def matmul_weight(node: ir.Node) -> tuple[np.ndarray | None, str]:
     """The ``[K, N]`` float weight of a MatMul/Gemm, or None and why not."""
     if node.domain not in ("", "ai.onnx"):
@@ -86,24 +109,10 @@ class QuantizeDynamicPass(Pass):
         graph = model.graph
         # auto = no: onnxruntime fuses the standard form better (see the module docstring)
         use_contrib = self.contrib == "yes" and self.context.target != "onnx"
-        todo = []
         for node in graph:
             if node.op_type in ("Conv", "ConvTranspose"):
                 stats.skip(node, "dynamic quantization skips convolutions (it makes CNNs slower); use quantize-int8")
-                continue
-            if node.op_type not in ("MatMul", "Gemm"):
-                continue
-            if node.name in self.exclude or node.op_type in self.exclude:
-                stats.skip(node, "excluded by option 'exclude'")
-                continue
-            w, why = matmul_weight(node)
-            if w is None:
-                stats.skip(node, why)
-                continue
-            if w.size < self.min_weight_size:
-                stats.skip(node, f"weight has {w.size} < min_weight_size={self.min_weight_size} elements")
-                continue
-            todo.append((node, w))
+        todo = matmul_candidates(graph, self.exclude, self.min_weight_size, stats)
         if not todo:
             return False
         if (model.opset_imports.get("", 0) or 0) < 11:

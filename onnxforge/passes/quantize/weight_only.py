@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from onnxforge.errors import PassOptionError
 from onnxforge.passes.base import Pass, PassStats
-from onnxforge.passes.quantize.dynamic import matmul_weight
+from onnxforge.passes.quantize.dynamic import matmul_candidates
 from onnxforge.passes.quantize.qdq import _Builder
 from onnxforge.passes.registry import register_pass
 
@@ -92,21 +92,7 @@ class QuantizeWeightsInt4Pass(Pass):
                 "target 'onnx' allows standard ops only"
             )
         graph = model.graph
-        todo = []
-        for node in graph:
-            if node.op_type not in ("MatMul", "Gemm"):
-                continue
-            if node.name in self.exclude or node.op_type in self.exclude:
-                stats.skip(node, "excluded by option 'exclude'")
-                continue
-            w, why = matmul_weight(node)
-            if w is None:
-                stats.skip(node, why)
-                continue
-            if w.size < self.min_weight_size:
-                stats.skip(node, f"weight has {w.size} < min_weight_size={self.min_weight_size} elements")
-                continue
-            todo.append((node, w))
+        todo = matmul_candidates(graph, self.exclude, self.min_weight_size, stats)
         if not todo:
             return False
         model.opset_imports.setdefault("com.microsoft", 1)
