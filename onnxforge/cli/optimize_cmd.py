@@ -79,7 +79,8 @@ def optimize(model, output, passes_text, preset, config_path, target, calibratio
     elif any(s.name in _DATA_PASSES for s in config.passes):
         names = sorted({s.name for s in config.passes if s.name in _DATA_PASSES})
         raise CalibrationDataError(
-            f"{', '.join(names)} need calibration data: pass --calibration-data data.npz "
+            f"{', '.join(names)} {'needs' if len(names) == 1 else 'need'} calibration data: "
+            "pass --calibration-data data.npz "
             "(arrays named like the model inputs, leading axis = samples)"
         )
     options = {"num_samples": config.num_samples} if config.num_samples else {}
