@@ -42,8 +42,8 @@ def _non_standard_ops(model: ir.Model) -> list[str]:
 
 
 @pytest.fixture(scope="session", params=[True, False], ids=["dynamo", "torchscript"])
-def bert(request) -> ir.Model:
-    return zoo.export_model("bert_encoder", dynamo=request.param)
+def bert(request, zoo_model) -> ir.Model:
+    return zoo_model("bert_encoder", dynamo=request.param)
 
 
 @pytest.fixture(scope="session")
@@ -53,12 +53,14 @@ def bert_fused_cpu(bert):
 
 def test_bert_fused_op_counts(bert_fused_cpu):
     # 2 layers: each one packed-QKV Attention, two SkipLayerNorm (attention and FFN residuals), one
-    # BiasGelu; the embedding LayerNorm has no residual and stays a plain LayerNormalization.
+    # BiasGelu; token + position embeddings and their LayerNorm become one EmbedLayerNormalization.
     fused, stats = bert_fused_cpu
     assert numerics.op_count(fused, "Attention", "com.microsoft") == 2
     assert numerics.op_count(fused, "SkipLayerNormalization", "com.microsoft") == 4
     assert numerics.op_count(fused, "BiasGelu", "com.microsoft") == 2
-    assert numerics.op_count(fused, "LayerNormalization") == 1
+    assert numerics.op_count(fused, "EmbedLayerNormalization", "com.microsoft") == 1
+    assert numerics.op_count(fused, "LayerNormalization") == 0
+    assert stats.counts["EmbedLayerNormalization"] == 1
     for gone in ("Softmax", "Erf", "Transpose"):
         assert numerics.op_count(fused, gone) == 0, gone
     assert stats.counts["Attention"] == 2
@@ -88,12 +90,30 @@ def test_bert_tensorrt_keeps_mha_not_packed_attention(bert):
     assert any(n.startswith("Attention: not applied") for n in stats.notes)
 
 
+def test_bert_target_onnx_keeps_embedding_layer_norm(bert):
+    fused, stats = _fuse(bert, target="onnx")
+    assert numerics.op_count(fused, "LayerNormalization") == 5
+    assert any(n.startswith("EmbedLayerNormalization: not applied") for n in stats.notes)
+
+
 def test_exclude_rule(bert):
     fused, stats = _fuse(bert, exclude_rules=["Attention", "MultiHeadAttention"])
     assert numerics.op_count(fused, "Attention", "com.microsoft") == 0
     assert numerics.op_count(fused, "Softmax") == 2
     assert "Attention" not in stats.counts
     numerics.assert_outputs_close(bert, fused, _ids(2, 9))
+
+
+def test_only_embed_layer_norm(bert):
+    fused, stats = _fuse(bert, rules=["EmbedLayerNormalization"])
+    assert dict(stats.counts) == {"EmbedLayerNormalization": 1}
+    node = next(n for n in fused.graph if n.op_type == "EmbedLayerNormalization")
+    # positions come from a Gather of arange(seq): passed as position_ids (input 8), ids cast to int32
+    assert len(node.inputs) == 9 and node.inputs[8] is not None
+    cast = node.inputs[0].producer()
+    assert cast.op_type == "Cast" and cast.attributes.get_int("to") == ir.DataType.INT32
+    assert node.attributes.get_float("epsilon") == pytest.approx(1e-5)
+    numerics.assert_outputs_close(bert, fused, _ids(2, 7), rtol=1e-4)
 
 
 def test_only_selected_rules(bert):
@@ -103,7 +123,7 @@ def test_only_selected_rules(bert):
 
 
 def test_explain_lists_near_misses(bert):
-    _, stats = _fuse(bert, explain=True)
+    _, stats = _fuse(bert, explain=True, exclude_rules=["EmbedLayerNormalization"])
     misses = stats.details["near_misses"]
     assert misses and all(m["reason"] and m["nodes"] for m in misses)
     # the embedding LayerNorm has no residual Add: SkipLayerNorm near-miss with onnxscript's reason
@@ -221,3 +241,76 @@ def test_rms_norm():
     assert stats.counts["RMSNormalization"] == 1
     feeds = {model.graph.inputs[0].name: np.random.default_rng(3).standard_normal((3, 5, 32)).astype(np.float32)}
     numerics.assert_outputs_close(model, fused, feeds)
+
+
+# --- EmbedLayerNormalization variants ------------------------------------------------------------------
+
+
+class Embeddings(nn.Module):
+    """Token + position (+ segment) embeddings and LayerNorm, positions either given as an input (any
+    ids, e.g. RoBERTa-style offsets or left padding) or a learned ``[1, S, H]`` table added whole."""
+
+    def __init__(self, positions: str, segment: bool, vocab=50, hidden=32, max_pos=40, seq=12):
+        super().__init__()
+        self.positions, self.segment = positions, segment
+        self.tokens = nn.Embedding(vocab, hidden)
+        self.pos = nn.Embedding(max_pos, hidden) if positions == "ids" else None
+        self.table = nn.Parameter(torch.randn(1, seq, hidden)) if positions == "table" else None
+        self.seg = nn.Embedding(2, hidden) if segment else None
+        self.ln = nn.LayerNorm(hidden, eps=1e-6)
+        with torch.no_grad():
+            self.ln.weight.copy_(torch.rand(hidden) + 0.5)
+            self.ln.bias.copy_(torch.randn(hidden) * 0.1)
+
+    def forward(self, input_ids, position_ids, segment_ids):
+        x = self.tokens(input_ids)
+        if self.segment:
+            x = x + self.seg(segment_ids)
+        x = x + (self.pos(position_ids) if self.positions == "ids" else self.table)
+        return self.ln(x)
+
+
+def _embed_feeds(batch, seq, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "input_ids": rng.integers(0, 50, (batch, seq)).astype(np.int64),
+        "position_ids": rng.integers(0, 40, (batch, seq)).astype(np.int64),  # not 0..seq-1
+        "segment_ids": rng.integers(0, 2, (batch, seq)).astype(np.int64),
+    }
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("positions,segment", [("ids", True), ("ids", False), ("table", True)])
+def test_embed_layer_norm_variants(positions, segment, dynamo):
+    torch.manual_seed(0)
+    module = Embeddings(positions, segment)
+    seq_axis = {1: "seq"} if positions == "ids" else {}  # a whole [1, S, H] table fixes S
+    feeds = {k: torch.from_numpy(v) for k, v in _embed_feeds(2, 12, 0).items()}
+    model = export(
+        module, tuple(feeds.values()), dynamo=dynamo, opset=18,
+        input_names=list(feeds), dynamic_axes={k: seq_axis for k in feeds},
+    )  # fmt: skip
+    fused, stats = _fuse(model, rules=["EmbedLayerNormalization"])
+    assert stats.counts["EmbedLayerNormalization"] == 1, stats.details.get("near_misses")
+    node = next(n for n in fused.graph if n.op_type == "EmbedLayerNormalization")
+    assert (node.inputs[1] is not None) == segment  # segment_ids
+    assert (len(node.inputs) == 9) == (positions == "ids")  # position_ids only when gathered
+    assert numerics.op_count(fused, "LayerNormalization") == 0
+    names = {v.name for v in model.graph.inputs}  # TorchScript drops unused inputs
+    for batch, seq in ([(3, 12), (1, 12)] if positions == "table" else [(3, 12), (2, 29)]):
+        feeds = {k: v for k, v in _embed_feeds(batch, seq, seq).items() if k in names}
+        numerics.assert_outputs_close(model, fused, feeds, rtol=1e-4)
+
+
+def test_embed_layer_norm_refuses_shared_sum():
+    class SharedSum(Embeddings):
+        def forward(self, input_ids, position_ids, segment_ids):
+            x = self.tokens(input_ids) + self.pos(position_ids)
+            return self.ln(x), x.sum(-1)
+
+    torch.manual_seed(0)
+    feeds = {k: torch.from_numpy(v) for k, v in _embed_feeds(2, 12, 0).items()}
+    model = export(SharedSum("ids", False), tuple(feeds.values()), input_names=list(feeds), dynamo=False)
+    fused, stats = _fuse(model, rules=["EmbedLayerNormalization"])
+    assert "EmbedLayerNormalization" not in stats.counts
+    assert numerics.op_count(fused, "LayerNormalization") == 1

@@ -57,7 +57,8 @@ class FusePass(Pass):
     CNN — Pad into Conv, Min/Max → Clip, successive Relu/Clip, HardSwish, Transpose/Reshape chains,
     MatMul+Add → Gemm, Conv+activation → FusedConv (onnxruntime CPU/CUDA);
     transformer — LayerNormalization, Gelu (erf), FastGelu (tanh), RMSNorm, SkipLayerNormalization,
-    RotaryEmbedding, MultiHeadAttention, packed-QKV Attention, BiasGelu.
+    RotaryEmbedding, MultiHeadAttention, packed-QKV Attention, BiasGelu, EmbedLayerNormalization
+    (token + position [+ segment] embeddings and their LayerNorm).
 
     Math: every rule replaces a subgraph by an op that computes the same function, e.g.
     ``LayerNorm(x) = (x-μ)/√(σ²+ε)·γ+β``, ``Gelu(x) = x·½(1+erf(x/√2))``,

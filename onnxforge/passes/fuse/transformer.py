@@ -1,5 +1,5 @@
 """Transformer fusions: LayerNormalization, GELU, RMSNorm, SkipLayerNorm, rotary embeddings,
-multi-head attention, packed-QKV Attention, BiasGelu.
+multi-head attention, packed-QKV Attention, BiasGelu, EmbedLayerNormalization.
 
 Mostly onnxscript's ``ort_fusions`` (the rules behind ``fuse_xformers``), applied in the order
 ``fuse_xformers`` uses, plus what they lack for the BERT encoders both torch exporters write:
@@ -10,6 +10,9 @@ Mostly onnxscript's ``ort_fusions`` (the rules behind ``fuse_xformers``), applie
   the leading axes equals ``Shape(x)`` on those axes, so we read the shape from ``x`` instead.
 * The TorchScript exporter writes ``Add(bias, MatMul)`` where dynamo writes ``Add(MatMul, bias)``;
   onnxscript's bias rules only match the latter, so we apply them with ``commute=True``.
+* ``EmbedLayerNormalization`` (onnxscript has no rule for it): token Gather + position embeddings
+  (a Gather by position ids, or a constant table) [+ segment Gather] + LayerNormalization, as
+  onnxruntime's transformer optimizer fuses it.
 * For target ``onnx``: GELU becomes the standard ``Gelu`` (opset 20), RMSNorm and rotary embedding
   the opset-23 standard ops, LayerNormalization the opset-17 one; nothing else.
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import (
     attention,
@@ -249,6 +254,156 @@ def _bias_gelu_steps(target: str, opset: int) -> Sequence[Step] | str:
     return [Step(ruleset(*bias_gelu.bias_gelu_rules.rules))]
 
 
+def _is_int(dim) -> bool:
+    return isinstance(dim, int)
+
+
+def _differ(a, b) -> bool:
+    """Two dims provably differ (both known integers and unequal)."""
+    return _is_int(a) and _is_int(b) and a != b
+
+
+class EmbedLayerNormFusion(pattern.RewriteRuleClassBase):
+    """``LayerNormalization(Gather(W, ids) + pos [+ Gather(T, seg)], γ, β)`` →
+    ``com.microsoft.EmbedLayerNormalization(ids, seg, W, P, T, γ, β, mask="", position_ids)``.
+
+    ``pos`` is either ``Gather(P, position_ids)`` (position ids, ``[S]``, ``[1, S]`` or ``[B, S]``,
+    passed to the op, so any positions work, not only ``0..S-1``) or a constant ``[S, H]`` /
+    ``[1, S, H]`` table (positions ``0..S-1``, the op's default when ``position_ids`` is absent).
+    The op sums the three lookups and layer-normalizes: the same math, lossless up to fp32 rounding.
+    Ids are cast to int32 (the op's only index type). ``segment``: where the segment lookup is added
+    (``None``; ``"inner"``: ``(word + seg) + pos`` as Hugging Face's BERT; ``"outer"``:
+    ``(word + pos) + seg``). Add operand order is handled by ``RewriteRuleSet(commute=True)``.
+    """
+
+    def __init__(self, name: str, positions: str, segment: str | None):
+        super().__init__(name)
+        self._positions = positions
+        self._segment = segment
+
+    def pattern(self, op, input_ids, word_emb, position_ids, pos_emb, segment_ids, seg_emb, gamma, beta):
+        word = op.Gather(word_emb, input_ids, _allow_other_attributes=True, _outputs=["word"])
+        if self._positions == "gather":
+            pos = op.Gather(pos_emb, position_ids, _allow_other_attributes=True, _outputs=["pos"])
+        else:
+            pos = pos_emb
+        if self._segment is None:
+            total = op.Add(word, pos)
+        else:
+            seg = op.Gather(seg_emb, segment_ids, _allow_other_attributes=True, _outputs=["seg"])
+            total = op.Add(op.Add(word, seg), pos) if self._segment == "inner" else op.Add(op.Add(word, pos), seg)
+        return op.LayerNormalization(total, gamma, beta, _allow_other_attributes=True, _outputs=["ln"])
+
+    def check(self, context, input_ids, word_emb, position_ids, pos_emb, segment_ids, seg_emb, gamma,
+              beta, ln, word, **kw):
+        result = pattern.MatchResult()
+        node = ln.producer()
+        out_shape = ln.shape
+        if out_shape is None or len(out_shape) != 3:
+            return result.fail("LayerNormalization output is not known to be 3-D", ln)
+        if node.attributes.get_int("axis", -1) not in (-1, 2):
+            return result.fail("LayerNormalization is not over the last axis", node)
+        if node.attributes.get_int("stash_type", 1) != 1:
+            return result.fail("LayerNormalization stash_type is not float32", node)
+        hidden = out_shape[2]
+        for name, gather in (("word", word), ("pos", kw.get("pos")), ("seg", kw.get("seg"))):
+            if gather is not None and gather.producer().attributes.get_int("axis", 0) != 0:
+                return result.fail(f"{name} Gather is not along axis 0", gather.producer())
+        tables = [("word_embedding", word_emb), ("position_embedding", pos_emb)]
+        if self._segment:
+            tables.append(("segment_embedding", seg_emb))
+        for name, table in tables:
+            if table.const_value is None:
+                return result.fail(f"{name} is not a constant", table)
+            if table.dtype != ir.DataType.FLOAT:
+                return result.fail(f"{name} is not float32", table)
+        for name, table in tables:
+            if self._positions == "const" and name == "position_embedding":
+                continue
+            if table.shape is None or len(table.shape) != 2 or table.shape[1] != hidden:
+                return result.fail(f"{name} is not a [rows, {hidden}] table", table)
+        for name, v in (("gamma", gamma), ("beta", beta)):
+            if v.shape is None or list(v.shape) != [hidden]:
+                return result.fail(f"{name} is not 1-D of the hidden size", v)
+        # The op takes batch and sequence from input_ids, so they must be the full [B, S] of the
+        # output, not a broadcast [1, S] (with commuted Adds the matcher also tries the position
+        # Gather in the word role). The TorchScript exporter's shapes often carry fresh unknown dims
+        # (unk__N); then we rely on user-fed token ids being a graph input.
+        ids_shape = input_ids.shape
+        if ids_shape is None or len(ids_shape) != 2:
+            return result.fail(f"input_ids shape {ids_shape} is not 2-D", input_ids)
+        if ids_shape[0] != out_shape[0]:
+            if _is_int(ids_shape[0]) and ids_shape[0] == 1:
+                return result.fail("input_ids broadcast along the batch (roles swapped?)", input_ids)
+            if not input_ids.is_graph_input():
+                return result.fail(
+                    f"cannot prove input_ids {ids_shape} spans the output's batch {out_shape}", input_ids
+                )
+        if self._segment:
+            s_shape = segment_ids.shape
+            if s_shape is None or len(s_shape) != 2 or _differ(s_shape[0], ids_shape[0]) or _differ(s_shape[1], ids_shape[1]):
+                return result.fail(f"segment ids shape {s_shape} differs from input_ids {ids_shape}", segment_ids)
+            if seg_emb.shape[0] > word_emb.shape[0]:
+                return result.fail("segment table is larger than the word table (roles swapped)", seg_emb)
+        # onnxruntime checks position and segment id shapes against input_ids at run time; here we
+        # refuse only what is provably a broadcast the op cannot express.
+        if self._positions == "gather":
+            p_shape = position_ids.shape
+            if p_shape is None or len(p_shape) not in (1, 2):
+                return result.fail(f"position ids shape {p_shape} is not [S], [1, S] or [B, S]", position_ids)
+            if len(p_shape) == 2 and _is_int(p_shape[0]) and p_shape[0] != 1 and _differ(p_shape[0], ids_shape[0]):
+                return result.fail(f"position ids shape {p_shape} is not [1, S] or [B, S]", position_ids)
+            if _is_int(p_shape[-1]) and p_shape[-1] == 1 and ids_shape[1] != 1:
+                return result.fail("position ids broadcast along the sequence", position_ids)
+        else:
+            p = pos_emb.shape
+            if p is None or not (len(p) == 2 or (len(p) == 3 and p[0] == 1)) or p[-1] != hidden:
+                return result.fail(f"constant position table shape {p} is not [S, H] or [1, S, H]", pos_emb)
+            if isinstance(ids_shape[1], int) and ids_shape[1] != p[-2]:
+                return result.fail("constant position table length differs from the sequence", pos_emb)
+        return result
+
+    def rewrite(self, op, input_ids, word_emb, position_ids, pos_emb, segment_ids, seg_emb, gamma, beta,
+                ln, **_):
+        def int32(v):
+            return v if v.dtype == ir.DataType.INT32 else op.Cast(v, to=ir.DataType.INT32)
+
+        if self._positions == "const":
+            table = pos_emb.const_value.numpy()
+            pos_emb = op.initializer(
+                ir.tensor(np.ascontiguousarray(table.reshape(table.shape[-2], table.shape[-1]))),
+                name=f"{pos_emb.name}/2d",
+            )
+        inputs = [
+            int32(input_ids),
+            int32(segment_ids) if self._segment else None,
+            word_emb,
+            pos_emb,
+            seg_emb if self._segment else None,
+            gamma,
+            beta,
+        ]
+        if self._positions == "gather":
+            ids = position_ids if len(position_ids.shape) == 2 else op.Unsqueeze(position_ids, op.Constant(value_ints=[0]))
+            inputs += [None, int32(ids)]
+        eps = ln.producer().attributes.get_float("epsilon", 1e-5)
+        # onnxruntime's shape inference for this op writes output 1 (mask_index) unconditionally:
+        # the node must declare it even though nothing reads it.
+        out, _mask_index = op.EmbedLayerNormalization(
+            *inputs, epsilon=eps, _domain="com.microsoft", _outputs=2
+        )
+        return out
+
+
+def _embed_ln_steps(target: str, opset: int) -> Sequence[Step] | str:
+    rules = [
+        EmbedLayerNormFusion.rule(f"EmbedLayerNorm-{pos}-{seg or 'noseg'}", positions=pos, segment=seg)
+        for seg in ("inner", "outer", None)
+        for pos in ("gather", "const")
+    ]
+    return [Step(ruleset(*rules, commute=True))]
+
+
 RULES: list[FusionRule] = [
     FusionRule(
         "LayerNormalization",
@@ -274,6 +429,13 @@ RULES: list[FusionRule] = [
         "transformer",
         "x/√(mean(x²)+ε)·γ → SimplifiedLayerNormalization (or RMSNormalization opset 23)",
         _rms_steps,
+    ),
+    FusionRule(
+        "EmbedLayerNormalization",
+        "transformer",
+        "LayerNormalization(Gather(W, ids) + positions [+ Gather(T, seg)]) → com.microsoft.EmbedLayerNormalization",
+        _embed_ln_steps,
+        targets=ORT_TARGETS,
     ),
     FusionRule(
         "SkipLayerNormalization",
