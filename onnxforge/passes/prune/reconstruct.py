@@ -3,21 +3,39 @@ unpruned teacher on calibration data.
 
 For every Conv / Gemm / MatMul of the student whose weight differs from the teacher's layer of the
 same node name (in topological order), with ``X`` the student's input to that layer *as it is now*
-(earlier layers already re-fitted) and ``Y`` the teacher's output of that layer (before BatchNorm
-and the nonlinearity), restricted to the output channels the student kept:
+(earlier layers already re-fitted), ``A = [X 1]``, restricted to the output channels the student
+kept, the layer's new weights and bias solve
 
-    [W; b] = argmin ||[X 1] [W; b] - Y||^2 + lambda ||W||^2,     lambda = ridge * tr(X^T X) / d
+    [W; b] = argmin || act(s * (A [W; b]) + o) - act(Z) ||^2 + lambda ||W||^2,
+    lambda = ridge * tr(X^T X) / d
 
-solved in closed form, ``(A^T A + lambda I') [W; b] = A^T Y`` with ``A = [X 1]`` (the bias column is
-not regularized). For a Conv, ``X`` is the im2col matrix of the input (rows = output positions,
-columns = kept input channels x kernel), so the fit is exact least squares over the kept input
-channels: the removed channels' contribution is redistributed over the kept ones, and the bias
-absorbs the mean shift (bias correction). Gemm (``alpha = beta = 1``) fits ``B`` and ``C``; MatMul
-fits ``B`` only (it has no bias input). Rows are subsampled to ``max_rows``.
+where ``Z`` is the teacher's value at the *end of the layer's tail*: the layer's output followed
+through single-consumer BatchNorm (``z = g y + h``, per channel) and ``Add`` nodes (a residual
+``r``, the student's own, or a constant) up to a ``Relu`` / ``Clip``, which gives ``act``;
+``s`` and ``o`` collect the BatchNorm scale and the shifts (``o`` includes the student's residual,
+so the layer also absorbs the other branch's error). With no activation this is one ridge solve,
+``(A^T A + lambda I') [W; b] = A^T (Z - o) / s`` (the bias column is not regularized). With one,
+rows where the teacher is clamped (``Z <= lo`` for a ReLU) cost nothing as long as the student is
+clamped there too: solved by majorize-minimize, each step the same ridge system with those rows'
+targets set to the current prediction pulled back to the bound (never increases the objective;
+at most ``iterations`` steps). ``target="output"`` fits the layer's own output instead (no tail).
+
+Why the tail matters: a ReLU discards negative pre-activations, so a plain fit spends its
+capacity matching values nobody reads. It also makes the fit independent of whether BatchNorm was
+folded into the Conv first (per-channel ridge least squares is equivariant to a per-channel affine
+map of the target; ``lambda`` depends on ``X`` only), so a teacher taken after ``O1`` gives the
+same fit for the same kept channels. (Which channels are kept may differ: ``criterion=l1`` scores
+folded filters ``W * gamma / sigma``.)
+
+For a Conv, ``X`` is the im2col matrix of the input (rows = output positions, columns = kept input
+channels x kernel), so the fit is exact least squares over the kept input channels: the removed
+channels' contribution is redistributed over the kept ones, and the bias absorbs the mean shift
+(bias correction). Gemm (``alpha = beta = 1``) fits ``B`` and ``C``; MatMul fits ``B`` only (it has
+no bias input). Rows are subsampled to ``max_rows``.
 
 A layer's new weights are kept only if its error on the calibration rows went down. The relative
-error ``||Y_student - Y_teacher|| / ||Y_teacher||`` of each layer before and after is reported in
-``stats.details["layers"]``.
+error ``||act(z_student) - act(Z)|| / ||act(Z)||`` of each layer before and after is reported in
+``stats.details["layers"]`` (with the value fitted, ``target``, and the ``activation``).
 
 Pairing student and teacher channels: ``prune-channels`` records, on each pruned node, which of
 the original output channels it kept (``node.meta["onnxforge.prune.kept_out"]``, in memory only).
@@ -31,12 +49,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxforge.errors import CalibrationDataError, PassOptionError
-from onnxforge.ir.graph import const_value
+from onnxforge.ir.graph import const_value, make_initializer
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.prune.shrink import KEPT_META, set_constant
 from onnxforge.passes.registry import register_pass
@@ -62,26 +82,110 @@ def im2col(x: np.ndarray, node: ir.Node, kernel: tuple[int, int]) -> np.ndarray:
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
 
+@dataclass
+class Tail:
+    """What the network does with a layer's output ``y`` before anything else reads it.
+
+    ``z = scale * y + offset`` (a following BatchNorm and constant or residual ``Add``s, applied
+    in order), then ``clamp(z, lo, hi)`` when an activation of that form follows (``Relu``: lo = 0;
+    ``Clip``). ``end`` names ``z``; the teacher has a value of the same name.
+    """
+
+    end: str
+    steps: list[tuple[str, Any]] = field(default_factory=list)
+    lo: float = -math.inf
+    hi: float = math.inf
+    activation: str = ""
+
+    def residual_names(self) -> list[str]:
+        return [arg for kind, arg in self.steps if kind == "add" and isinstance(arg, str)]
+
+
+def find_tail(node: ir.Node) -> Tail:
+    """Follow ``node``'s output through single-consumer BatchNorm / Add nodes to a Relu or Clip."""
+    v = node.outputs[0]
+    tail = Tail(end=v.name)
+    channel_first = node.op_type == "Conv"
+    while not v.is_graph_output():
+        users = list(v.consumers())
+        if len(users) != 1:
+            break
+        c = users[0]
+        if c.op_type == "BatchNormalization" and c.inputs[0] is v and (channel_first or _rank(v) == 2):
+            params = [const_value(c.inputs[i]) if len(c.inputs) > i else None for i in range(1, 5)]
+            if any(p is None for p in params) or int(_attr(c, "training_mode", 0)) or any(
+                    o.consumers() for o in c.outputs[1:]):
+                break
+            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+            g = gamma / np.sqrt(var + float(_attr(c, "epsilon", 1e-5)))
+            tail.steps.append(("bn", (g, beta - mean * g)))
+        elif c.op_type == "Add" and len(c.inputs) == 2 and c.inputs[0] is not c.inputs[1]:
+            other = c.inputs[1] if c.inputs[0] is v else c.inputs[0]
+            k = const_value(other)
+            tail.steps.append(("add", k.astype(np.float64) if k is not None else other.name))
+        elif c.op_type == "Relu":
+            tail.lo, tail.activation = 0.0, "Relu"
+            break
+        elif c.op_type == "Clip":
+            lo, hi = _clip_bounds(c)
+            if lo is None:
+                break
+            tail.lo, tail.hi, tail.activation = lo, hi, "Clip"
+            break
+        else:
+            break
+        v = c.outputs[0]
+        tail.end = v.name
+    return tail
+
+
+def _rank(v: ir.Value) -> int | None:
+    return None if v.shape is None else len(v.shape)
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float | None, float]:
+    if len(node.inputs) > 1 or "min" not in node.attributes:  # opset >= 11: min / max are inputs
+        bounds = []
+        for i in (1, 2):
+            val = node.inputs[i] if len(node.inputs) > i else None
+            arr = const_value(val) if val is not None else None
+            if val is not None and arr is None:
+                return None, math.inf
+            bounds.append(None if arr is None else float(arr))
+        lo, hi = bounds
+    else:
+        lo, hi = _attr(node, "min", None), _attr(node, "max", None)
+    return (-math.inf if lo is None else lo), (math.inf if hi is None else hi)
+
+
 @register_pass("reconstruct")
 class ReconstructPass(Pass):
-    """Re-fit each changed Conv/Gemm/MatMul by ridge least squares to the teacher's outputs. Lossy.
+    """Re-fit each changed Conv/Gemm/MatMul by ridge least squares to the teacher. Lossy.
 
     Needs ``context.reference_model`` (the teacher) and ``context.calibration_data``. See the module
-    docstring for the math.
+    docstring for the math; ``target="activation"`` (default) fits what the next layer sees (after
+    BatchNorm, residual Add and ReLU/Clip), ``target="output"`` the layer's own output.
     """
 
     lossless = False
     tolerance = math.inf
 
-    def __init__(self, ridge: float = 1e-3, max_rows: int = 20000, layers: str = "changed"):
+    def __init__(self, ridge: float = 1e-3, max_rows: int = 20000, layers: str = "changed",
+                 target: str = "activation", iterations: int = 30):
         super().__init__()
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
         if layers not in ("changed", "all"):
             raise ValueError(f"layers must be 'changed' or 'all', got {layers!r}")
+        if target not in ("activation", "output"):
+            raise ValueError(f"target must be 'activation' or 'output', got {target!r}")
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
         self.ridge = ridge
         self.max_rows = max_rows
         self.layers = layers
+        self.target = target
+        self.iterations = iterations
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         from onnxforge.runtime.activations import collect
@@ -94,6 +198,7 @@ class ReconstructPass(Pass):
             raise CalibrationDataError("reconstruct needs calibration data (PassContext.calibration_data)")
         max_samples = (self.context.options or {}).get("num_samples", 64)
         t_nodes = {n.name: n for n in teacher.graph if n.name}
+        t_values = {v.name for n in teacher.graph for v in n.outputs}
         layers = []
         for node in model.graph:
             if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
@@ -111,25 +216,32 @@ class ReconstructPass(Pass):
             if reason:
                 stats.skip(node, reason)
                 continue
-            layers.append((node, t))
+            tail = find_tail(node) if self.target == "activation" else Tail(end=node.outputs[0].name)
+            if tail.end not in t_values:
+                stats.note(f"{node.name}: teacher has no value {tail.end!r}; fitting the layer's own output")
+                tail = Tail(end=node.outputs[0].name)
+            layers.append((node, t, tail))
         if not layers:
             stats.note("no changed layer to re-fit")
             return False
-        teacher_out = collect(teacher, data, [t.outputs[0].name for _, t in layers], max_samples=max_samples)
+        teacher_out = collect(teacher, data, [tail.end for _, _, tail in layers], max_samples=max_samples)
         rng = np.random.default_rng(self.context.seed)
         report = []
         changed = False
-        for node, t in layers:
-            y_name = t.outputs[0].name
-            if y_name not in teacher_out:
-                stats.skip(node, f"teacher output {y_name!r} could not be collected")
+        for node, t, tail in layers:
+            if tail.end not in teacher_out:
+                stats.skip(node, f"teacher value {tail.end!r} could not be collected")
                 continue
             x_name = node.inputs[0].name
-            xs = collect(model, data, [x_name], max_samples=max_samples)
-            if x_name not in xs:
-                stats.skip(node, f"student input {x_name!r} could not be collected")
+            wanted = [x_name, *tail.residual_names()]
+            xs = collect(model, data, wanted, max_samples=max_samples)
+            missing = [n for n in wanted if n not in xs]
+            if missing:
+                stats.skip(node, f"student value(s) {missing} could not be collected")
                 continue
-            row = self._refit(node, np.concatenate(xs[x_name]), np.concatenate(teacher_out[y_name]), rng, stats)
+            residuals = {n: np.concatenate(xs[n]) for n in wanted[1:]}
+            row = self._refit(node, np.concatenate(xs[x_name]), np.concatenate(teacher_out[tail.end]), tail,
+                              residuals, rng, stats)
             if row is not None:
                 report.append(row)
                 if row["accepted"]:
@@ -157,7 +269,8 @@ class ReconstructPass(Pass):
             return "more output channels than the teacher"
         return ""
 
-    def _refit(self, node: ir.Node, x: np.ndarray, y: np.ndarray, rng, stats: PassStats) -> dict | None:
+    def _refit(self, node: ir.Node, x: np.ndarray, z_teacher: np.ndarray, tail: Tail,
+               residuals: dict[str, np.ndarray], rng, stats: PassStats) -> dict | None:
         w_val = node.inputs[1]
         w = const_value(w_val).astype(np.float64)
         b_val = node.inputs[2] if len(node.inputs) > 2 else None
@@ -171,29 +284,45 @@ class ReconstructPass(Pass):
         if op == "Conv":
             o, c, kh, kw = w.shape
             a = im2col(x.astype(np.float64), node, (kh, kw))
-            y = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
             w_mat = w.reshape(o, -1).T
         else:
             a = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            y = y.reshape(-1, y.shape[-1])
             w_mat = w.T if trans_b else w
+        n_out = w_mat.shape[1]
+        fit_bias = op != "MatMul"
+        if op == "Gemm" and bias is not None and bias.size not in (1, n_out):
+            fit_bias = False
+        b_old = np.zeros(n_out) if bias is None else np.broadcast_to(bias, (n_out,)).astype(np.float64)
+        pred_old = a @ w_mat + b_old
+        # z_teacher has the layer's output layout; only its channel count is the teacher's.
+        ch = 1 if op == "Conv" else z_teacher.ndim - 1
+        out_shape = z_teacher.shape[:ch] + (n_out,) + z_teacher.shape[ch + 1:]
+        try:
+            scale, offset = _affine(tail, out_shape, ch, residuals)
+        except ValueError as e:
+            stats.skip(node, f"cannot follow the output to {tail.end!r}: {e}")
+            return None
+        z_t = _rows(z_teacher, ch)
+        if a.shape[0] != z_t.shape[0] or offset.shape[0] != z_t.shape[0]:
+            stats.skip(node, f"activation shapes do not line up ({a.shape}, {z_t.shape}, weight {w_mat.shape})")
+            return None
         if a.shape[0] > self.max_rows:
-            idx = rng.choice(a.shape[0], self.max_rows, replace=False)
-            a, y = a[idx], y[idx]
-        if kept is None and y.shape[1] != w_mat.shape[1] and a.shape[1] == w_mat.shape[0]:
-            kept = _match_channels(a @ w_mat, y)
+            idx = np.sort(rng.choice(a.shape[0], self.max_rows, replace=False))
+            a, z_t, pred_old, offset = a[idx], z_t[idx], pred_old[idx], offset[idx]
+        if kept is None and z_t.shape[1] != n_out:
+            kept = _match_channels(scale * pred_old + offset, z_t)
             stats.note(f"{node.name}: output channels paired with the teacher's by correlation (no pruning record)")
         if kept is not None:
-            y = y[:, np.asarray(kept)]
-        if a.shape[0] != y.shape[0] or a.shape[1] != w_mat.shape[0] or y.shape[1] != w_mat.shape[1]:
-            stats.skip(node, f"activation shapes do not line up ({a.shape}, {y.shape}, weight {w_mat.shape})")
+            z_t = z_t[:, np.asarray(kept)]
+        if a.shape[1] != w_mat.shape[0] or z_t.shape[1] != n_out:
+            stats.skip(node, f"activation shapes do not line up ({a.shape}, {z_t.shape}, weight {w_mat.shape})")
             return None
-        y = y.astype(np.float64)
-        fit_bias = op != "MatMul"
-        b_old = np.zeros(w_mat.shape[1]) if bias is None else np.broadcast_to(bias, (w_mat.shape[1],)).astype(np.float64)
-        if op == "Gemm" and bias is not None and bias.size not in (1, w_mat.shape[1]):
-            fit_bias = False
-        before = _rel_err(a @ w_mat + (b_old if op != "MatMul" else 0), y)
+        z_t = z_t.astype(np.float64)
+        lo, hi = tail.lo, tail.hi
+        clamp = (lambda z: np.clip(z, lo, hi)) if tail.activation else (lambda z: z)
+        z_t_act = clamp(z_t)
+        before = _rel_err(clamp(scale * pred_old + offset), z_t_act)
+
         design = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1) if fit_bias else a
         gram = design.T @ design
         d = a.shape[1]
@@ -201,29 +330,85 @@ class ReconstructPass(Pass):
         reg = np.full(design.shape[1], lam)
         if fit_bias:
             reg[-1] = 0.0
+        lhs = gram + np.diag(reg)
+        # Channels whose z does not depend on y (BatchNorm scale 0) keep their current output.
+        live = np.abs(scale) > 1e-12
+        safe = np.where(live, scale, 1.0)
+
+        def solve(z_eff):
+            y_eff = np.where(live, (z_eff - offset) / safe, pred_old)
+            return np.linalg.solve(lhs, design.T @ y_eff)
+
         try:
-            sol = np.linalg.solve(gram + np.diag(reg), design.T @ y)
+            sol = solve(z_t)
+            if tail.activation and self.iterations:
+                # min sum (clamp(z) - clamp(z_t))^2 by majorize-minimize: where the teacher is clamped
+                # (z_t <= lo or >= hi) any z on the same side is as good as z_t, so that row's target
+                # is the current prediction pulled back to the bound; each step is one ridge solve with
+                # the same matrix and the objective never increases.
+                below, above = z_t <= lo, z_t >= hi
+                prev = math.inf
+                for _ in range(self.iterations):
+                    z_p = scale * (design @ sol) + offset
+                    loss = float(np.sum((clamp(z_p) - z_t_act) ** 2))
+                    if loss > prev * (1 - 1e-4):
+                        break
+                    prev = loss
+                    z_eff = np.where(below, np.minimum(z_p, lo), np.where(above, np.maximum(z_p, hi), z_t))
+                    sol = solve(z_eff)
         except np.linalg.LinAlgError:
             stats.skip(node, "least-squares system is singular")
             return None
-        w_new, b_new = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
-        after = _rel_err(design @ sol, y)
+        after = _rel_err(clamp(scale * (design @ sol) + offset), z_t_act)
         accepted = after < before
         if accepted:
-            if op == "Conv":
-                set_constant(w_val, w_new.T.reshape(w.shape).astype(np.float32))
-            else:
-                set_constant(w_val, (w_new.T if trans_b else w_new).astype(np.float32))
-            if b_new is not None:
-                if b_val is None:
-                    from onnxforge.ir.graph import make_initializer
-
-                    node.resize_inputs(3)
-                    node.replace_input_with(2, make_initializer(node.graph, f"{w_val.name}_bias", b_new.astype(np.float32)))
-                else:
-                    set_constant(b_val, b_new.astype(np.float32).reshape(bias.shape if bias.size == b_new.size else b_new.shape))
-        return {"layer": node.name, "op": op, "rows": int(a.shape[0]), "error_before": before,
+            self._store(node, w, w_val, b_val, bias, sol, fit_bias, trans_b)
+        return {"layer": node.name, "op": op, "rows": int(a.shape[0]), "target": tail.end,
+                "activation": tail.activation, "error_before": before,
                 "error_after": after if accepted else before, "accepted": bool(accepted)}
+
+    @staticmethod
+    def _store(node, w, w_val, b_val, bias, sol, fit_bias, trans_b) -> None:
+        w_new, b_new = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
+        if node.op_type == "Conv":
+            set_constant(w_val, w_new.T.reshape(w.shape).astype(np.float32))
+        else:
+            set_constant(w_val, (w_new.T if trans_b else w_new).astype(np.float32))
+        if b_new is None:
+            return
+        if b_val is None:
+            node.resize_inputs(3)
+            node.replace_input_with(2, make_initializer(node.graph, f"{w_val.name}_bias", b_new.astype(np.float32)))
+        else:
+            set_constant(b_val, b_new.astype(np.float32).reshape(bias.shape if bias.size == b_new.size else b_new.shape))
+
+
+def _rows(arr: np.ndarray, ch: int) -> np.ndarray:
+    """Rows = positions, columns = channels (``ch`` is the channel axis)."""
+    return np.moveaxis(arr, ch, -1).reshape(-1, arr.shape[ch])
+
+
+def _affine(tail: Tail, out_shape: tuple[int, ...], ch: int,
+            residuals: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, offset)`` with ``z = scale * y + offset``: scale per channel, offset as rows x channels."""
+    n = out_shape[ch]
+    per_channel = (n,) + (1,) * (len(out_shape) - ch - 1)
+    scale = np.ones(n)
+    offset = np.zeros(out_shape)
+    for kind, arg in tail.steps:
+        if kind == "bn":
+            g, h = arg
+            if g.shape != (n,):
+                raise ValueError(f"BatchNorm has {g.shape[0]} channels, the layer {n}")
+            scale = scale * g
+            offset = offset * g.reshape(per_channel) + h.reshape(per_channel)
+        else:
+            r = residuals[arg] if isinstance(arg, str) else arg
+            try:
+                offset = offset + np.broadcast_to(r, out_shape)
+            except ValueError:
+                raise ValueError(f"Add input of shape {r.shape} does not broadcast to {out_shape}") from None
+    return scale, _rows(offset, ch)
 
 
 def _match_channels(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
