@@ -30,8 +30,16 @@ folded filters ``W * gamma / sigma``.)
 For a Conv, ``X`` is the im2col matrix of the input (rows = output positions, columns = kept input
 channels x kernel), so the fit is exact least squares over the kept input channels: the removed
 channels' contribution is redistributed over the kept ones, and the bias absorbs the mean shift
-(bias correction). Gemm (``alpha = beta = 1``) fits ``B`` and ``C``; MatMul fits ``B`` only (it has
-no bias input). Rows are subsampled to ``max_rows``.
+(bias correction). A grouped Conv is fitted per group (group ``j``'s output channels from group
+``j``'s input channels only; a depthwise Conv: each channel from its own input channel, a
+``k*k + 1`` least squares), and there the ridge pulls the taps towards their current values
+(``+ lambda ||W - W_now||^2``) rather than towards 0: with so few inputs per channel, shrinking
+to 0 cost more than the fit gained on mobilenetv2_style. Gemm (``alpha = beta = 1``) fits ``B``
+and ``C``. MatMul fits ``B`` and a bias: folded into the constant of the ``Add`` that already
+follows it (an exported Linear on 3-D input) when that constant is per output column and not
+shared, else a new ``Add`` with a new initializer (its output keeps the MatMul output's name);
+not when the output goes into ``QuantizeLinear`` (the MatMul -> Q pattern must stay), which is
+reported in the layer's ``bias`` field and in the notes. Rows are subsampled to ``max_rows``.
 
 A layer's new weights are kept only if its error on the calibration rows went down. The relative
 error ``||act(z_student) - act(Z)|| / ||act(Z)||`` of each layer before and after is reported in
@@ -56,7 +64,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxforge.errors import CalibrationDataError, PassOptionError
-from onnxforge.ir.graph import const_value, make_initializer
+from onnxforge.ir.graph import const_value, make_initializer, unique_name
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.prune.shrink import KEPT_META, set_constant
 from onnxforge.passes.registry import register_pass
@@ -254,8 +262,6 @@ class ReconstructPass(Pass):
         if tw is None:
             return "teacher weight is not a constant"
         if node.op_type == "Conv":
-            if int(_attr(node, "group", 1)) != 1:
-                return "grouped / depthwise Conv is not re-fitted"
             if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or w.ndim != 4:
                 return "only 2-D Conv with explicit pads is re-fitted"
         if node.op_type == "Gemm" and (int(_attr(node, "transA", 0)) or _attr(node, "alpha", 1.0) != 1.0
@@ -281,19 +287,36 @@ class ReconstructPass(Pass):
         kept = node.meta.get(KEPT_META)
         op = node.op_type
         trans_b = op == "Gemm" and int(_attr(node, "transB", 0))
+        # Blocks of independent fits: (output columns, weight rows as a design matrix, function
+        # building that design's rows). One block, except for a grouped Conv: group j's outputs
+        # read only group j's inputs (a depthwise Conv: one channel, k x k taps plus bias each).
         if op == "Conv":
-            o, c, kh, kw = w.shape
-            a = im2col(x.astype(np.float64), node, (kh, kw))
-            w_mat = w.reshape(o, -1).T
+            o, ci, kh, kw = w.shape
+            groups = int(_attr(node, "group", 1))
+            if o % groups or x.shape[1] != ci * groups:
+                stats.skip(node, f"input has {x.shape[1]} channels, weight {w.shape} with group={groups}")
+                return None
+            og = o // groups
+            blocks = [(slice(j * og, (j + 1) * og), w[j * og:(j + 1) * og].reshape(og, -1).T,
+                       lambda j=j: im2col(x[:, j * ci:(j + 1) * ci].astype(np.float64), node, (kh, kw)))
+                      for j in range(groups)]
+            n_rows = im2col(x[:1, :1], node, (kh, kw)).shape[0] * x.shape[0]
         else:
-            a = x.reshape(-1, x.shape[-1]).astype(np.float64)
             w_mat = w.T if trans_b else w
-        n_out = w_mat.shape[1]
-        fit_bias = op != "MatMul"
+            a_all = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            blocks = [(slice(0, w_mat.shape[1]), w_mat, lambda: a_all)]
+            n_rows = a_all.shape[0]
+        n_out = sum(cols.stop - cols.start for cols, _, _ in blocks)
+        fit_bias, bias_note = True, ""
         if op == "Gemm" and bias is not None and bias.size not in (1, n_out):
-            fit_bias = False
+            stats.skip(node, f"Gemm bias of shape {bias.shape} is not per output channel")
+            return None
+        if op == "MatMul":
+            bias_note = _matmul_bias_unsafe(node)
+            fit_bias = not bias_note
+            if bias_note:
+                stats.note(f"{node.name}: {bias_note}")
         b_old = np.zeros(n_out) if bias is None else np.broadcast_to(bias, (n_out,)).astype(np.float64)
-        pred_old = a @ w_mat + b_old
         # z_teacher has the layer's output layout; only its channel count is the teacher's.
         ch = 1 if op == "Conv" else z_teacher.ndim - 1
         out_shape = z_teacher.shape[:ch] + (n_out,) + z_teacher.shape[ch + 1:]
@@ -303,19 +326,32 @@ class ReconstructPass(Pass):
             stats.skip(node, f"cannot follow the output to {tail.end!r}: {e}")
             return None
         z_t = _rows(z_teacher, ch)
-        if a.shape[0] != z_t.shape[0] or offset.shape[0] != z_t.shape[0]:
-            stats.skip(node, f"activation shapes do not line up ({a.shape}, {z_t.shape}, weight {w_mat.shape})")
+        if n_rows != z_t.shape[0] or offset.shape[0] != z_t.shape[0]:
+            stats.skip(node, f"activation shapes do not line up ({n_rows} rows, {z_t.shape}, weight {w.shape})")
             return None
-        if a.shape[0] > self.max_rows:
-            idx = np.sort(rng.choice(a.shape[0], self.max_rows, replace=False))
-            a, z_t, pred_old, offset = a[idx], z_t[idx], pred_old[idx], offset[idx]
+        idx = None
+        if n_rows > self.max_rows:
+            idx = np.sort(rng.choice(n_rows, self.max_rows, replace=False))
+            z_t, offset = z_t[idx], offset[idx]
+        # Keep the design matrices when they are small; a wide depthwise layer rebuilds them instead.
+        cache = sum(wb.shape[0] for _, wb, _ in blocks) * min(n_rows, self.max_rows) <= 5e7
+        designs: list[np.ndarray | None] = []
+        pred_old = np.empty((z_t.shape[0], n_out))
+        for cols, w_b, make in blocks:
+            a = make()
+            a = a if idx is None else a[idx]
+            if a.shape[1] != w_b.shape[0]:
+                stats.skip(node, f"activation shapes do not line up ({a.shape}, weight {w_b.shape})")
+                return None
+            pred_old[:, cols] = a @ w_b + b_old[cols]
+            designs.append(a if cache else None)
         if kept is None and z_t.shape[1] != n_out:
             kept = _match_channels(scale * pred_old + offset, z_t)
             stats.note(f"{node.name}: output channels paired with the teacher's by correlation (no pruning record)")
         if kept is not None:
             z_t = z_t[:, np.asarray(kept)]
-        if a.shape[1] != w_mat.shape[0] or z_t.shape[1] != n_out:
-            stats.skip(node, f"activation shapes do not line up ({a.shape}, {z_t.shape}, weight {w_mat.shape})")
+        if z_t.shape[1] != n_out:
+            stats.skip(node, f"teacher has {z_t.shape[1]} output channels for the student's {n_out}")
             return None
         z_t = z_t.astype(np.float64)
         lo, hi = tail.lo, tail.hi
@@ -323,6 +359,53 @@ class ReconstructPass(Pass):
         z_t_act = clamp(z_t)
         before = _rel_err(clamp(scale * pred_old + offset), z_t_act)
 
+        w_new = np.empty((blocks[0][1].shape[0], n_out)) if len(blocks) == 1 else None
+        conv_w = np.empty_like(w) if op == "Conv" else None
+        b_new = np.empty(n_out)
+        pred_new = np.empty_like(pred_old)
+        try:
+            for (cols, w_b, make), a in zip(blocks, designs):
+                if a is None:
+                    a = make()
+                    a = a if idx is None else a[idx]
+                # A grouped / depthwise block is shrunk towards its current taps, not towards 0:
+                # with k x k inputs per channel, shrinking to 0 costs more than the fit gains
+                # when the channel's input is already (nearly) the teacher's.
+                prior = w_b if len(blocks) > 1 else None
+                sol = self._fit(a, z_t[:, cols], scale[cols], offset[:, cols], pred_old[:, cols],
+                                fit_bias, tail, clamp, prior)
+                design = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1) if fit_bias else a
+                pred_new[:, cols] = design @ sol
+                w_b_new = sol[:-1] if fit_bias else sol
+                b_new[cols] = sol[-1] if fit_bias else 0.0
+                if conv_w is not None:
+                    conv_w[cols] = w_b_new.T.reshape((cols.stop - cols.start,) + w.shape[1:])
+                else:
+                    w_new = w_b_new
+        except np.linalg.LinAlgError:
+            stats.skip(node, "least-squares system is singular")
+            return None
+        after = _rel_err(clamp(scale * pred_new + offset), z_t_act)
+        accepted = after < before
+        if accepted:
+            w_store = conv_w if conv_w is not None else (w_new.T if trans_b else w_new)
+            set_constant(w_val, w_store.astype(np.float32))
+            if fit_bias:
+                self._store_bias(node, w_val, b_val, bias, b_new, stats)
+        row = {"layer": node.name, "op": op, "rows": int(z_t.shape[0]), "target": tail.end,
+               "activation": tail.activation, "error_before": before,
+               "error_after": after if accepted else before, "accepted": bool(accepted)}
+        if op == "Conv" and len(blocks) > 1:
+            row["groups"] = len(blocks)
+        if bias_note:
+            row["bias"] = bias_note
+        return row
+
+    def _fit(self, a: np.ndarray, z_t: np.ndarray, scale: np.ndarray, offset: np.ndarray,
+             pred_old: np.ndarray, fit_bias: bool, tail: Tail, clamp,
+             prior: np.ndarray | None = None) -> np.ndarray:
+        """Ridge (+ majorize-minimize through the clamp) solution ``[W; b]`` for one block; the
+        ridge pulls ``W`` towards ``prior`` (0 when None)."""
         design = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1) if fit_bias else a
         gram = design.T @ design
         d = a.shape[1]
@@ -331,56 +414,54 @@ class ReconstructPass(Pass):
         if fit_bias:
             reg[-1] = 0.0
         lhs = gram + np.diag(reg)
+        pull = 0.0
+        if prior is not None:
+            pull = np.zeros((design.shape[1], prior.shape[1]))
+            pull[:d] = lam * prior
         # Channels whose z does not depend on y (BatchNorm scale 0) keep their current output.
         live = np.abs(scale) > 1e-12
         safe = np.where(live, scale, 1.0)
 
         def solve(z_eff):
             y_eff = np.where(live, (z_eff - offset) / safe, pred_old)
-            return np.linalg.solve(lhs, design.T @ y_eff)
+            try:
+                return np.linalg.solve(lhs, design.T @ y_eff + pull)
+            except np.linalg.LinAlgError:
+                # e.g. a depthwise channel whose input is all zero (dead after ReLU, or pruned
+                # upstream): the minimum-norm solution leaves its taps at 0 and fits the bias.
+                return np.linalg.lstsq(lhs, design.T @ y_eff + pull, rcond=None)[0]
 
-        try:
-            sol = solve(z_t)
-            if tail.activation and self.iterations:
-                # min sum (clamp(z) - clamp(z_t))^2 by majorize-minimize: where the teacher is clamped
-                # (z_t <= lo or >= hi) any z on the same side is as good as z_t, so that row's target
-                # is the current prediction pulled back to the bound; each step is one ridge solve with
-                # the same matrix and the objective never increases.
-                below, above = z_t <= lo, z_t >= hi
-                prev = math.inf
-                for _ in range(self.iterations):
-                    z_p = scale * (design @ sol) + offset
-                    loss = float(np.sum((clamp(z_p) - z_t_act) ** 2))
-                    if loss > prev * (1 - 1e-4):
-                        break
-                    prev = loss
-                    z_eff = np.where(below, np.minimum(z_p, lo), np.where(above, np.maximum(z_p, hi), z_t))
-                    sol = solve(z_eff)
-        except np.linalg.LinAlgError:
-            stats.skip(node, "least-squares system is singular")
-            return None
-        after = _rel_err(clamp(scale * (design @ sol) + offset), z_t_act)
-        accepted = after < before
-        if accepted:
-            self._store(node, w, w_val, b_val, bias, sol, fit_bias, trans_b)
-        return {"layer": node.name, "op": op, "rows": int(a.shape[0]), "target": tail.end,
-                "activation": tail.activation, "error_before": before,
-                "error_after": after if accepted else before, "accepted": bool(accepted)}
+        sol = solve(z_t)
+        lo, hi = tail.lo, tail.hi
+        if tail.activation and self.iterations:
+            # min sum (clamp(z) - clamp(z_t))^2 by majorize-minimize: where the teacher is clamped
+            # (z_t <= lo or >= hi) any z on the same side is as good as z_t, so that row's target
+            # is the current prediction pulled back to the bound; each step is one ridge solve with
+            # the same matrix and the objective never increases.
+            z_t_act = clamp(z_t)
+            below, above = z_t <= lo, z_t >= hi
+            prev = math.inf
+            for _ in range(self.iterations):
+                z_p = scale * (design @ sol) + offset
+                loss = float(np.sum((clamp(z_p) - z_t_act) ** 2))
+                if loss > prev * (1 - 1e-4):
+                    break
+                prev = loss
+                z_eff = np.where(below, np.minimum(z_p, lo), np.where(above, np.maximum(z_p, hi), z_t))
+                sol = solve(z_eff)
+        return sol
 
     @staticmethod
-    def _store(node, w, w_val, b_val, bias, sol, fit_bias, trans_b) -> None:
-        w_new, b_new = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
-        if node.op_type == "Conv":
-            set_constant(w_val, w_new.T.reshape(w.shape).astype(np.float32))
-        else:
-            set_constant(w_val, (w_new.T if trans_b else w_new).astype(np.float32))
-        if b_new is None:
-            return
-        if b_val is None:
+    def _store_bias(node: ir.Node, w_val: ir.Value, b_val: ir.Value | None, bias: np.ndarray | None,
+                    b_new: np.ndarray, stats: PassStats) -> None:
+        b_new = b_new.astype(np.float32)
+        if b_val is not None:
+            set_constant(b_val, b_new.reshape(bias.shape if bias.size == b_new.size else b_new.shape))
+        elif node.op_type != "MatMul":
             node.resize_inputs(3)
-            node.replace_input_with(2, make_initializer(node.graph, f"{w_val.name}_bias", b_new.astype(np.float32)))
+            node.replace_input_with(2, make_initializer(node.graph, f"{w_val.name}_bias", b_new))
         else:
-            set_constant(b_val, b_new.astype(np.float32).reshape(bias.shape if bias.size == b_new.size else b_new.shape))
+            _add_matmul_bias(node, w_val, b_new, stats)
 
 
 def _rows(arr: np.ndarray, ch: int) -> np.ndarray:
@@ -432,3 +513,64 @@ def _match_channels(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
 def _rel_err(pred: np.ndarray, target: np.ndarray) -> float:
     denom = float(np.linalg.norm(target))
     return float(np.linalg.norm(pred - target) / denom) if denom > 0 else float(np.linalg.norm(pred))
+
+
+def _matmul_bias_unsafe(node: ir.Node) -> str:
+    """Why a bias ``Add`` must not follow this MatMul ("" when it may)."""
+    out = node.outputs[0]
+    readers = {u.op_type for u in out.consumers()}
+    if readers & {"QuantizeLinear", "DynamicQuantizeLinear"}:
+        return "output is quantized (a bias Add would split the MatMul -> QuantizeLinear pattern); bias not fitted"
+    if out.shape is not None and len(out.shape) == 0:
+        return "output is a scalar; bias not fitted"
+    return ""
+
+
+def _bias_add_constant(node: ir.Node) -> ir.Value | None:
+    """The constant of a bias ``Add`` that is the MatMul's only reader, when that constant is
+    per output column (shape ``(n,)`` or ``(1, ..., n)``) and read by nobody else."""
+    out = node.outputs[0]
+    users = list(out.consumers())
+    if len(users) != 1 or out.is_graph_output():
+        return None
+    add = users[0]
+    if add.op_type != "Add" or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    arr = const_value(other)
+    if arr is None or arr.dtype != np.float32 or arr.ndim == 0 or any(d != 1 for d in arr.shape[:-1]):
+        return None
+    if len(list(other.consumers())) != 1 or other.is_graph_output() or other.is_graph_input():
+        return None
+    return other
+
+
+def _add_matmul_bias(node: ir.Node, w_val: ir.Value, b: np.ndarray, stats: PassStats) -> None:
+    """``y = x W`` gets ``+ b``: folded into the bias ``Add`` that already follows (exporters write
+    Linear on 3-D input as MatMul + Add), else a new ``Add`` with a new initializer. The Add's
+    output takes the MatMul output's name (and graph-output slot), so readers by name see y + b."""
+    k = _bias_add_constant(node)
+    if k is not None:
+        old = const_value(k)
+        if old.shape[-1] == b.size:
+            set_constant(k, (old + b.reshape(old.shape)).astype(np.float32))
+            stats.count("matmul_bias_folded")
+            return
+    graph = node.graph
+    out = node.outputs[0]
+    bias_v = make_initializer(graph, f"{w_val.name}_bias", b)
+    add = ir.node("Add", inputs=[out, bias_v], num_outputs=1, name=unique_name(graph, f"{node.name}_bias"))
+    new = add.outputs[0]
+    new.type, new.shape = out.type, out.shape
+    graph.insert_after(node, add)
+    for user, idx in list(out.uses()):
+        if user is not add:
+            user.replace_input_with(idx, new)
+    outputs = graph.outputs
+    for i, v in enumerate(list(outputs)):
+        if v is out:
+            outputs[i] = new
+    name = out.name
+    out.name = unique_name(graph, f"{name}_nobias")
+    new.name = name
+    stats.count("matmul_bias_added")
