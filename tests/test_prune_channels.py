@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import numpy as np
@@ -26,26 +25,11 @@ def _copy(model: ir.Model) -> ir.Model:
 
 
 @pytest.fixture(scope="session")
-def exported(request):
-    """Zoo exports (TorchScript exporter, fast), cached in pytest's cache directory across runs."""
-    cache_dir = request.config.cache.mkdir("onnxforge-prune-zoo")
-    memo: dict[tuple, bytes] = {}
+def exported(zoo_model):
+    """Zoo exports, TorchScript exporter at opset 17 by default (fast); disk-cached by ``zoo_model``."""
 
     def get(name: str, dynamo: bool = False, opset: int = 17) -> ir.Model:
-        key = (name, dynamo, opset)
-        if key not in memo:
-            path = cache_dir / f"{name}-{'dynamo' if dynamo else 'ts'}-{opset}-v1.onnx"
-            if not path.exists():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    logging.disable(logging.WARNING)
-                    try:
-                        model = zoo.export_model(name, opset=opset, dynamo=dynamo)
-                    finally:
-                        logging.disable(logging.NOTSET)
-                path.write_bytes(ir.serde.serialize_model(model).SerializeToString())
-            memo[key] = path.read_bytes()
-        return ir.serde.deserialize_model(onnx.load_from_string(memo[key]))
+        return zoo_model(name, opset=opset, dynamo=dynamo)
 
     return get
 

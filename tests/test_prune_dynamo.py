@@ -1,6 +1,6 @@
 """prune-channels on dynamo (torch.export) graphs: attention heads as units, Split sizes rewritten.
 
-The two exports take ~45 s cold; they are cached in pytest's cache directory across runs.
+The two exports take ~45 s cold; the ``zoo_model`` fixture caches them on disk across runs.
 """
 
 from __future__ import annotations
