@@ -183,7 +183,7 @@ def list_passes(as_json: bool, verbose: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="onnxforge passes", title_justify="left", show_lines=verbose)
     table.add_column("pass", style="bold")
     table.add_column("lossless", justify="center")
