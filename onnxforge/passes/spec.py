@@ -243,15 +243,20 @@ def format_pipeline(specs: list[PassSpec]) -> str:
 # --------------------------------------------------------------------------- file form
 
 
+def read_toml(path: pathlib.Path, what: str) -> dict[str, Any]:
+    """The parsed TOML at ``path``, or a PipelineSpecError naming ``what`` is missing or malformed."""
+    if not path.is_file():
+        raise PipelineSpecError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PipelineSpecError(f"{path}: invalid TOML: {e}") from e
+
+
 def load_config(path: str | pathlib.Path) -> PipelineConfig:
     """Read ``onnxforge.toml`` (top-level keys) or ``pyproject.toml`` (``[tool.onnxforge]``)."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise PipelineSpecError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PipelineSpecError(f"{path}: invalid TOML: {e}") from e
+    data = read_toml(path, "config file")
     if path.name == "pyproject.toml":
         data = data.get("tool", {}).get("onnxforge")
         if data is None:

@@ -172,13 +172,7 @@ class CalibrationData:
     ) -> CalibrationData:
         """An ``.npz`` of arrays keyed by input names; leading axis = samples."""
         path = Path(path)
-        if not path.is_file():
-            raise CalibrationDataError(f"calibration file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-        except Exception as exc:
-            raise CalibrationDataError(f"cannot read {path} as .npz: {exc}") from exc
+        arrays = read_npz(path, "calibration file")
         return cls.from_arrays(arrays, model, batch_size=batch_size, drop_last=drop_last, source=str(path))
 
     @classmethod
@@ -357,6 +351,18 @@ def random_feeds(
 
 
 DataSource = Union[CalibrationData, str, os.PathLike, Iterable[Mapping[str, Any]], Mapping[str, np.ndarray], None]
+
+
+def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` (no pickles), or a CalibrationDataError naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"{what} not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except Exception as exc:
+        raise CalibrationDataError(f"cannot read {path} as .npz: {exc}") from exc
 
 
 def load(

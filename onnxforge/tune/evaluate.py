@@ -207,17 +207,10 @@ def sha256(data: bytes) -> str:
 
 def load_eval_data(path: str, model_inputs: list[str], metric: str) -> dict[str, np.ndarray]:
     """Read the eval ``.npz``: arrays named like the model inputs (samples first), ``labels`` for top1."""
-    import pathlib
+    from onnxforge.runtime.data import read_npz
 
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise CalibrationDataError(f"eval data not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as e:
-        raise CalibrationDataError(f"cannot read {p} as .npz: {e}") from e
-    check_eval_data(arrays, model_inputs, metric, where=str(p))
+    arrays = read_npz(path, "eval data")
+    check_eval_data(arrays, model_inputs, metric, where=str(path))
     return arrays
 
 

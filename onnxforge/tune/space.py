@@ -47,16 +47,11 @@ import dataclasses
 import itertools
 import math
 import pathlib
-import sys
 import typing
 from typing import Any
 
 from onnxforge.errors import PipelineSpecError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from onnxforge.passes.spec import read_toml
 
 NONE = "none"
 
@@ -358,12 +353,7 @@ _TOP_KEYS = {"base", "space"}
 def load_space(path: str | pathlib.Path) -> Space:
     """Read a space from a TOML file (top-level keys or a ``[tune]`` table); see the module docstring."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise PipelineSpecError(f"search space file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PipelineSpecError(f"{path}: invalid TOML: {e}") from e
+    data = read_toml(path, "search space file")
     if "tune" in data and isinstance(data["tune"], dict):
         data = data["tune"]
     elif path.name == "pyproject.toml":
