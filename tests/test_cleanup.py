@@ -8,8 +8,6 @@ optimizations disabled, fp32, rtol 1e-4).
 from __future__ import annotations
 
 import functools
-import io
-import warnings
 
 import numpy as np
 import onnx
@@ -18,6 +16,7 @@ import pytest
 
 from onnxforge.passes import create_pass
 from onnxforge.passes.cleanup import node_count
+from onnxforge.testing import zoo
 from onnxforge.testing.numerics import assert_outputs_close, random_inputs, run
 
 torch = pytest.importorskip("torch")
@@ -30,32 +29,7 @@ torch = pytest.importorskip("torch")
 def _export_bytes(name: str, dynamo: bool, opset: int) -> bytes:
     module, example = MODELS[name]()
     module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            program = torch.onnx.export(
-                module,
-                example,
-                dynamo=True,
-                optimize=False,  # keep the patterns the passes are about
-                opset_version=opset,
-                dynamic_shapes=tuple({0: torch.export.Dim("batch")} for _ in example),
-                verbose=False,
-            )
-            return ir.serde.serialize_model(program.model).SerializeToString()
-        f = io.BytesIO()
-        names = [f"x{i}" for i in range(len(example))]
-        torch.onnx.export(
-            module,
-            example,
-            f,
-            dynamo=False,
-            opset_version=opset,
-            do_constant_folding=False,  # otherwise the exporter itself folds what we test
-            input_names=names,
-            dynamic_axes={n: {0: "batch"} for n in names},
-        )
-        return f.getvalue()
+    return zoo.export_raw_bytes(module, example, dynamo=dynamo, opset=opset)
 
 
 def export(name: str, dynamo: bool = True, opset: int = 18) -> ir.Model:
@@ -174,36 +148,12 @@ MODELS = {
 }
 
 
-def constants_as_nodes(model: ir.Model) -> ir.Model:
-    """Move every initializer into a Constant node, like PaddlePaddle's exporter writes weights.
-
-    (onnxforge.testing.zoo.constants_as_nodes will replace this once it exists.)
-    """
-    graph = model.graph
-    first = next(iter(graph), None)
-    for name, value in list(graph.initializers.items()):
-        if value.is_graph_input():
-            continue
-        tensor = value.const_value
-        node = ir.node("Constant", [], attributes={"value": tensor}, outputs=[ir.Value(name=name + "_c")])
-        out = node.outputs[0]
-        out.type, out.shape = value.type, value.shape
-        if first is not None:
-            graph.insert_before(first, node)
-        else:
-            graph.append(node)
-        value.replace_all_uses_with(out)
-        del graph.initializers[name]
-        out.name = name
-    return model
-
-
 # --------------------------------------------------------------------------- lift-constants
 
 
 @pytest.mark.parametrize("dynamo,opset", [(True, 18), (False, 11)])
 def test_lift_constants_paddle_style(dynamo, opset):
-    original = constants_as_nodes(export("small_cnn", dynamo, opset))
+    original = zoo.constants_as_nodes(export("small_cnn", dynamo, opset))
     assert not original.graph.initializers
     n_const = node_count(original, "Constant")
     assert n_const >= 4
@@ -583,7 +533,7 @@ def test_passes_are_registered_with_docstrings():
 
 
 def test_full_cleanup_chain_on_torchscript_export():
-    original = constants_as_nodes(export("repeated", dynamo=False, opset=11))
+    original = zoo.constants_as_nodes(export("repeated", dynamo=False, opset=11))
     model = copy(original)
     for name in ["lift-constants", "fold-constants", "cse", "dedup-initializers", "eliminate-identity",
                  "remove-unused", "topo-sort"]:

@@ -9,8 +9,6 @@ outputs did not change (onnxruntime without optimizations, fp32, rtol 1e-4).
 from __future__ import annotations
 
 import functools
-import io
-import warnings
 
 import numpy as np
 import onnx
@@ -19,6 +17,7 @@ import pytest
 
 from onnxforge.passes import create_pass
 from onnxforge.passes.cleanup import node_count
+from onnxforge.testing import zoo
 from onnxforge.testing.numerics import assert_outputs_close, random_inputs
 
 torch = pytest.importorskip("torch")
@@ -206,32 +205,8 @@ def _export_bytes(name: str, dynamo: bool, opset: int) -> bytes:
     torch.manual_seed(0)
     module, example = MODELS[name]()
     randomize_bn(module)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            program = torch.onnx.export(
-                module,
-                example,
-                dynamo=True,
-                optimize=False,  # the exporter's own optimizer would fold BatchNorm already
-                opset_version=opset,
-                dynamic_shapes=tuple({0: torch.export.Dim("batch")} for _ in example),
-                verbose=False,
-            )
-            return ir.serde.serialize_model(program.model).SerializeToString()
-        f = io.BytesIO()
-        names = [f"x{i}" for i in range(len(example))]
-        torch.onnx.export(
-            module,
-            example,
-            f,
-            dynamo=False,
-            opset_version=opset,
-            do_constant_folding=False,  # otherwise TorchScript folds BatchNorm into Conv itself
-            input_names=names,
-            dynamic_axes={n: {0: "batch"} for n in names},
-        )
-        return f.getvalue()
+    with torch.no_grad():
+        return zoo.export_raw_bytes(module, example, dynamo=dynamo, opset=opset)
 
 
 def export(name: str, dynamo: bool = False, opset: int = 13) -> ir.Model:

@@ -756,6 +756,43 @@ def export_opset11(name: str) -> ir.Model:
     return export_model(name, opset=11, dynamo=False)
 
 
+def export_raw_bytes(module, example_inputs: tuple, *, dynamo: bool, opset: int) -> bytes:
+    """Exactly what ``torch.onnx.export`` writes, with a dynamic batch axis and none of onnxforge's
+    cleanup or torch's optimizer: tests of cleanup and folding passes need the exporter's own
+    Constant nodes, unfolded BatchNorms and shape arithmetic. Inputs are named ``x0``, ``x1``, ...
+    for the TorchScript exporter."""
+    import io
+    import warnings
+
+    torch = import_torch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(
+                module,
+                example_inputs,
+                dynamo=True,
+                optimize=False,  # its optimizer would fold BatchNorm and constants already
+                opset_version=opset,
+                dynamic_shapes=tuple({0: torch.export.Dim("batch")} for _ in example_inputs),
+                verbose=False,
+            )
+            return ir.serde.serialize_model(program.model).SerializeToString()
+        f = io.BytesIO()
+        names = [f"x{i}" for i in range(len(example_inputs))]
+        torch.onnx.export(
+            module,
+            example_inputs,
+            f,
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=False,  # otherwise the exporter itself folds BatchNorm and constants
+            input_names=names,
+            dynamic_axes={n: {0: "batch"} for n in names},
+        )
+        return f.getvalue()
+
+
 def constants_as_nodes(model: ir.Model) -> ir.Model:
     """A copy of ``model`` with every initializer turned into a ``Constant`` node (as PaddlePaddle's
     exporter writes weights); subgraphs included. The result has no initializers and the same outputs."""
