@@ -28,11 +28,18 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxforge.ir.graph import const_value
+from onnxforge.ir.graph import const_value, replace_all_uses
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.quantize.qdq import _Builder, _attr, upgrade_opset
 from onnxforge.passes.quantize.qmath import quantize_weight
 from onnxforge.passes.registry import register_pass
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    """Remove the float weights the quantized nodes replaced (nobody reads them any more)."""
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+            del graph.initializers[name]
 
 
 def matmul_candidates(
@@ -160,17 +167,10 @@ class QuantizeDynamicPass(Pass):
             last = new[-1].outputs[0]
             last.type, last.shape = out.type, out.shape
             graph.insert_after(node, new)
-            name = out.name
-            graph_output = out.is_graph_output()
-            out.replace_all_uses_with(last, replace_graph_outputs=True)
+            replace_all_uses(out, last)  # keeps a graph output's name
             graph.remove(node, safe=True)
-            if graph_output:
-                out.name = None
-                last.name = name
             stats.count(f"dynamic_{node.op_type}")
-        for name, v in list(graph.initializers.items()):
-            if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
-                del graph.initializers[name]
+        drop_unused_initializers(graph)
         stats.details["contrib_op"] = use_contrib
         return True
 

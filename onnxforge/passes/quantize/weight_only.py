@@ -25,7 +25,8 @@ import onnx_ir as ir
 
 from onnxforge.errors import PassOptionError
 from onnxforge.passes.base import Pass, PassStats
-from onnxforge.passes.quantize.dynamic import matmul_candidates
+from onnxforge.ir.graph import replace_all_uses
+from onnxforge.passes.quantize.dynamic import drop_unused_initializers, matmul_candidates
 from onnxforge.passes.quantize.qdq import _Builder
 from onnxforge.passes.registry import register_pass
 
@@ -116,14 +117,8 @@ class QuantizeWeightsInt4Pass(Pass):
             last = new.outputs[0]
             last.type, last.shape = out.type, out.shape
             graph.insert_after(node, new)
-            name, graph_output = out.name, out.is_graph_output()
-            out.replace_all_uses_with(last, replace_graph_outputs=True)
+            replace_all_uses(out, last)  # keeps a graph output's name
             graph.remove(node, safe=True)
-            if graph_output:
-                out.name = None
-                last.name = name
             stats.count(f"int4_{node.op_type}")
-        for name, v in list(graph.initializers.items()):
-            if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
-                del graph.initializers[name]
+        drop_unused_initializers(graph)
         return True
