@@ -13,6 +13,9 @@ with ``elems[i]`` the element at position ``i`` of that axis. Layouts flow forwa
   of a Mul/Add) are recorded as *cuts* -- (constant, axis, elems) -- to be sliced alike;
 * Conv/Gemm/MatMul consumers record a cut on their weight's input-channel axis and start a new space;
 * a depthwise Conv (group == C) keeps the layout (its weight and ``group`` are cut);
+* a grouped Conv (1 < group < C) keeps ``group``: position ``j`` of every channel block is tied
+  (input side and output side separately), so each block loses the same channels (see
+  ``_Sweep._grouped_conv``);
 * elementwise binary ops (residual ``Add``, squeeze-excitation ``Mul``) *tie* the two layouts
   element-wise: a union-find over elements merges them, so a removed channel is removed on both sides;
 * ``Concat`` on the channel axis concatenates layouts (offsets are implicit), ``Split`` slices them
@@ -20,6 +23,14 @@ with ``elems[i]`` the element at position ``i`` of that axis. Layouts flow forwa
 * ``Flatten``/``Reshape`` merging ``C x H x W`` into features repeats each element ``H*W`` times
   (channel ``c`` -> features ``[c*HW, (c+1)*HW)``); a ``Reshape`` splitting ``D`` into
   ``(heads, head_dim)`` ties the elements of each head together so a head is removed as a unit.
+  Reshapes are aligned from the left (equal prefixes) or, failing that, from the right (static
+  suffixes of equal size: the prefixes then hold equally many elements);
+* a packed projection ``[.., 3E] -> [.., 3, E]`` whose 3-axis is later selected (Gather / Split: q, k,
+  v of ``nn.MultiheadAttention``) ties position ``j`` of the three slices, and the channels stay on
+  the ``E`` axis; heads folded into the batch axis (``[L, B, H*d] -> [L, B*H, d]``, and back) give a
+  *tiled* layout (``Layout.tiled``) that only Transpose and Reshape accept; the ``B*H`` entry of
+  those reshapes becomes ``-1``. A head count read at run time by ``Shape`` is accepted only when
+  it lands, through Slice and Concat, at the Reshape position that carries the same heads.
 
 An equivalence class of the union-find is the unit that is pruned (a channel, a residual channel
 shared by several layers, an attention head). A *group* is a connected set of spaces; ratios apply
@@ -64,6 +75,9 @@ class Layout:
     axis: int
     rank: int
     elems: np.ndarray  # int64, len == size of the axis
+    # ``tiled``: the axis is ``batch x len(elems)`` merged (position ``p`` carries ``elems[p % n]``),
+    # as when attention heads are folded into the batch axis; only Transpose and Reshape accept it.
+    tiled: bool = False
 
 
 @dataclasses.dataclass
@@ -307,6 +321,10 @@ class _Sweep:
         self.dep = Dependency(model)
         self.dep.shapes = infer_shapes(model)
         self.protect = protect
+        # Shape reads of a channel count (Slice of Shape) that are fine only if they end up at the
+        # same position of a Reshape target shape; value -> (elems, offset in the slice, Shape node).
+        self.shape_reads: dict[ir.Value, tuple[np.ndarray, int, ir.Node]] = {}
+        self.validated_reads: set[tuple[int, int]] = set()
 
     # helpers
     def shape(self, v: ir.Value | None) -> tuple | None:
@@ -373,6 +391,10 @@ class _Sweep:
                 continue
             if not any(self.lay(v) is not None for v in node.inputs):
                 continue
+            if node.op_type not in ("Transpose", "Reshape", "Identity") and any(
+                    lay is not None and lay.tiled for lay in map(self.lay, node.inputs)):
+                self._block_inputs(node, f"attention heads merged with the batch axis reach {node.op_type}")
+                continue
             handler = getattr(self, f"_op_{node.op_type}", None)
             if handler is None:
                 if node.op_type in UNARY_PASSTHROUGH:
@@ -385,6 +407,10 @@ class _Sweep:
                 self._block_inputs(node, f"{node.op_type} is not known to preserve channels")
                 continue
             handler(node)
+        # Channel counts read by Shape must all have been matched to a Reshape (see _shape_cut).
+        for v, (elems, _, shape_node) in self.shape_reads.items():
+            if any((id(v), id(u)) not in self.validated_reads for u in v.consumers()) or v.is_graph_output():
+                self.dep.block(elems, "the channel count is read by Shape", shape_node)
         # Layouts read by anything outside the sweep (subgraph captures) or by a graph output.
         for v, layout in self.dep.layouts.items():
             if v.is_graph_output():
@@ -446,8 +472,47 @@ class _Sweep:
             self.dep.cut("group", node, None, 0, x.elems)
             self.set(node.outputs[0], Layout(1, x.rank, x.elems))
             return
+        self._grouped_conv(node, x, w, group)
+
+    def _grouped_conv(self, node: ir.Node, x: Layout | None, w: np.ndarray, group: int) -> None:
+        """A grouped Conv (1 < group, not depthwise): ``group`` stays, the same positions go in every block.
+
+        With ``G = group``, ``Ig = C_in / G`` and ``Og = C_out / G``, output channel ``g*Og + o``
+        reads input channels ``[g*Ig, (g+1)*Ig)`` only, through ``W[g*Og + o, j]`` (``j < Ig``).
+        A valid pruned Conv keeps ``G`` blocks of equal size, so every block must lose the same
+        number of input channels and of output channels. Input and output sides are independent
+        (no element of one is coupled to the other); each side ties position ``j`` of every block:
+
+            input  class j = {x[g*Ig + j] : g < G}   -> removing it drops column j of W (every row);
+            output class o = {y[g*Og + o] : g < G}   -> removing it drops rows g*Og + o of W and b.
+
+        So ``W'`` = ``W`` with kept rows and kept columns (two plain cuts), ``C_in' = G * Ig'``,
+        ``C_out' = G * Og'`` and ``group`` is unchanged (Torch-Pruning chooses the same indices per
+        group too). Pruning is exact: the removed output channels are exactly ``y[g*Og + o]``, and the
+        kept ones lose exactly the terms ``W[., j] * x[g*Ig + j]`` of the removed input channels.
+        """
+        out_c, in_per_group = w.shape[0], w.shape[1]
+        if out_c % group:
+            if x is not None:
+                self.dep.block(x.elems, f"grouped Conv (group={group}) with {out_c} output channels", node)
+            return
         if x is not None:
-            self.dep.block(x.elems, f"grouped Conv (group={group}) is not pruned", node)
+            if len(x.elems) != group * in_per_group:
+                self.dep.block(x.elems, f"grouped Conv (group={group}) input does not match its weight", node)
+            elif in_per_group == 1:
+                self.dep.block(x.elems, f"grouped Conv (group={group}) reads one input channel per group", node)
+            else:
+                if self.protected(node):
+                    self.dep.block(x.elems, f"protected: {node.name or node.op_type}", node)
+                blocks = x.elems.reshape(group, in_per_group)
+                for row in blocks[1:]:
+                    self.dep.tie(blocks[0], row)
+                self.param_cut(node, 1, 1, blocks[0], "in_weight")
+        space = self._new_out(node, out_c, 1)
+        blocks = space.elems.reshape(group, out_c // group)
+        for row in blocks[1:]:
+            self.dep.tie(blocks[0], row)
+        self._cut_out(node, space.elems, w_axis=0)
 
     def _cut_out(self, node: ir.Node, elems: np.ndarray, w_axis: int) -> None:
         self.param_cut(node, 1, w_axis, elems, "out_weight")
@@ -703,7 +768,7 @@ class _Sweep:
         x = self.lay(node.inputs[0])
         perm = self.attr(node, "perm")
         perm = list(perm) if perm is not None else list(reversed(range(x.rank)))
-        self.set(node.outputs[0], Layout(perm.index(x.axis), x.rank, x.elems))
+        self.set(node.outputs[0], dataclasses.replace(x, axis=perm.index(x.axis)))
 
     def _op_Squeeze(self, node: ir.Node) -> None:
         x = self.lay(node.inputs[0])
@@ -907,12 +972,27 @@ class _Sweep:
         end = x.rank if end is None else (int(end) + x.rank if int(end) < 0 else min(int(end), x.rank))
         if not start <= x.axis < end:
             return  # the channel count is not read
-        # Only dims other than the channel axis may be read (Gather of constant indices).
+        # Only dims other than the channel axis may be read (Gather of constant indices), or a Slice
+        # whose channel-count entry is later used where that Reshape puts the same channels.
+        reads = {}
         for user in node.outputs[0].consumers():
+            if user.op_type == "Slice":
+                span = _slice_span(user, end - start)
+                if span is not None:
+                    lo, hi = span
+                    if lo <= x.axis - start < hi:
+                        reads[user.outputs[0]] = (x.elems, x.axis - start - lo, node)
+                    continue
             idx = const_value(user.inputs[1]) if user.op_type == "Gather" and len(user.inputs) > 1 else None
             if idx is None or x.axis - start in [int(i) if i >= 0 else int(i) + end - start for i in idx.ravel()]:
                 self._block_inputs(node, "the channel count is read by Shape")
                 return
+        self.shape_reads.update(reads)
+
+    def _op_CastLike(self, node: ir.Node) -> None:
+        # Input 1 only gives the type.
+        if self.lay(node.inputs[0]) is not None:
+            self._unary(node)
 
     def _op_Flatten(self, node: ir.Node) -> None:
         x = self.lay(node.inputs[0])
@@ -938,17 +1018,26 @@ class _Sweep:
 
     def _reshape_map(self, node, x: Layout, in_shape, out_shape, shape_value) -> None:
         a = x.axis
-        pre = _dims_product(in_shape[:a])
-        if pre is None or len(in_shape) <= a or in_shape[a] != len(x.elems):
+        if x.tiled:
+            self._reshape_tiled(node, x, in_shape, out_shape, shape_value)
+            return
+        if len(in_shape) <= a or in_shape[a] != len(x.elems):
             self._block_inputs(node, f"{node.op_type}: cannot map the channel axis")
             return
         b = None
-        for j in range(len(out_shape) + 1):
-            if _dims_product(out_shape[:j]) == pre:
-                b = j
-                break
+        pre = _dims_product(in_shape[:a])
+        if pre is not None:
+            for j in range(len(out_shape) + 1):
+                if _dims_product(out_shape[:j]) == pre:
+                    b = j
+                    break
         if b is None or b >= len(out_shape) or not isinstance(out_shape[b], int):
-            self._block_inputs(node, f"{node.op_type}: cannot map the channel axis")
+            # Align from the right: when in[a:] and out[b:] are static with equal products, the
+            # prefixes hold equally many elements (a Reshape keeps the total), so the suffixes map.
+            b = _right_align(in_shape, out_shape, a)
+        if b is None or b >= len(out_shape) or not isinstance(out_shape[b], int):
+            if not self._heads_to_batch(node, x, in_shape, out_shape, shape_value):
+                self._block_inputs(node, f"{node.op_type}: cannot map the channel axis")
             return
         n, d_out = len(x.elems), out_shape[b]
         if d_out == n:
@@ -971,6 +1060,15 @@ class _Sweep:
                 self._block_inputs(node, f"{node.op_type}: channel axis is split in an unmapped way")
                 return
             blocks = x.elems.reshape(d_out, inner)
+            if shape_value is not None and self._selected_later(node.outputs[0], b):
+                # A stacked projection ([.., 3E] -> [.., 3, E], then q / k / v selected along the
+                # 3-axis): the channels live on the inner axis; position j of every slice is one
+                # class (q_j, k_j, v_j go together; the heads tie them further downstream).
+                for row in blocks[1:]:
+                    self.dep.tie(blocks[0], row)
+                if self._shape_cut(node, shape_value, b + 1, blocks[0], keep_axis=False):
+                    self.set(node.outputs[0], Layout(b + 1, len(out_shape), blocks[0].copy()))
+                return
             for row in blocks:
                 for e in row[1:].tolist():
                     self.dep.uf.union(int(row[0]), e)
@@ -979,6 +1077,112 @@ class _Sweep:
             if not self._shape_cut(node, shape_value, b, elems, keep_axis=(b == a and d_out == n)):
                 return
         self.set(node.outputs[0], Layout(b, len(out_shape), elems))
+
+    def _selected_later(self, value: ir.Value, axis: int, depth: int = 6) -> bool:
+        """Whether ``axis`` of ``value`` is indexed (Gather of a constant / Split) after moving through
+        Unsqueeze / Squeeze / Transpose: then its slices are different tensors, not channel units."""
+        if depth == 0:
+            return False
+        for user in value.consumers():
+            if not user.inputs or user.inputs[0] is not value:
+                continue
+            op, rank = user.op_type, self.rank(value)
+            if op in ("Gather", "Split"):
+                if int(self.attr(user, "axis", 0)) % max(rank or 1, 1) == axis:
+                    if op == "Split" or const_value(user.inputs[1]) is not None:
+                        return True
+                continue
+            if op == "Transpose":
+                perm = self.attr(user, "perm")
+                new = list(perm).index(axis) if perm is not None else None
+            elif op in ("Unsqueeze", "Squeeze"):
+                axes = self._axes(user, 1)
+                if not axes or rank is None:
+                    continue
+                if op == "Unsqueeze":
+                    out_rank = rank + len(axes)
+                    axes = sorted(a % out_rank for a in axes)
+                    kept = [i for i in range(out_rank) if i not in axes]
+                    new = kept[axis]
+                else:
+                    axes = [a % rank for a in axes]
+                    new = None if axis in axes else axis - sum(a < axis for a in axes)
+            else:
+                continue
+            if new is not None and self._selected_later(user.outputs[0], new, depth - 1):
+                return True
+        return False
+
+    def _heads_to_batch(self, node, x: Layout, in_shape, out_shape, shape_value) -> bool:
+        """``[.., B, H*d] -> [.., B*H, d]`` (split heads into the batch axis; torch's
+        MultiheadAttention): a head is one unit and the merged axis is a *tiled* layout.
+        ``[.., B, H, ..] -> [.., B*H, ..]`` (merge heads into the batch axis) likewise."""
+        a, n, r = x.axis, len(x.elems), len(in_shape)
+        if shape_value is None or a < 1:
+            return False
+        if _dims_product(in_shape[: a - 1]) is None:
+            return False
+        if len(out_shape) == r and out_shape[: a - 1] == in_shape[: a - 1] and a == r - 1:
+            d = out_shape[a]
+            if not isinstance(d, int) or d <= 0 or n % d or n == d:
+                return False
+            blocks = x.elems.reshape(n // d, d)
+            if not self._merged_cut(node, shape_value, a - 1, x.elems):
+                return True
+            for row in blocks:
+                for e in row[1:].tolist():
+                    self.dep.uf.union(int(row[0]), e)
+            self.set(node.outputs[0], Layout(a - 1, r, blocks[:, 0].copy(), tiled=True))
+            return True
+        if len(out_shape) == r - 1 and out_shape[: a - 1] == in_shape[: a - 1] and out_shape[a:] == in_shape[a + 1:] \
+                and all(isinstance(dim, int) for dim in in_shape[a + 1:]):
+            if self._merged_cut(node, shape_value, a - 1, x.elems):
+                self.set(node.outputs[0], Layout(a - 1, r - 1, x.elems, tiled=True))
+            return True
+        return False
+
+    def _reshape_tiled(self, node, x: Layout, in_shape, out_shape, shape_value) -> None:
+        """``[.., B*H, ..] -> [.., B, H, ..]``: the heads come back on their own axis."""
+        a, n = x.axis, len(x.elems)
+        if (shape_value is not None and len(out_shape) == len(in_shape) + 1 and out_shape[:a] == in_shape[:a]
+                and out_shape[a + 2:] == in_shape[a + 1:] and out_shape[a + 1] == n
+                and all(isinstance(dim, int) for dim in in_shape[a + 1:])):
+            if self._shape_cut(node, shape_value, a + 1, x.elems, keep_axis=False):
+                self.set(node.outputs[0], Layout(a + 1, len(out_shape), x.elems))
+            return
+        self._block_inputs(node, "attention heads merged with the batch axis are reshaped in an unmapped way")
+
+    def _merged_cut(self, node: ir.Node, shape_value: ir.Value, index: int, elems: np.ndarray) -> bool:
+        """Entry ``index`` of a Reshape shape is ``batch * heads``: it must become ``-1`` (inferred)."""
+        arr = const_value(shape_value)
+        if arr is not None:
+            entries = [int(v) for v in arr.ravel()]
+            if entries[index] == -1:
+                return True
+            if -1 not in entries and (entries[index] != 0 or int(self.attr(node, "allowzero", 0))):
+                self.dep.cut("infer", node, shape_value, index, elems, input_index=1)
+                return True
+        else:
+            producer = shape_value.producer()
+            if producer is not None and producer.op_type == "Concat" and len(shape_value.consumers()) == 1:
+                pos, target, others = 0, None, []
+                for k, piece in enumerate(producer.inputs):
+                    ps = self.shape(piece)
+                    if ps is None or len(ps) != 1 or not isinstance(ps[0], int):
+                        target = None
+                        break
+                    if pos <= index < pos + ps[0] and ps[0] == 1:
+                        target = k
+                    else:
+                        others.append(static_value(piece))
+                    pos += ps[0]
+                if target is not None and not any(o is not None and -1 in o.ravel().tolist() for o in others):
+                    val = static_value(producer.inputs[target])
+                    if val is None or int(val.ravel()[0]) != -1:
+                        self.dep.cut("infer", producer, producer.inputs[target], 0, elems, input_index=target)
+                    return True
+        self.dep.block(elems, "Reshape folds heads into a batch axis computed in an unmapped way", node)
+        return False
 
     def _shape_cut(self, node: ir.Node, shape_value: ir.Value, index: int, elems: np.ndarray, keep_axis: bool) -> bool:
         arr = const_value(shape_value)
@@ -1001,6 +1205,12 @@ class _Sweep:
                 if ps is None or len(ps) != 1 or not isinstance(ps[0], int):
                     break
                 if pos <= index < pos + ps[0]:
+                    read = self.shape_reads.get(piece)
+                    if read is not None and read[1] == index - pos and len(read[0]) == len(elems) and all(
+                            self.dep.uf.find(int(p)) == self.dep.uf.find(int(q)) for p, q in zip(read[0], elems)):
+                        # The channel count read at run time from a tensor with the same channels.
+                        self.validated_reads.add((id(piece), id(producer)))
+                        return True
                     val = static_value(piece)
                     if ps[0] == 1:
                         if val is not None and int(val.ravel()[0]) == -1:
@@ -1043,6 +1253,38 @@ def static_value(value: ir.Value | None) -> np.ndarray | None:
     if node.op_type == "Squeeze":
         return np.squeeze(x) if x.size == 1 else None
     return x  # Cast / Identity of an int shape piece keeps its value
+
+
+def _right_align(in_shape, out_shape, a: int) -> int | None:
+    """``b`` with ``prod(in_shape[a:]) == prod(out_shape[b:])``, all static; None if there is none."""
+    total = _int_product(in_shape[a:])
+    if total is None:
+        return None
+    for b in range(len(out_shape) - 1, -1, -1):
+        p = _int_product(out_shape[b:])
+        if p is None or p > total:
+            return None
+        if p == total:
+            # The first (largest) such b whose dim is not 1 carries the channel axis.
+            while b < len(out_shape) - 1 and out_shape[b] == 1:
+                b += 1
+            return b
+    return None
+
+
+def _slice_span(node: ir.Node, size: int) -> tuple[int, int] | None:
+    """``[lo, hi)`` that a Slice (constant bounds, axis 0, step 1) of a 1-D length-``size`` tensor keeps."""
+    vals = [const_value(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+            for i in range(1, 5)]
+    starts, ends, axes, steps = vals
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    if (axes is not None and int(axes.ravel()[0]) not in (0, -1)) or (steps is not None and int(steps.ravel()[0]) != 1):
+        return None
+    lo, hi = int(starts.ravel()[0]), int(ends.ravel()[0])
+    lo = max(0, lo + size) if lo < 0 else min(lo, size)
+    hi = max(0, hi + size) if hi < 0 else min(hi, size)
+    return lo, hi
 
 
 def _prod_or_none(dims):

@@ -3,7 +3,8 @@
 Given the classes to remove, every recorded :class:`~.dependency.Cut` keeps the positions whose
 element survives: ``W' = W.take(kept, axis)`` for weights, biases and BatchNorm parameters (whether
 initializers or ``Constant`` nodes), ``shape[i] = #kept`` for Reshape/Resize shape constants (a new
-constant per reader, so shared shape constants stay intact), new Split sizes, and ``group = #kept``
+constant per reader, so shared shape constants stay intact), ``shape[i] = -1`` for a ``batch x heads``
+entry of a Reshape that folds attention heads into the batch axis (cut kind ``infer``), new Split sizes, and ``group = #kept``
 for depthwise convolutions. Shapes recorded on values whose channel axis shrank are updated so that
 stale ``value_info`` cannot contradict the new weights. The result is a smaller dense model.
 
@@ -70,7 +71,7 @@ def apply(dep: Dependency, removed_roots: set[int] | np.ndarray) -> dict[str, in
     # Shape entries: a fresh constant per reader.
     shape_cuts = defaultdict(list)
     for cut in dep.cuts:
-        if cut.kind == "shape":
+        if cut.kind in ("shape", "infer"):
             shape_cuts[(cut.node, cut.input_index)].append(cut)
     for (node, idx), cuts in shape_cuts.items():
         static = static_value(node.inputs[idx])
@@ -81,7 +82,11 @@ def apply(dep: Dependency, removed_roots: set[int] | np.ndarray) -> dict[str, in
             kept = int((~removed_elem[cut.elems]).sum())
             if arr.ndim == 0:
                 arr = arr.reshape(1)
-            if static is None or int(arr.ravel()[cut.axis]) != kept:
+            if cut.kind == "infer":  # a batch x heads entry: let Reshape infer it
+                if kept != len(cut.elems) and (static is None or int(arr.ravel()[cut.axis]) != -1):
+                    arr.ravel()[cut.axis] = -1
+                    changed = True
+            elif static is None or int(arr.ravel()[cut.axis]) != kept:
                 arr.ravel()[cut.axis] = kept
                 changed = True
         if changed:
