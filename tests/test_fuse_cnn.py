@@ -228,3 +228,160 @@ def test_cnn_target_onnx_has_no_contrib_ops():
     fused, _ = _fuse(model, target="onnx", families=["cnn"])
     assert all(n.domain in ("", "ai.onnx") for n in ir.traversal.RecursiveGraphIterator(fused.graph))
     _check_close(model, fused, (2, 3, 8, 8))
+
+
+# --- FusedConvAdd: Conv + residual Add (+ activation) → FusedConv with Z (CPU) ---------------------
+
+
+def _z_convs(model: ir.Model) -> list[ir.Node]:
+    """FusedConv nodes that use the 4th (``Z``, residual) input."""
+    return [
+        n for n in model.graph
+        if n.op_type == "FusedConv" and n.domain == "com.microsoft" and len(n.inputs) == 4 and n.inputs[3] is not None
+    ]  # fmt: skip
+
+
+class ConvResidual(nn.Module):
+    """``act(conv(x) + x)`` (or ``x + conv(x)``): the Add's other operand has the Conv's shape."""
+
+    def __init__(self, act=None, bias=True, conv_first=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.act = act
+        self.conv_first = conv_first
+
+    def forward(self, x):
+        y = self.conv(x) + x if self.conv_first else x + self.conv(x)
+        return self.act(y) if self.act is not None else y
+
+
+@pytest.mark.parametrize(
+    "act, bias, conv_first, dynamo",
+    [
+        ("Relu", True, True, False),
+        ("Relu", False, False, False),  # no bias: empty bias input; Add(x, conv) order
+        ("Relu", True, False, True),  # dynamo export
+        ("LeakyRelu", True, True, False),
+        ("Clip", False, True, False),
+        ("Sigmoid", True, False, False),
+        (None, True, True, False),
+        (None, False, False, False),
+    ],
+)
+def test_conv_add_to_fused_conv_with_z(act, bias, conv_first, dynamo):
+    model = _export(ConvResidual(_ACTS[act] if act else None, bias, conv_first), (1, 4, 8, 8), dynamo=dynamo)
+    assert numerics.op_count(model, "Add") == 1
+    fused, stats = _fuse(model, rules=["FusedConvAdd"])
+    nodes = _z_convs(fused)
+    assert len(nodes) == 1 and numerics.op_count(fused, "FusedConv") == 1
+    assert nodes[0].inputs[3] is fused.graph.inputs[0]  # Z is the residual x
+    assert nodes[0].inputs[3].shape == nodes[0].outputs[0].shape
+    if act is None:
+        assert "activation" not in nodes[0].attributes
+    else:
+        assert nodes[0].attributes["activation"].as_string() == act
+        assert numerics.op_count(fused, act) == 0
+    if act == "Clip":
+        assert list(nodes[0].attributes["activation_params"].as_floats()) == [0.0, 6.0]
+    if act == "LeakyRelu":
+        assert nodes[0].attributes["activation_params"].as_floats()[0] == pytest.approx(0.1)
+    for op in ("Conv", "Add"):
+        assert numerics.op_count(fused, op) == 0
+    assert stats.counts["FusedConvAdd"] == 1
+    _check_close(model, fused, (3, 4, 8, 8))
+
+
+class ConvAddBroadcast(nn.Module):
+    """``conv(x) + x[:, :1]``: the Add broadcasts over channels, FusedConv's Z cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x[:, :1])
+
+
+def test_conv_add_broadcast_is_not_fused_and_is_a_near_miss():
+    model = _export(ConvAddBroadcast(), (1, 4, 8, 8))
+    fused, stats = _fuse(model, explain=True, rules=["FusedConvAdd"])
+    assert numerics.op_count(fused, "FusedConv") == 0
+    assert numerics.op_count(fused, "Conv") == 1 and numerics.op_count(fused, "Add") == 1
+    assert "FusedConvAdd" not in stats.counts
+    reasons = [m["reason"] for m in stats.details["near_misses"] if m["rule"] == "FusedConvAdd"]
+    assert any("does not broadcast" in r for r in reasons), reasons
+    _check_close(model, fused, (2, 4, 8, 8))
+
+
+class ConvAddSharedSum(nn.Module):
+    """The Add output feeds Relu and is an output too: the Add is fused, the Relu is kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x) + x
+        return torch.relu(y), y
+
+
+class ConvAddSharedConv(nn.Module):
+    """The Conv output is an output too: nothing to fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        c = self.conv(x)
+        return torch.relu(c + x), c
+
+
+def test_conv_add_respects_other_consumers():
+    model = _export(ConvAddSharedSum(), (1, 4, 8, 8))
+    fused, _ = _fuse(model, rules=["FusedConvAdd"])
+    nodes = _z_convs(fused)
+    assert len(nodes) == 1 and "activation" not in nodes[0].attributes
+    assert numerics.op_count(fused, "Relu") == 1
+    _check_close(model, fused, (2, 4, 8, 8))
+
+    model = _export(ConvAddSharedConv(), (1, 4, 8, 8))
+    fused, _ = _fuse(model, rules=["FusedConvAdd"])
+    assert numerics.op_count(fused, "FusedConv") == 0 and numerics.op_count(fused, "Add") == 1
+    _check_close(model, fused, (2, 4, 8, 8))
+
+
+def test_conv_add_only_for_cpu_and_opt_in():
+    model = _export(ConvResidual(nn.ReLU()), (1, 4, 8, 8))
+    assert not _z_convs(_fuse(model, target="cpu")[0])  # not in the default set
+    for target in ("cuda", "tensorrt", "onnx"):
+        fused, stats = _fuse(model, target=target, rules=["FusedConvAdd"])
+        assert numerics.op_count(fused, "FusedConv") == 0
+        assert all(n.domain in ("", "ai.onnx") for n in fused.graph)
+        assert any(n.startswith("FusedConvAdd: not applied") for n in stats.notes)
+    fused, _ = _fuse(model, target="onnx", families=["cnn"], rules=["FusedConv", "FusedConvAdd"])
+    assert all(n.domain in ("", "ai.onnx") for n in ir.traversal.RecursiveGraphIterator(fused.graph))
+
+
+@pytest.fixture(scope="module")
+def resnet_folded():
+    from onnxforge.testing import zoo
+
+    model = zoo.export_cached("resnet_style")
+    create_pass("fold-batchnorm", {}, PassContext(target="cpu"))(model)
+    return model
+
+
+def test_resnet_style_residuals_become_fused_conv_with_z(resnet_folded):
+    from onnxforge.testing import zoo
+
+    model = resnet_folded
+    assert numerics.op_count(model, "Add") == 8  # one residual Add per basic block
+    fused, stats = _fuse(model, rules=["FusedConv", "FusedConvAdd"])
+    z_nodes = _z_convs(fused)
+    assert len(z_nodes) == 8 and stats.counts["FusedConvAdd"] == 8
+    assert all(n.attributes["activation"].as_string() == "Relu" for n in z_nodes)
+    assert numerics.op_count(fused, "Add") == 0
+    assert stats.counts["FusedConv"] == 9  # stem + first conv of each block (Conv → Relu)
+    numerics.assert_outputs_close(model, fused, zoo.feeds("resnet_style", batch=2), rtol=1e-4, atol=1e-4)

@@ -55,7 +55,8 @@ class FusePass(Pass):
 
     Rewrites, per rule (``onnxforge passes`` lists them; see :data:`ALL_RULES`):
     CNN — Pad into Conv, Min/Max → Clip, successive Relu/Clip, HardSwish, Transpose/Reshape chains,
-    MatMul+Add → Gemm, Conv+activation → FusedConv (onnxruntime CPU/CUDA);
+    MatMul+Add → Gemm, Conv+activation → FusedConv (onnxruntime CPU/CUDA), Conv+Add(+activation) →
+    FusedConv with the residual input Z (onnxruntime CPU; opt-in like FusedConv);
     transformer — LayerNormalization, Gelu (erf), FastGelu (tanh), RMSNorm, SkipLayerNormalization,
     RotaryEmbedding, MultiHeadAttention, packed-QKV Attention, BiasGelu, EmbedLayerNormalization
     (token + position [+ segment] embeddings and their LayerNorm).

@@ -1,8 +1,9 @@
-"""CNN fusions: Conv+activation, HardSwish, Pad into Conv, MatMul+Add → Gemm, redundant
-Transpose/Reshape chains, Min/Max → Clip, successive Relu/Clip.
+"""CNN fusions: Conv+activation, Conv+residual Add(+activation), HardSwish, Pad into Conv,
+MatMul+Add → Gemm, redundant Transpose/Reshape chains, Min/Max → Clip, successive Relu/Clip.
 
-All but ``FusedConv`` are onnxscript's own rules (``onnxscript.rewriter.rules.common``), grouped and
-named for the report. ``FusedConv`` is written here in the same pattern style.
+All but ``FusedConv`` and ``FusedConvAdd`` are onnxscript's own rules
+(``onnxscript.rewriter.rules.common``), grouped and named for the report. Those two are written here
+in the same pattern style.
 
 ``FusedConv`` is opt-in (``fuse(rules=[FusedConv])``, not in the default set). Why only for CPU/CUDA: onnxruntime's session optimizer (level EXTENDED and above) already
 rewrites Conv+activation into ``com.microsoft.FusedConv`` on CPU, so emitting it ourselves changes
@@ -12,6 +13,18 @@ kernel (MLAS) knows Relu, LeakyRelu, Tanh, Sigmoid, Clip and HardSigmoid; SiLU (
 HardSwish have no FusedConv activation, so those Conv outputs are left alone and reported as
 near-misses. The CUDA kernel only takes Relu. TensorRT fuses on its own and cannot run contrib
 ops, so nothing is emitted for it.
+
+``FusedConvAdd`` (opt-in, target ``cpu`` only) is the residual form: ``act(Add(Conv(x, w[, b]), z))``
+or ``Add(Conv(x, w[, b]), z)`` (either operand order) → ``FusedConv(x, w, b, z[, activation])``
+using the CPU kernel's optional 4th input ``Z``: ``Y = act(Conv(x, w) + b + Z)``. ``Z`` must have
+exactly the Conv output's shape (the kernel does not broadcast), so a broadcasting Add is a reported
+near-miss; float32 only; a missing bias is passed as an empty input. At ``ORT_ENABLE_ALL``
+onnxruntime's NCHWc transformer fuses the same Add into its own Conv and produces the same graph
+from either input; at BASIC/EXTENDED it leaves the Add (its ConvAddActivationFusion also skips
+bias-less Convs). Measured (single thread, resnet_style / mobilenetv2_style at batch 1 and 8,
+ratios fused/unfused p50): 0.97–1.02 at ALL, 0.90–1.06 at BASIC/EXTENDED, i.e. no consistent
+gain beyond noise, hence opt-in. CUDA's FusedConv also takes ``Z`` but only with Relu; not
+verified here (no CUDA build of onnxruntime), so it is not emitted for CUDA.
 """
 
 from __future__ import annotations
@@ -54,40 +67,112 @@ class ConvActivationFusion(pattern.RewriteRuleClassBase):
         if x.dtype != ir.DataType.FLOAT:
             return result.fail("FusedConv is float32 only in onnxruntime", x)
         if self._activation == "Clip":
-            params = []
-            for bound in (clip_min, clip_max):
-                value = _ir_utils.get_singleton_value(bound) if bound is not None else None
-                if value is None:
-                    return result.fail("Clip bounds are not constant scalars", act.producer())
-                params.append(float(value))
+            return _check_clip_bounds(result, act, clip_min, clip_max)
         return result
 
     def rewrite(self, op, x, w, b, conv, act, clip_min=None, clip_max=None, **_):
-        attrs = {k: v for k, v in conv.producer().attributes.items()}
-        act_node = act.producer()
-        params: list[float] = []
-        if self._activation == "Clip":
-            params = [
-                float(_ir_utils.get_singleton_value(clip_min)),
-                float(_ir_utils.get_singleton_value(clip_max)),
-            ]
-        elif self._activation == "LeakyRelu":
-            params = [act_node.attributes.get_float("alpha", 0.01)]
-        elif self._activation == "HardSigmoid":
-            params = [
-                act_node.attributes.get_float("alpha", 0.2),
-                act_node.attributes.get_float("beta", 0.5),
-            ]
-        if params:
-            attrs["activation_params"] = ir.AttrFloat32s("activation_params", params)
+        attrs = dict(conv.producer().attributes.items())
+        attrs.update(_activation_attrs(self._activation, act.producer(), clip_min, clip_max))
         inputs = (x, w, b) if self._has_bias else (x, w)
-        return op.FusedConv(
-            *inputs,
-            activation=self._activation,
-            _domain="com.microsoft",
-            **{k: v for k, v in attrs.items() if k != "activation_params"},
-            **({"activation_params": params} if params else {}),
+        return op.FusedConv(*inputs, _domain="com.microsoft", **attrs)
+
+
+def _activation_attrs(activation: str | None, act_node: ir.Node | None, clip_min, clip_max) -> dict:
+    """FusedConv's ``activation`` and ``activation_params`` attributes for an ONNX activation node
+    (parameters as onnxruntime's own Conv+activation fusions read them, defaults included)."""
+    if activation is None:
+        return {}
+    params: list[float] = []
+    if activation == "Clip":
+        params = [
+            float(_ir_utils.get_singleton_value(clip_min)),
+            float(_ir_utils.get_singleton_value(clip_max)),
+        ]
+    elif activation == "LeakyRelu":
+        params = [act_node.attributes.get_float("alpha", 0.01)]
+    elif activation == "HardSigmoid":
+        params = [
+            act_node.attributes.get_float("alpha", 0.2),
+            act_node.attributes.get_float("beta", 0.5),
+        ]
+    attrs: dict = {"activation": activation}
+    if params:
+        attrs["activation_params"] = params
+    return attrs
+
+
+def _check_clip_bounds(result: pattern.MatchResult, act: ir.Value, clip_min, clip_max) -> pattern.MatchResult:
+    for bound in (clip_min, clip_max):
+        if bound is None or _ir_utils.get_singleton_value(bound) is None:
+            return result.fail("Clip bounds are not constant scalars", act.producer())
+    return result
+
+
+def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    """Statically the same shape: equal ranks, each dim the same int or the same named symbol
+    (an unnamed/unknown dim proves nothing)."""
+    if a is None or b is None or a.rank() != b.rank():
+        return False
+    for da, db in zip(a.dims, b.dims):
+        if isinstance(da, int) or isinstance(db, int):
+            if da != db:
+                return False
+        elif da.value is None or da.value != db.value:
+            return False
+    return True
+
+
+class ConvAddFusion(pattern.RewriteRuleClassBase):
+    """``[act](Add(Conv(x, w[, b]), z))`` → ``com.microsoft.FusedConv(x, w, b|"", z, activation=act)``.
+
+    onnxruntime's CPU kernel preloads the output with ``Z`` and accumulates the convolution into it
+    (GEMM with β=1), then adds the bias and applies the activation:
+    ``Y = act(Conv(x, w) + b + Z)`` — the same function, the sum in a different order (lossless up
+    to fp32 rounding). ``Z`` must have exactly the Conv output's shape (the kernel refuses to
+    broadcast), so the match requires statically equal shapes (same ints or same named dims).
+    Without a bias, the bias input is left empty (the kernel reads a missing bias as none).
+    """
+
+    def __init__(self, activation: str | None, has_bias: bool):
+        act = activation or "none"
+        super().__init__(f"FusedConvAdd_{act}{'_bias' if has_bias else ''}")
+        self._activation = activation
+        self._has_bias = has_bias
+
+    def pattern(self, op, x, w, b, z, clip_min, clip_max):
+        if self._has_bias:
+            conv = op.Conv(x, w, b, _allow_other_attributes=True, _outputs=["conv"])
+        else:
+            conv = op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv"])
+        total = op.Add(conv, z, _outputs=["total"])
+        if self._activation is None:
+            return total
+        if self._activation == "Clip":
+            return op.Clip(total, clip_min, clip_max, _outputs=["act"])
+        return getattr(op, self._activation)(total, _allow_other_attributes=True, _outputs=["act"])
+
+    def check(self, context, x, z, conv, total, act=None, clip_min=None, clip_max=None, **_):
+        result = pattern.MatchResult()
+        if x.dtype != ir.DataType.FLOAT or z.dtype != ir.DataType.FLOAT:
+            return result.fail("FusedConv's Z input is float32 only in onnxruntime's CPU kernel", x)
+        if z is conv:
+            return result.fail("Add(conv, conv): the Conv output is both operands", total.producer())
+        if not _same_shape(conv.shape, z.shape):
+            return result.fail(
+                f"Add operand shape {z.shape} is not statically the Conv output shape {conv.shape}: "
+                "FusedConv's Z input does not broadcast",
+                total.producer(),
+            )
+        if self._activation == "Clip":
+            return _check_clip_bounds(result, act, clip_min, clip_max)
+        return result
+
+    def rewrite(self, op, x, w, z, conv, b=None, act=None, clip_min=None, clip_max=None, **_):
+        attrs = dict(conv.producer().attributes.items())
+        attrs.update(
+            _activation_attrs(self._activation, act.producer() if act is not None else None, clip_min, clip_max)
         )
+        return op.FusedConv(x, w, b if self._has_bias else None, z, _domain="com.microsoft", **attrs)
 
 
 class ConvUnsupportedActivation(pattern.RewriteRuleClassBase):
@@ -119,6 +204,17 @@ def _fused_conv(target: str, opset: int) -> Sequence[Step] | str:
     rules = [ConvActivationFusion.rule(a, has_bias) for a in acts for has_bias in (True, False)]
     near = [ConvUnsupportedActivation.rule(k) for k in ("SiLU", "HardSwish")]
     return [Step(ruleset(*rules)), Step(ruleset(*near, commute=True), counted=False)]
+
+
+def _fused_conv_add(target: str, opset: int) -> Sequence[Step] | str:
+    if target != "cpu":
+        # CUDA's FusedConv takes Z too, but only with activation Relu (cuDNN's fused
+        # conv-bias-activation); not verified here, so not emitted. TensorRT/onnx: no contrib ops.
+        return f"the Conv+Add form of FusedConv is emitted for target 'cpu' only, not {target!r}"
+    with_act = [ConvAddFusion.rule(a, has_bias) for a in _CPU_ACTIVATIONS for has_bias in (True, False)]
+    plain = [ConvAddFusion.rule(None, has_bias) for has_bias in (True, False)]
+    # Two steps: Conv+Add+act first, or the plain rule would take the Add and strand the act.
+    return [Step(ruleset(*with_act, commute=True)), Step(ruleset(*plain, commute=True))]
 
 
 def _hardswish(target: str, opset: int) -> Sequence[Step] | str:
@@ -198,6 +294,17 @@ RULES: list[FusionRule] = [
         targets=ORT_TARGETS,
         # opt-in: onnxruntime makes the same FusedConv at session creation (EXTENDED level and
         # above), and bench/bench_fuse.py measured no gain from emitting it ourselves.
+        default=False,
+    ),
+    FusionRule(
+        "FusedConvAdd",
+        "cnn",
+        "Conv + Add(z) [+ Relu/LeakyRelu/Tanh/Sigmoid/Clip/HardSigmoid] → com.microsoft.FusedConv "
+        "with Z (residual; same-shape z only; CPU)",
+        _fused_conv_add,
+        targets=ORT_TARGETS,
+        # opt-in: at ORT_ENABLE_ALL onnxruntime's NCHWc transformer makes the same fusion; at BASIC/
+        # EXTENDED the measured ratios were 0.90-1.06 (no consistent gain; see the module docstring).
         default=False,
     ),
 ]
