@@ -1,7 +1,9 @@
 """Fusion benchmark: our ``O2`` (fold + ``fuse``) vs onnxruntime's transformer optimizer vs plain ORT.
 
-For each model (zoo ``bert_encoder`` from both torch exporters, at batch 1 and 8 × 128 tokens; the
-``mobilenetv3_style`` and ``yolo_style`` CNNs at batch 1 and 8), in one process, interleaved
+For each model (zoo ``bert_encoder`` — hidden 64, 4 heads, FFN 256, 2 layers — from both torch
+exporters, at batch 1 and 8 × 128 tokens; the same encoder at BERT-base width — hidden 768, 12 heads,
+FFN 3072, 2 layers — unless ``--no-wide``; the ``mobilenetv3_style`` and ``yolo_style`` CNNs at batch
+1 and 8), in one process, interleaved
 (``onnxforge.runtime.bench.bench_interleaved``), every session at ``ORT_ENABLE_ALL``:
 
 * ``plain``: the exported model as is;
@@ -9,10 +11,12 @@ For each model (zoo ``bert_encoder`` from both torch exporters, at batch 1 and 8
   (its own fusions, then ORT_ENABLE_ALL at session creation like the others);
 * ``ours``: ``Pipeline("O2", target=cpu)``.
 
-Also: fused op counts of each, ratios of p50 latency, and for CNNs whether emitting FusedConv
-ourselves changes anything at ORT_ENABLE_ALL (it should not: ORT fuses Conv+activation itself).
+Also: fused op counts of each, ratios of p50 latency, and for CNNs (``resnet_style``,
+``mobilenetv3_style``, ``yolo_style``) whether the opt-in ``FusedConv`` / ``FusedConvAdd`` rules
+(``ours+fusedconv``) change anything, at ``ORT_ENABLE_ALL`` (they should not: its NCHWc transformer
+fuses Conv+activation and Conv+residual Add itself) and at ``ORT_ENABLE_BASIC`` (``--cnn-levels``).
 
-    .venv/bin/python bench/bench_fuse.py [--quick] [--json out.json]
+    .venv/bin/python bench/bench_fuse.py [--quick] [--no-wide] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxforge.passes import PassContext
+from onnxforge.passes import PassContext, create_pass
 from onnxforge.passes.manager import Pipeline
 from onnxforge.runtime.bench import bench_interleaved
 from onnxforge.testing import numerics, zoo
@@ -62,6 +66,19 @@ def _ort_optimizer(model: ir.Model, num_heads: int, hidden: int) -> ir.Model:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             opt = optimize_model(path, model_type="bert", num_heads=num_heads, hidden_size=hidden, opt_level=0)
         return ir.from_proto(opt.model)
+
+
+def _export_encoder(hidden: int, heads: int, ffn: int, dynamo: bool) -> ir.Model:
+    """The zoo encoder at the given width, dynamic batch and sequence axes, random weights."""
+    if (hidden, heads, ffn) == (64, 4, 256):
+        return zoo.export_model("bert_encoder", dynamo=dynamo)
+    from onnxforge.torch_export import export
+
+    module = zoo.build_bert_encoder(hidden=hidden, heads=heads, ffn=ffn)
+    return export(
+        module, zoo.example_inputs("bert_encoder"), dynamo=dynamo, dynamic_batch=True,
+        dynamic_axes={"input_ids": {1: "seq"}}, input_names=["input_ids"],
+    )
 
 
 def _machine() -> str:
@@ -97,42 +114,55 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-wide", action="store_true", help="skip the BERT-base-width encoder")
+    ap.add_argument(
+        "--cnn-levels", default="all,basic",
+        help="onnxruntime optimization levels for the CNN rows (FusedConv only matters below 'all')",
+    )
     args = ap.parse_args(argv)
     rounds, per_round = (4, 3) if args.quick else (20, 5)
     rows = []
     print("machine:", _machine(), flush=True)
 
-    for dynamo in (True, False):
-        label = f"bert_encoder ({'dynamo' if dynamo else 'torchscript'})"
-        plain = zoo.export_model("bert_encoder", dynamo=dynamo)
-        ours = _ours(plain)
-        ort_opt = _ort_optimizer(plain, num_heads=4, hidden=64)
-        counts = {"plain": _counts(plain), "ort-opt": _counts(ort_opt), "ours": _counts(ours)}
-        for batch in (1, 8):
-            feeds = zoo.feeds("bert_encoder", batch=batch, seq=128)
-            numerics.assert_outputs_close(plain, ours, feeds)
-            numerics.assert_outputs_close(plain, ort_opt, feeds)
-            res = bench_interleaved(
-                {"plain": plain, "ort-opt": ort_opt, "ours": ours},
-                feeds, rounds=rounds, per_round=per_round, threads=args.threads, optimize="all",
-            )
-            rows.append(_row(label, batch, 128, res, counts))
+    encoders = [("bert_encoder", 64, 4, 256, rounds, per_round)]
+    if not args.no_wide:  # BERT-base width: MatMul-bound, fewer rounds (each run takes 40-250 ms)
+        encoders.append(("bert_encoder-768", 768, 12, 3072, max(rounds // 2, 2), max(per_round - 2, 1)))
+    for name, hidden, heads, ffn, n_rounds, n_per_round in encoders:
+        for dynamo in (True, False):
+            label = f"{name} ({'dynamo' if dynamo else 'torchscript'})"
+            plain = _export_encoder(hidden, heads, ffn, dynamo)
+            ours = _ours(plain)
+            ort_opt = _ort_optimizer(plain, num_heads=heads, hidden=hidden)
+            counts = {"plain": _counts(plain), "ort-opt": _counts(ort_opt), "ours": _counts(ours)}
+            for batch in (1, 8):
+                feeds = zoo.feeds("bert_encoder", batch=batch, seq=128)
+                numerics.assert_outputs_close(plain, ours, feeds)
+                numerics.assert_outputs_close(plain, ort_opt, feeds)
+                res = bench_interleaved(
+                    {"plain": plain, "ort-opt": ort_opt, "ours": ours},
+                    feeds, rounds=n_rounds, per_round=n_per_round, threads=args.threads, optimize="all",
+                )
+                rows.append(_row(label, batch, 128, res, counts))
 
-    for name in ("mobilenetv3_style", "yolo_style"):
-        if name not in zoo.MODELS:
-            continue
+    for name in ("resnet_style", "mobilenetv3_style", "yolo_style"):
         plain = zoo.export_model(name)
         ours = _ours(plain)
-        no_fc = _ours(plain, target="onnx")  # same minus contrib FusedConv
-        counts = {"plain": _counts(plain), "ours": _counts(ours), "ours-onnx": _counts(no_fc)}
-        for batch in (1, 8):
-            feeds = zoo.feeds(name, batch=batch)
-            numerics.assert_outputs_close(plain, ours, feeds)
-            res = bench_interleaved(
-                {"plain": plain, "ours": ours, "ours-onnx": no_fc},
-                feeds, rounds=rounds, per_round=per_round, threads=args.threads, optimize="all",
-            )
-            rows.append(_row(name, batch, None, res, counts))
+        no_fc = _ours(plain, target="onnx")  # standard ops only
+        # the opt-in contrib rules: Conv+activation and Conv+residual Add (+activation) → FusedConv
+        with_fc = ir.from_proto(ir.to_proto(ours))
+        create_pass("fuse", {"rules": ["FusedConv", "FusedConvAdd"]}, PassContext(target="cpu"))(with_fc)
+        variants = {"plain": plain, "ours": ours, "ours-onnx": no_fc, "ours+fusedconv": with_fc}
+        counts = {k: _counts(m) for k, m in variants.items()}
+        for level in args.cnn_levels.split(","):
+            for batch in (1, 8):
+                feeds = zoo.feeds(name, batch=batch)
+                numerics.assert_outputs_close(plain, with_fc, feeds)
+                res = bench_interleaved(
+                    variants, feeds, rounds=rounds, per_round=per_round, threads=args.threads, optimize=level,
+                )
+                row = _row(f"{name} @{level}", batch, None, res, counts)
+                row["ours+fusedconv/ours"] = round(res["ours+fusedconv"].p50_ms / res["ours"].p50_ms, 3)
+                rows.append(row)
 
     if args.json:
         with open(args.json, "w") as f:

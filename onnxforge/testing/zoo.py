@@ -545,10 +545,11 @@ def build_yolo_style():
 BERT_VOCAB = 1000
 
 
-def build_bert_encoder():
+def build_bert_encoder(hidden: int = 64, heads: int = 4, layers: int = 2, ffn: int = 256):
     """A 2-layer BERT-style encoder in explicit math: token + position embeddings, LayerNorm,
     self-attention as MatMul / Softmax / MatMul with 4 heads (hidden 64), a GELU feed-forward (256),
-    post-LayerNorm residuals. Input int64 token ids ``[batch, seq]``; output ``[batch, seq, 64]``."""
+    post-LayerNorm residuals. Input int64 token ids ``[batch, seq]``; output ``[batch, seq, 64]``.
+    The sizes are arguments so benchmarks can build a BERT-base-wide variant (768 / 12 / 3072)."""
     torch, nn = import_torch(), _nn()
 
     class Attention(nn.Module):
@@ -599,7 +600,7 @@ def build_bert_encoder():
             return x
 
     torch.manual_seed(0)
-    module = BertEncoder()
+    module = BertEncoder(hidden=hidden, heads=heads, layers=layers, ffn=ffn)
     with torch.no_grad():  # non-trivial LayerNorm affine parameters
         for m in module.modules():
             if isinstance(m, nn.LayerNorm):
