@@ -68,6 +68,24 @@ def test_bert_fused_op_counts(bert_fused_cpu):
     assert stats.counts["Gelu"] == 2
     assert stats.counts["BiasGelu"] == 2
     assert stats.details["fused_ops"]["com.microsoft.Attention"] == 2
+    # every projection bias ends inside a fused op: TorchScript writes Add(bias, MatMul), dynamo
+    # Add(MatMul, bias); both must reach SkipLayerNormalization's bias input (input 4)
+    assert numerics.op_count(fused, "Add") == 0
+    skips = [n for n in fused.graph if n.op_type == "SkipLayerNormalization"]
+    assert all(len(n.inputs) > 4 and n.inputs[4] is not None for n in skips)
+
+
+def test_packed_qkv_weights_are_initializers(bert_fused_cpu):
+    # the attention rule concatenates W_q, W_k, W_v (and their biases); fuse folds that Concat so no
+    # run recomputes it: Attention's weight and bias are plain initializers
+    fused, _ = bert_fused_cpu
+    attention = [n for n in fused.graph if n.op_type == "Attention"]
+    assert attention
+    for node in attention:
+        for value in node.inputs[1:3]:
+            assert value.is_initializer(), f"{node.name}: {value.name} is computed, not stored"
+            assert value.const_value is not None
+    assert numerics.op_count(fused, "Concat") == 0
 
 
 @pytest.mark.parametrize("batch,seq", [(2, 16), (3, 37)])

@@ -145,6 +145,7 @@ class FusePass(Pass):
             if n:
                 stats.count(rule.name, n)
         if any(matches.values()):
+            _fold_fused_weights(model)
             # Intermediate nodes left by rules with remove_nodes=False, then unused opsets.
             common_passes.RemoveUnusedNodesPass()(model)
             common_passes.RemoveUnusedOpsetsPass()(model)
@@ -176,11 +177,27 @@ def _prepare(model: ir.Model) -> None:
     common_passes.CommonSubexpressionEliminationPass()(model)
 
 
+def _fold_fused_weights(model: ir.Model) -> None:
+    """Fold the weight arithmetic fusions leave behind — packed-QKV ``Concat(W_q, W_k, W_v)`` and
+    its bias — into single initializers, so that no run (and no session with the optimizer off)
+    recomputes them. Forced for Concat regardless of size: when its inputs are read only there the
+    model does not grow (onnxscript's folder checks that)."""
+
+    def force_concat(node: ir.Node) -> bool | None:
+        return True if node.op_type == "Concat" and node.domain in _STANDARD_DOMAINS else None
+
+    onnxscript.optimizer.fold_constants(model, should_fold=force_concat)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+
+
 def _apply_steps(
     model: ir.Model, name: str, steps: Sequence[Step], near_misses: list[dict] | None
 ) -> int:
     count = 0
     for step in steps:
+        if isinstance(step.rules, ir.passes.PassBase):  # an analysis or cleanup between rule sets
+            step.rules(model)
+            continue
         n = step.rules.apply_to_model(model)
         if step.shape_inference and n:
             common_passes.ShapeInferencePass()(model)
@@ -195,6 +212,8 @@ def _trace(model: ir.Model, name: str, step: Step) -> list[dict]:
     """Near-misses of one step: onnxscript's MatchingTracer keeps each pattern's best partial
     matches; we report those that failed a check or a replacement, or matched at least three ops of
     the pattern before failing. Grouped by (pattern, reason) with the root nodes listed."""
+    if isinstance(step.rules, ir.passes.PassBase):
+        return []
     tracer = _basics.MatchingTracer()
     step.rules.apply_to_model(model, tracer=tracer)  # with a tracer, nothing is rewritten
     groups: dict[tuple[str, str, str], dict] = {}

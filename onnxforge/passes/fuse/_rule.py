@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 ORT_TARGETS = frozenset({"cpu", "cuda", "tensorrt"})
@@ -19,14 +20,15 @@ ALL_TARGETS = frozenset({"cpu", "cuda", "tensorrt", "onnx"})
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One onnxscript rule set applied to the whole model.
+    """One onnxscript rule set applied to the whole model — or an onnx_ir pass run between rule
+    sets (an analysis such as symbolic shape inference, or a cleanup), which matches nothing.
 
     ``counted``: whether its matches count towards the rule's total (helper steps do not).
     ``shape_inference``: run shape inference after it (rules that add nodes whose shapes later rules
     check, as onnxscript's ``fuse_sdpa`` does).
     """
 
-    rules: pattern.RewriteRuleSet
+    rules: pattern.RewriteRuleSet | ir.passes.PassBase
     counted: bool = True
     shape_inference: bool = False
 

@@ -13,17 +13,27 @@ Mostly onnxscript's ``ort_fusions`` (the rules behind ``fuse_xformers``), applie
 * ``EmbedLayerNormalization`` (onnxscript has no rule for it): token Gather + position embeddings
   (a Gather by position ids, or a constant table) [+ segment Gather] + LayerNormalization, as
   onnxruntime's transformer optimizer fuses it.
+* torch's SDPA decomposition as the TorchScript exporter writes it (Hugging Face BERT with an
+  ``attention_mask``): q and k each scaled by ``d^-1/4`` and a ``Where(mask, 0, -inf)`` additive
+  bias are already matched by onnxscript's SDPA rule; what blocks it is (1) ONNX shape inference
+  losing the head count and the mask shape in the exporter's shape arithmetic (fixed by
+  :class:`SymbolicShapeInferencePass`), (2) a no-op ``Reshape`` between SDPA and the heads' merge
+  (:class:`NoOpReshape`), (3) the NaN guard ``Where(IsNaN(softmax), 0, softmax)``, which onnxscript
+  would drop although onnxruntime's fused attention returns NaN for a fully masked row; we move it
+  after the fused op instead (:class:`NanGuardPastMatMul`, :class:`NanGuardPastLayout`).
 * For target ``onnx``: GELU becomes the standard ``Gelu`` (opset 20), RMSNorm and rotary embedding
   the opset-23 standard ops, LayerNormalization the opset-17 one; nothing else.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import (
     attention,
@@ -43,6 +53,8 @@ from onnxscript.rewriter.ort_fusions import (
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization, _rotary_embedding
 
 from onnxforge.passes.fuse._rule import ORT_TARGETS, FusionRule, Step, ruleset
+
+logger = logging.getLogger(__name__)
 
 _SQRT_TWO = math.sqrt(2.0)
 _SQRT_TWO_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -185,11 +197,21 @@ def _rms_steps(target: str, opset: int) -> Sequence[Step] | str:
 
 class SkipLayerNormFusion(skip_normalization.SkipLayerNormFusion):
     """onnxscript's rule, with the pre-added bias in either operand order (``RewriteRuleSet(commute=
-    True)`` cannot be used: it fails on the rule's untagged ``OrValue``)."""
+    True)`` cannot be used: it fails on the rule's untagged ``OrValue``).
+
+    The pre-added bias order is a rule parameter (``bias_first``), not an ``OrValue``: both operands
+    are plain variables, so ``OrValue([Add(input, bias), Add(bias, input)])`` always takes the first
+    alternative, binds the 1-D bias as ``input`` on the TorchScript exporter's ``Add(bias, MatMul)``,
+    fails the shape check without trying the other order, and the bias-less rule then fuses the
+    LayerNorm leaving the bias ``Add`` outside."""
+
+    def __init__(self, name: str, has_bias: bool = False, bias_pre_add: bool = False, bias_first: bool = False):
+        super().__init__(name, has_bias=has_bias, bias_pre_add=bias_pre_add)
+        self._bias_first = bias_first
 
     def pattern(self, op, input, skip, gamma, beta, bias):
         if self._has_bias and self._bias_pre_add:
-            input = pattern.OrValue([op.Add(input, bias), op.Add(bias, input)])
+            input = op.Add(bias, input) if self._bias_first else op.Add(input, bias)
         skip_sum = pattern.OrValue([op.Add(skip, input), op.Add(input, skip)], name="skip_sum")
         if self._has_bias and not self._bias_pre_add:
             skip_sum = pattern.OrValue([op.Add(skip_sum, bias), op.Add(bias, skip_sum)])
@@ -204,6 +226,9 @@ def _skip_ln_steps(target: str, opset: int) -> Sequence[Step] | str:
         Step(
             ruleset(
                 SkipLayerNormFusion.rule("SkipLayerNormPreBias", has_bias=True, bias_pre_add=True),
+                SkipLayerNormFusion.rule(
+                    "SkipLayerNormPreBiasFirst", has_bias=True, bias_pre_add=True, bias_first=True
+                ),
                 SkipLayerNormFusion.rule("SkipLayerNormBias", has_bias=True, bias_pre_add=False),
                 SkipLayerNormFusion.rule("SkipLayerNorm", has_bias=False),
             )
@@ -230,10 +255,235 @@ def _rotary_steps(target: str, opset: int) -> Sequence[Step] | str:
     ]
 
 
+def _single_zero(value: ir.Value, like: ir.Value) -> str | None:
+    """Why ``value`` is not a one-element zero constant that broadcasts into ``like`` unchanged."""
+    const = value.const_value
+    if const is None:
+        return "replacement is not a constant"
+    array = const.numpy()
+    if array.size != 1 or array.item() != 0:
+        return "replacement is not a single zero"
+    if like.shape is None or len(like.shape) < array.ndim:
+        return "cannot prove the zero constant does not widen the output"
+    return None
+
+
+class NanGuardPastMatMul(pattern.RewriteRuleClassBase):
+    """``MatMul(Where(IsNaN(P), 0, P), V)`` with ``P = Softmax(S, axis=-1)`` →
+    ``Where(IsNaN(Y), 0, Y)`` with ``Y = MatMul(P, V)``: the NaN guard of torch's SDPA
+    decomposition (``_safe_softmax``), moved from the probabilities to the attention output.
+
+    Why: onnxscript's SDPA rule matches the guard and drops it, which is not lossless. A softmax
+    row is NaN throughout or nowhere (one ``-inf - -inf`` or NaN poisons the row's max and sum), and
+    it is NaN exactly when every key of the row is masked by ``-inf`` (a padding mask whose sequence
+    is all padding) or the scores hold NaN/+inf. The guard turns such a row into zeros, so that
+    query's output is ``0·V = 0``; onnxruntime's fused attention returns NaN there (checked in
+    tests/test_fuse_hf_bert.py). Moved past the MatMul, the guard keeps that result:
+
+    * P row all NaN → ``Y`` row = NaN·V = NaN → guarded to 0 = the original ``0·V``;
+    * P row NaN-free → ``Y`` row unchanged (NaN-free when ``V`` is finite).
+
+    Exact when ``V`` is finite; if ``V`` holds NaN/inf, rows where the original yields NaN become 0.
+    The guard then commutes through the heads' Transpose/Reshape (:class:`NanGuardPastLayout`) so
+    the unguarded SDPA/MultiHeadAttention/Attention fusions match, and stays after the fused op.
+    The new guard uses a scalar zero (the exporter's ``[1]``-shaped ``[0.]`` broadcasts the same).
+    """
+
+    def __init__(self):
+        super().__init__("NanGuardPastMatMul")
+
+    def pattern(self, op, p, zero, v):
+        return op.MatMul(op.Where(op.IsNaN(p), zero, p), v)
+
+    def check(self, context, p, zero, v, **_):
+        result = pattern.MatchResult()
+        softmax = p.producer()
+        if softmax is None or softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx"):
+            return result.fail("guarded value is not a Softmax output", p)
+        if (reason := _single_zero(zero, p)) is not None:
+            return result.fail(reason, zero)
+        axis = softmax.attributes.get_int("axis", -1)
+        rank = len(p.shape)
+        if axis not in (-1, rank - 1):
+            return result.fail("Softmax is not over the last axis (the MatMul's reduction axis)", p)
+        return result
+
+    def rewrite(self, op, v, p, zero, **_):
+        y = op.MatMul(p, v)
+        scalar = op.Constant(value=ir.tensor(zero.const_value.numpy().reshape(())))
+        return op.Where(op.IsNaN(y), scalar, y)
+
+
+class NanGuardPastLayout(pattern.RewriteRuleClassBase):
+    """``Transpose|Reshape(Where(IsNaN(x), 0, x))`` → ``Where(IsNaN(y), 0, y)`` with
+    ``y = Transpose|Reshape(x)``: an element-wise map commutes with ops that only move elements.
+    Exact (bit-identical). Moves the attention NaN guard past the heads' merge so onnxscript's
+    MultiHeadAttention pattern (SDPA → Transpose → Reshape) sees no op in between."""
+
+    def __init__(self, name: str, op_type: str):
+        super().__init__(name)
+        self._op_type = op_type
+
+    def pattern(self, op, x, zero, shape):
+        guarded = op.Where(op.IsNaN(x), zero, x)
+        if self._op_type == "Transpose":
+            return op.Transpose(guarded, _allow_other_attributes=True, _outputs=["moved"])
+        return op.Reshape(guarded, shape, _allow_other_attributes=True, _outputs=["moved"])
+
+    def check(self, context, x, zero, **_):
+        result = pattern.MatchResult()
+        const = zero.const_value
+        if const is None or const.numpy().ndim != 0 or const.numpy().item() != 0:
+            return result.fail("replacement is not a scalar zero", zero)
+        return result
+
+    def rewrite(self, op, x, zero, shape, moved, **_):
+        node = moved.producer()
+        inputs = [x] if self._op_type == "Transpose" else [x, shape]
+        y = getattr(op, self._op_type)(*inputs, **node.attributes)
+        return op.Where(op.IsNaN(y), zero, y)
+
+
+class NoOpReshape(pattern.RewriteRuleClassBase):
+    """``Reshape(x, shape)`` → ``x`` when the output's shape provably equals ``x``'s.
+
+    torch's TorchScript exporter reshapes the SDPA result ``[B, H, S, d]`` to ``[B, -1, S, d]``
+    before the heads are merged; that Reshape sits between onnxscript's SDPA op and the Transpose
+    its MultiHeadAttention pattern expects. A Reshape keeps the elements in row-major order, so
+    when input and output shapes are equal dim by dim (known integers, or the same symbolic name
+    on both sides) it is the identity. Lossless. Both shapes must be fully known: a dim without a
+    name proves nothing.
+    """
+
+    def __init__(self):
+        super().__init__("NoOpReshape")
+
+    def pattern(self, op, x, shape):
+        return op.Reshape(x, shape, _allow_other_attributes=True, _outputs=["y"])
+
+    def check(self, context, x, shape, y, **_):
+        result = pattern.MatchResult()
+        if x.shape is None or y.shape is None:
+            return result.fail("input or output shape unknown", y)
+        if len(x.shape) != len(y.shape):
+            return result.fail("rank changes", y)
+        for a, b in zip(x.shape, y.shape):
+            if not _is_int(a) and (a.value is None or not _is_int(b) and b.value is None):
+                return result.fail("a dim has no name: equality cannot be proved", y)
+            if a != b:
+                return result.fail(f"dims differ ({a} vs {b})", y)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return x
+
+
+class SymbolicShapeInferencePass(ir.passes.InPlacePass):
+    """Annotate value shapes with onnxruntime's symbolic shape inference (the analysis
+    onnxruntime's own transformer optimizer runs before its fusions). Changes no node. Run as a
+    helper step before the attention rules (a :class:`~._rule.Step` may hold a pass).
+
+    Why: onnxscript's SDPA/MHA rules prove head counts and mask shapes by comparing symbolic dims.
+    ONNX shape inference gives up on the TorchScript exporter's dynamic shape arithmetic
+    (``Reshape(x, Concat(B, S, -1, d))`` for heads, the Range/Gather/Expand chain of Hugging Face's
+    padding mask) and writes a fresh ``unk__N`` for each such dim, so no check can pass. The
+    symbolic analysis carries ``batch``/``seq`` through that arithmetic (``-1`` → ``64/16 = 4``,
+    mask → ``[batch, 1, seq, seq]``).
+
+    Soundness: known integer dims are never changed (a value whose inferred shape contradicts
+    one is left as it was); only unknown dims get names. onnxruntime's analysis runs with
+    ``auto_merge`` (as its optimizer does): where two different symbolic dims meet in a broadcast
+    it assumes them equal rather than one of them being 1 (merges are logged at INFO; on the HF
+    BERT graph the only one is ``Min(128, seq) = seq``, the position-id slice, which holds for
+    every sequence the model accepts). If such an assumption were false for some model, a rule
+    reading the shapes could be wrong: :class:`NoOpReshape` could drop a Reshape that changes the
+    shape (later ops would then see wrong shapes and most likely fail at run time), or an
+    attention bias broadcast along the query axis could be passed as a full one (onnxruntime
+    checks the bias shape when the op runs). The fused outputs are compared with the original
+    ones in tests/test_fuse_hf_bert.py at two sequence lengths.
+    """
+
+    # weights are passed to the analysis as typed graph inputs, not data, above this many elements
+    _MAX_CONST_ELEMENTS = 1024
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not any(node.op_type == "Softmax" for node in model.graph):
+            return ir.passes.PassResult(model, False)  # no attention to fuse: skip the analysis
+        try:
+            from onnxruntime.tools import symbolic_shape_infer as ssi
+        except ImportError:  # pragma: no cover - onnxruntime is a core dependency
+            logger.info("fuse: onnxruntime symbolic shape inference unavailable; skipped")
+            return ir.passes.PassResult(model, False)
+        proto = ir.to_proto(model)
+        del proto.graph.value_info[:]  # infer from scratch: no stale unk__N names
+        for init in list(proto.graph.initializer):
+            if np.prod(init.dims, dtype=np.int64) > self._MAX_CONST_ELEMENTS:
+                proto.graph.initializer.remove(init)
+                if not any(i.name == init.name for i in proto.graph.input):
+                    proto.graph.input.append(
+                        ssi.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                    )
+        try:
+            # SymbolicShapeInference.infer_shapes's own loop, without its dump of a temporary
+            # model into the working directory when inference is incomplete
+            inference = ssi.SymbolicShapeInference(2**31 - 1, True, False, 0)
+            inference._preprocess(proto)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+            inferred = inference.out_mp_
+        except Exception as e:  # noqa: BLE001 - an analysis failure only means fewer fusions
+            logger.info("fuse: symbolic shape inference failed (%s); shapes left as they are", e)
+            return ir.passes.PassResult(model, False)
+        if inference.suggested_merge_:
+            logger.info("fuse: symbolic shape inference assumed equal: %s", inference.suggested_merge_)
+        shapes, shapes_dtype = {}, {}
+        for info in [*inferred.graph.value_info, *inferred.graph.output]:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                shapes[info.name] = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in info.type.tensor_type.shape.dim
+                ]
+                shapes_dtype[info.name] = info.type.tensor_type.elem_type
+        modified = False
+        for node in model.graph:
+            for value in node.outputs:
+                new = shapes.get(value.name)
+                if new is None or None in new:
+                    continue
+                old = value.shape
+                if old is not None:
+                    if len(old) != len(new) or any(
+                        _is_int(a) and a != b for a, b in zip(old, new)
+                    ):
+                        continue  # contradicts a known dim: keep ours
+                if value.shape != ir.Shape(new):
+                    value.shape = ir.Shape(new)
+                    modified = True
+                if value.dtype is None and shapes_dtype.get(value.name):
+                    value.dtype = ir.DataType(shapes_dtype[value.name])
+        return ir.passes.PassResult(model, modified)
+
+
+_guard_past_layout = ruleset(
+    NanGuardPastLayout.rule("NanGuardPastTranspose", "Transpose"),
+    NanGuardPastLayout.rule("NanGuardPastReshape", "Reshape"),
+)
+
+
 def _mha_steps(target: str, opset: int) -> Sequence[Step] | str:
     # SDPA is onnxscript's intermediate op (domain ai.onnxruntime._fusion); every SDPA not turned
     # into MultiHeadAttention by the mha rules is lowered to it by sdpa_via_mha, so none survives.
     return [
+        Step(SymbolicShapeInferencePass(), counted=False),
+        # before anything runs ONNX shape inference again (it knows no SDPA op and would drop the
+        # symbolic shapes NoOpReshape reads)
+        Step(ruleset(NanGuardPastMatMul.rule()), counted=False),
+        Step(ruleset(NoOpReshape.rule()), counted=False),
+        # the Shape/Gather/Concat chains that fed the removed Reshapes would count as other uses
+        Step(common_passes.RemoveUnusedNodesPass(), counted=False),
+        Step(_guard_past_layout, counted=False),
+        Step(_guard_past_layout, counted=False),  # Transpose, then the Reshape after it
         Step(sdpa.sdpa_rules, counted=False, shape_inference=True),
         Step(mha.mha_rules_with_past),
         Step(mha.mha_rules_no_past),
