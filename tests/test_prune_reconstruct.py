@@ -154,3 +154,33 @@ def test_matmul_into_quantizelinear_fits_no_bias():
     assert row["accepted"] and "QuantizeLinear" in row["bias"]
     assert any("bias not fitted" in note for note in result.stats.notes)
     assert [n.op_type for n in student.graph] == ["MatMul", "QuantizeLinear", "DequantizeLinear"]
+
+
+def test_student_values_match_a_full_run_after_a_refit(zoo_model):
+    # reconstruct computes each layer's input incrementally (only the nodes after the cached values);
+    # after a weight change + invalidate, the values must be those of a whole-model run, exactly.
+    from onnxforge.passes.prune.reconstruct import StudentValues
+    from onnxforge.passes.prune.shrink import set_constant
+    from onnxforge.runtime.activations import collect
+
+    model = _copy(zoo_model("mobilenetv2_style"))
+    calib = CalibrationData.from_iterable([zoo.feeds("mobilenetv2_style", batch=2, seed=20 + i) for i in range(2)])
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    first, later = convs[2], convs[-1]
+    names = [first.inputs[0].name, later.inputs[0].name]
+    student = StudentValues(model, calib, None)
+    before = student.get(names)
+    stale = [a.copy() for a in before[names[1]]]
+    nodes_first = student.runs["nodes"]
+    w = first.inputs[1]
+    set_constant(w, (w.const_value.numpy() * 1.5).astype(np.float32))
+    student.invalidate(first)
+    got = student.get(names)
+    ref = collect(model, calib, names)
+    assert student.runs["full"] == 0 and student.runs["subgraph"] == 2
+    # The second request starts from the cached input of ``first``, not from the graph input.
+    assert 0 < student.runs["nodes"] - nodes_first < nodes_first
+    assert not np.array_equal(stale[0], ref[names[1]][0])
+    for name in names:
+        for a, b in zip(got[name], ref[name]):
+            np.testing.assert_array_equal(a, b)
