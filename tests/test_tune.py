@@ -1,7 +1,7 @@
 """``onnxforge tune`` and ``onnxforge sensitivity``: the space, the search, the cache, the outputs.
 
 On the digits CNN (examples/digits_cnn.onnx): tune returns a model within --max-drop on held-back
-data, the front has >= 3 points, ``optimize --config`` rebuilds it bit for bit, a resumed finished
+data, the front has >= 2 points, ``optimize --config`` rebuilds it bit for bit, a resumed finished
 run evaluates nothing, and ``--jobs 2`` gives the same front as ``--jobs 1`` (with the deterministic
 size objective). Speed is shown on a wide MLP where pruning is clearly faster (the digits CNN is
 ~60 µs per sample, where onnxruntime's per-call overhead dominates).
@@ -152,7 +152,9 @@ def test_tune_digits_meets_budget_reproduces_and_resumes(digits_files):
     assert report["evaluations"] == 6 and report["cache_hits"] == 0
     chosen = report["chosen"]
     assert chosen is not None and chosen["drop"] <= 1.0
-    assert len(report["front"]) >= 3, report["front"]
+    # int8 is as accurate as float on digits (7-bit weights where uint8 x int8 would saturate), so
+    # it dominates the unquantized pipelines: the front is int8 plus the pruned+int8 points
+    assert len(report["front"]) >= 2, report["front"]
     assert (out / "pareto.png").stat().st_size > 1000
     assert report["reproduced"] is True
 

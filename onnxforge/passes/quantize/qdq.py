@@ -45,7 +45,10 @@ from onnxforge.passes.quantize.qmath import (
     QParams,
     activation_qparams,
     quantize_bias,
+    WEIGHT_QMAX,
+    WEIGHT_QMAX_REDUCED,
     quantize_weight,
+    u8s8_saturation_risk,
     weight_qparams,
     weight_scale_floor,
 )
@@ -511,6 +514,16 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
         floor = weight_scale_floor(const_value(node.inputs[info.bias_input]), x_scale,
                                    per_channel=info.weight_axis is not None)
         floors[key] = floor if key not in floors else np.maximum(floors[key], floor)
+    # 7-bit weights behind a uint8 input centred away from 0 (onnxruntime's u8s8 kernels would
+    # saturate int16 pair sums there; see qmath.u8s8_saturation_risk). Only for onnxruntime's
+    # integer kernels (int32 bias), over every node sharing the weight.
+    reduced: set[tuple[str, int | None]] = set()
+    if plan.int32_bias:
+        for idx in sorted(plan.chosen):
+            info = infos[idx]
+            node = nodes[idx]
+            if info.role == "weighted" and u8s8_saturation_risk(_dq_zero_point(node.inputs[0])):
+                reduced.add((node.inputs[info.weight_input].name, info.weight_axis))
     w_cache: dict[tuple[str, int | None], ir.Value] = {}
     for idx in sorted(plan.chosen):
         info = infos[idx]
@@ -522,8 +535,13 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
         key = (w.name, axis)
         if key not in w_cache:
             wv = const_value(w)
-            wq, wqp = quantize_weight(wv, axis, floors.get(key))
-            raised = _raised_channels(wv, axis, wqp)
+            qmax = WEIGHT_QMAX_REDUCED if key in reduced else WEIGHT_QMAX
+            wq, wqp = quantize_weight(wv, axis, floors.get(key), qmax)
+            if key in reduced and stats:
+                stats.count("weights_7bit")
+                stats.note(f"{node.name}: 7-bit weights (its uint8 input's zero point is high; 8-bit would "
+                           "saturate onnxruntime's u8s8 int16 sums on CPUs without VNNI)")
+            raised = _raised_channels(wv, axis, wqp, qmax)
             if raised and stats:
                 stats.count("weight_scales_raised_for_bias", raised)
                 stats.note(f"{node.name}: weight scale raised on {raised} channel(s) so the int32 bias fits "
@@ -572,9 +590,17 @@ def _dq_scale(x: ir.Value | None) -> np.ndarray | None:
     return const_value(p.inputs[1])
 
 
-def _raised_channels(w: np.ndarray, axis: int | None, qp: QParams) -> int:
-    """How many channels of ``w`` got a scale above ``max|w| / 127`` (the int32-bias floor)."""
-    natural = weight_qparams(w, axis).scale
+def _dq_zero_point(x: ir.Value | None) -> np.ndarray | None:
+    """The zero point of the DequantizeLinear producing ``x`` (None if there is none)."""
+    p = x.producer() if x is not None else None
+    if p is None or p.op_type != "DequantizeLinear" or len(p.inputs) < 3 or p.inputs[2] is None:
+        return None
+    return const_value(p.inputs[2])
+
+
+def _raised_channels(w: np.ndarray, axis: int | None, qp: QParams, qmax: int = WEIGHT_QMAX) -> int:
+    """How many channels of ``w`` got a scale above ``max|w| / qmax`` (the int32-bias floor)."""
+    natural = weight_qparams(w, axis, qmax=qmax).scale
     return int(np.count_nonzero(qp.scale > natural))
 
 
