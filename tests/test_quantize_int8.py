@@ -233,6 +233,21 @@ def test_exclude_keeps_node_float(digits):
     assert any(s.op_type == "Gemm" and "exclude" in s.reason for s in r.stats.skipped)
 
 
+def test_exclude_by_name_survives_batchnorm_folding(zoo_model):
+    # quantize-int8 folds BatchNorm first; the folded Conv keeps its name, so exclude still finds it
+    from onnxforge.testing import zoo
+
+    model = zoo_model("resnet_style")
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert any(n.op_type == "BatchNormalization" for n in model.graph)
+    calib = [zoo.feeds("resnet_style", batch=2, seed=i) for i in range(2)]
+    r = quantize(model, calib, exclude=[conv.name])
+    assert r.stats.counts.get("batchnorm_folded", 0) >= 1
+    kept = next(n for n in r.model.graph if n.name == conv.name)
+    assert kept.op_type == "Conv" and kept.inputs[1].producer() is None  # float weight, no DequantizeLinear
+    assert sum(n.op_type == "Conv" and n.inputs[1].producer() is not None for n in r.model.graph) >= 1
+
+
 def test_requires_calibration_data(digits):
     p = create_pass("quantize-int8", {}, PassContext())
     with pytest.raises(Exception) as info:

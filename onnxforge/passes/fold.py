@@ -286,12 +286,45 @@ class FoldBatchNormPass(Pass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         rules = batchnorm_rules()
         before = node_count(model, "BatchNormalization")
+        where = _batchnorm_readers(model)
         applied = apply_rules(rules, model, stats)
+        _restore_producer_names(model, where)
         for node in all_nodes(model):
             if node.op_type == "BatchNormalization":
                 stats.skip(node, _explain(why_not_matched(rules, model, node)))
         stats.count("batchnorm_folded", before - node_count(model, "BatchNormalization"))
         return applied > 0
+
+
+def _batchnorm_readers(model: ir.Model) -> list[tuple[str, list[tuple[ir.Node | None, int]]]]:
+    """For each BatchNormalization after a named node: that name and where the BN's output is read
+    (``(node, input index)``, or ``(None, graph output index)``)."""
+    found = []
+    for bn in model.graph:
+        producer = bn.inputs[0].producer() if bn.op_type == "BatchNormalization" and bn.inputs else None
+        if producer is None or not producer.name:
+            continue
+        readers: list[tuple[ir.Node | None, int]] = [(user, idx) for user, idx in bn.outputs[0].uses()]
+        readers += [(None, i) for i, out in enumerate(model.graph.outputs) if out is bn.outputs[0]]
+        found.append((producer.name, readers))
+    return found
+
+
+def _restore_producer_names(model: ir.Model, where) -> None:
+    """Give each folded layer its original node name back (onnxscript's rewriter names new nodes
+    itself), so options that name nodes — ``exclude``, ``protect``, ``layers`` — still find them."""
+    taken = {node.name for node in model.graph}
+    for name, readers in where:
+        if not readers:
+            continue
+        node, idx = readers[0]
+        value = model.graph.outputs[idx] if node is None else node.inputs[idx]
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type == "BatchNormalization" or producer.name == name:
+            continue  # not folded, or already named
+        if name not in taken:
+            producer.name = name
+            taken.add(name)
 
 
 # --------------------------------------------------------------------------- fold-affine
