@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-wide", action="store_true", help="skip the BERT-base-width encoder")
+    ap.add_argument("--only", choices=("encoders", "cnns"), help="run one half (e.g. on two core sets at once)")
     ap.add_argument(
         "--cnn-levels", default="all,basic",
         help="onnxruntime optimization levels for the CNN rows (FusedConv only matters below 'all')",
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
     rows = []
     print("machine:", _machine(), flush=True)
 
-    encoders = [("bert_encoder", 64, 4, 256, rounds, per_round)]
-    if not args.no_wide:  # BERT-base width: MatMul-bound, fewer rounds (each run takes 40-250 ms)
+    encoders = [] if args.only == "cnns" else [("bert_encoder", 64, 4, 256, rounds, per_round)]
+    if not args.no_wide and args.only != "cnns":  # BERT-base width: MatMul-bound, fewer rounds (each run takes 40-250 ms)
         encoders.append(("bert_encoder-768", 768, 12, 3072, max(rounds // 2, 2), max(per_round - 2, 1)))
     for name, hidden, heads, ffn, n_rounds, n_per_round in encoders:
         for dynamo in (True, False):
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
                 )
                 rows.append(_row(label, batch, 128, res, counts))
 
-    for name in ("resnet_style", "mobilenetv3_style", "yolo_style"):
+    for name in () if args.only == "encoders" else ("resnet_style", "mobilenetv3_style", "yolo_style"):
         plain = zoo.export_model(name)
         ours = _ours(plain)
         no_fc = _ours(plain, target="onnx")  # standard ops only
