@@ -133,14 +133,19 @@ def main(argv=None) -> int:
             label = f"{name} ({'dynamo' if dynamo else 'torchscript'})"
             plain = _export_encoder(hidden, heads, ffn, dynamo)
             ours = _ours(plain)
-            ort_opt = _ort_optimizer(plain, num_heads=heads, hidden=hidden)
-            counts = {"plain": _counts(plain), "ort-opt": _counts(ort_opt), "ours": _counts(ours)}
+            variants = {"plain": plain, "ours": ours}
+            try:
+                variants["ort-opt"] = _ort_optimizer(plain, num_heads=heads, hidden=hidden)
+            except Exception as e:  # some onnxruntime versions crash on some exports: say so, go on
+                print(f"{label}: onnxruntime's transformer optimizer failed: {type(e).__name__}: {e}", flush=True)
+            counts = {k: _counts(m) for k, m in variants.items()}
             for batch in (1, 8):
                 feeds = zoo.feeds("bert_encoder", batch=batch, seq=128)
                 numerics.assert_outputs_close(plain, ours, feeds)
-                numerics.assert_outputs_close(plain, ort_opt, feeds)
+                if "ort-opt" in variants:
+                    numerics.assert_outputs_close(plain, variants["ort-opt"], feeds)
                 res = bench_interleaved(
-                    {"plain": plain, "ort-opt": ort_opt, "ours": ours},
+                    variants,
                     feeds, rounds=n_rounds, per_round=n_per_round, threads=args.threads, optimize="all",
                 )
                 rows.append(_row(label, batch, 128, res, counts))

@@ -11,7 +11,7 @@ multiples of 8). ``--batches 1,16`` times every variant at each batch size (smal
 measure per-op overhead more than arithmetic, so a larger batch shows what the FLOPs cut buys).
 
     .venv/bin/python bench/bench_prune.py [--models digits_cnn,resnet_style,...] [--rounds 30]
-        [--batches 1,16] [--round-to 8] [--no-int8] [--exporter dynamo|torchscript]
+        [--batches 1,16] [--round-to 8] [--no-int8] [--exporter dynamo|torchscript] [--threads N]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def run(
     round_to: int | None = None,
     int8: bool = True,
     dynamo: bool = True,
+    threads: int | None = None,
 ) -> list[dict]:
     rows = []
     have_int8 = int8 and "quantize-int8" in available_passes()
@@ -125,7 +126,8 @@ def run(
                 fidelity[label]["accuracy"] = metric(model)
         for batch in batches:
             feeds = {k: _batch_of(v, batch) for k, v in held[0].items()}
-            results = bench_interleaved(variants, feeds, rounds=rounds, per_round=5, warmup=5, optimize="all")
+            results = bench_interleaved(variants, feeds, rounds=rounds, per_round=5, warmup=5, optimize="all",
+                                        threads=threads)
             base_ms = results["unpruned"].p50_ms
             for label in variants:
                 row = {
@@ -165,6 +167,7 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=None, help="add prune-channels(round_to=N) variants")
     ap.add_argument("--no-int8", action="store_true", help="skip the +int8 variants")
     ap.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="zoo models' torch exporter")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
@@ -176,6 +179,7 @@ def main() -> None:
         round_to=args.round_to,
         int8=not args.no_int8,
         dynamo=args.exporter == "dynamo",
+        threads=args.threads,
     )
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {cpu}; {os.cpu_count()} cores; {platform.python_version()}\n")
