@@ -51,10 +51,16 @@ def bert_fused_cpu(bert):
     return _fuse(bert, target="cpu")
 
 
-def test_bert_fused_op_counts(bert_fused_cpu):
+@pytest.fixture(scope="session")
+def bert_fused_cuda(bert):
+    return _fuse(bert, target="cuda")
+
+
+def test_bert_fused_op_counts(bert_fused_cuda):
     # 2 layers: each one packed-QKV Attention, two SkipLayerNorm (attention and FFN residuals), one
     # BiasGelu; token + position embeddings and their LayerNorm become one EmbedLayerNormalization.
-    fused, stats = bert_fused_cpu
+    # (Target cuda: the full set, as onnxruntime's transformer optimizer fuses it; cpu: see below.)
+    fused, stats = bert_fused_cuda
     assert numerics.op_count(fused, "Attention", "com.microsoft") == 2
     assert numerics.op_count(fused, "SkipLayerNormalization", "com.microsoft") == 4
     assert numerics.op_count(fused, "BiasGelu", "com.microsoft") == 2
@@ -73,6 +79,37 @@ def test_bert_fused_op_counts(bert_fused_cpu):
     assert numerics.op_count(fused, "Add") == 0
     skips = [n for n in fused.graph if n.op_type == "SkipLayerNormalization"]
     assert all(len(n.inputs) > 4 and n.inputs[4] is not None for n in skips)
+
+
+def test_bert_cpu_keeps_layer_norm_with_residual_sum(bert, bert_fused_cpu, tmp_path):
+    # On cpu, onnxruntime's SkipLayerNormalization kernel is slower than Add + LayerNormalization
+    # (bench/bench_skiplayernorm.py): not emitted, and each residual Add before a LayerNorm becomes a
+    # Sum so that onnxruntime's session optimizer does not fuse it either.
+    fused, stats = bert_fused_cpu
+    assert numerics.op_count(fused, "SkipLayerNormalization", "com.microsoft") == 0
+    assert stats.counts["ResidualSum"] == 4
+    assert numerics.op_count(fused, "LayerNormalization") == 4
+    assert all(n.inputs[0].producer().op_type == "Sum" for n in fused.graph if n.op_type == "LayerNormalization")
+    assert numerics.op_count(fused, "Attention", "com.microsoft") == 2
+    assert numerics.op_count(fused, "EmbedLayerNormalization", "com.microsoft") == 1
+    assert numerics.op_count(fused, "BiasGelu", "com.microsoft") == 2
+    assert any("SkipLayerNormalization: off by default for target 'cpu'" in n for n in stats.notes)
+    numerics.assert_outputs_close(bert, fused, _ids(2, 16), rtol=1e-4)
+    # ... and onnxruntime at ORT_ENABLE_ALL leaves them alone
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(ir.to_proto(fused).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(so.optimized_model_filepath)
+    assert not [n for n in optimized.graph.node if n.op_type == "SkipLayerNormalization"]
+
+
+def test_skip_layer_norm_on_cpu_when_asked(bert):
+    fused, stats = _fuse(bert, target="cpu", rules=["SkipLayerNormalization"])
+    assert stats.counts["SkipLayerNormalization"] == 4
 
 
 def test_packed_qkv_weights_are_initializers(bert_fused_cpu):
@@ -141,7 +178,7 @@ def test_only_selected_rules(bert):
 
 
 def test_explain_lists_near_misses(bert):
-    _, stats = _fuse(bert, explain=True, exclude_rules=["EmbedLayerNormalization"])
+    _, stats = _fuse(bert, target="cuda", explain=True, exclude_rules=["EmbedLayerNormalization"])
     misses = stats.details["near_misses"]
     assert misses and all(m["reason"] and m["nodes"] for m in misses)
     # the embedding LayerNorm has no residual Add: SkipLayerNorm near-miss with onnxscript's reason

@@ -119,7 +119,7 @@ class FusePass(Pass):
             chosen.sort(key=lambda r: order.index(r.name))
         else:
             fams = self.families or default_families(target)
-            chosen = [r for fam in FAMILIES if fam in fams for r in FAMILIES[fam] if r.default]
+            chosen = [r for fam in FAMILIES if fam in fams for r in FAMILIES[fam] if r.is_default(target)]
         excluded = set(self.exclude_rules or ())
         return [r for r in chosen if r.name not in excluded]
 
@@ -132,6 +132,10 @@ class FusePass(Pass):
         stats.details["target"] = target
         near_misses: list[dict] = []
         matches: dict[str, int] = {}
+        if not self.rules:
+            for rule in ALL_RULES.values():
+                if rule.default and not rule.is_default(target):
+                    stats.note(f"{rule.name}: off by default for target {target!r}: {rule.not_default_why}")
         for rule in self.selected_rules():
             if target not in rule.targets:
                 stats.note(f"{rule.name}: not applied for target {target!r} (emits contrib ops)")

@@ -48,6 +48,13 @@ class FusionRule:
     build: Callable[[str, int], Sequence[Step] | str]
     targets: frozenset[str] = ALL_TARGETS
     default: bool = True
+    # targets where the rule is *not* in the default set (still applied when named in ``rules``),
+    # and why — e.g. a contrib kernel measured slower than the ops it replaces on that target
+    not_default_on: frozenset[str] = frozenset()
+    not_default_why: str = ""
+
+    def is_default(self, target: str) -> bool:
+        return self.default and target not in self.not_default_on
 
 
 def ruleset(*rules: pattern.RewriteRule, commute: bool = False) -> pattern.RewriteRuleSet:
