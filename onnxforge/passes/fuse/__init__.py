@@ -59,7 +59,9 @@ class FusePass(Pass):
     FusedConv with the residual input Z (onnxruntime CPU; opt-in like FusedConv);
     transformer — LayerNormalization, Gelu (erf), FastGelu (tanh), RMSNorm, SkipLayerNormalization,
     RotaryEmbedding, MultiHeadAttention, packed-QKV Attention, BiasGelu, EmbedLayerNormalization
-    (token + position [+ segment] embeddings and their LayerNorm).
+    (token + position [+ segment] embeddings and their LayerNorm), ResidualSum (cpu: the residual Add
+    before a LayerNorm written as Sum so onnxruntime keeps Add + LayerNormalization, whose CPU kernels
+    beat its SkipLayerNormalization; SkipLayerNormalization is therefore not a default on cpu).
 
     Math: every rule replaces a subgraph by an op that computes the same function, e.g.
     ``LayerNorm(x) = (x-μ)/√(σ²+ε)·γ+β``, ``Gelu(x) = x·½(1+erf(x/√2))``,
