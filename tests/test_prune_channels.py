@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 
@@ -20,8 +19,7 @@ nn = torch.nn
 zoo = pytest.importorskip("onnxforge.testing.zoo")
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+_copy = numerics.copy_model
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +32,7 @@ def exported(zoo_model):
     return get
 
 
-def assert_valid(model: ir.Model) -> None:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+assert_valid = numerics.assert_valid_model
 
 
 def prune(model: ir.Model, context: PassContext | None = None, **options):

@@ -12,7 +12,6 @@ import logging
 import warnings
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 
@@ -28,14 +27,10 @@ nn = torch.nn
 zoo = pytest.importorskip("onnxforge.testing.zoo")
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+_copy = numerics.copy_model
 
 
-def assert_valid(model: ir.Model) -> None:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+assert_valid = numerics.assert_valid_model
 
 
 def _export(module, example, dynamo: bool) -> ir.Model:

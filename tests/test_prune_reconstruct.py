@@ -18,14 +18,10 @@ from onnxforge.testing import numerics
 zoo = pytest.importorskip("onnxforge.testing.zoo")
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+_copy = numerics.copy_model
 
 
-def _valid(model: ir.Model) -> None:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+_valid = numerics.assert_valid_model
 
 
 def _prune_and_reconstruct(teacher: ir.Model, name: str, ratio: float = 0.3, n: int = 2):

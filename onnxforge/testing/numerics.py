@@ -31,6 +31,18 @@ def to_bytes(model: ir.Model | onnx.ModelProto | bytes) -> bytes:
     return model.SerializeToString()
 
 
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent deep copy (passes modify models in place)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def assert_valid_model(model: ir.Model) -> None:
+    """``onnx.checker`` (full check) and strict ONNX shape inference both accept ``model``."""
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+
+
 def ort_session(model: ir.Model | onnx.ModelProto | bytes, optimize: bool = False) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
