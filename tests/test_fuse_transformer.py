@@ -90,6 +90,9 @@ def test_bert_cpu_keeps_layer_norm_with_residual_sum(bert, bert_fused_cpu, tmp_p
     assert stats.counts["ResidualSum"] == 4
     assert numerics.op_count(fused, "LayerNormalization") == 4
     assert all(n.inputs[0].producer().op_type == "Sum" for n in fused.graph if n.op_type == "LayerNormalization")
+    # the projection bias joins the residual sum: Sum(x, bias, skip), no Add left
+    assert all(len(n.inputs) == 3 for n in fused.graph if n.op_type == "Sum")
+    assert numerics.op_count(fused, "Add") == 0
     assert numerics.op_count(fused, "Attention", "com.microsoft") == 2
     assert numerics.op_count(fused, "EmbedLayerNormalization", "com.microsoft") == 1
     assert numerics.op_count(fused, "BiasGelu", "com.microsoft") == 2

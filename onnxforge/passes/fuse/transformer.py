@@ -221,44 +221,60 @@ class SkipLayerNormFusion(skip_normalization.SkipLayerNormFusion):
         return normalized, skip_sum
 
 
+def _is_constant(value: ir.Value) -> bool:
+    return value.const_value is not None or value.is_initializer()
+
+
 class ResidualSum(pattern.RewriteRuleClassBase):
-    """``LayerNormalization(Add(a, b))`` → ``LayerNormalization(Sum(a, b))`` for a residual sum of two
-    computed tensors, on target ``cpu``.
+    """``LayerNormalization(a + b)`` → ``LayerNormalization(Sum(a, b))`` for a residual sum of two
+    computed tensors, and ``LayerNormalization((x + bias) + skip)`` → ``LayerNormalization(Sum(x,
+    bias, skip))`` when the projection's bias is added just before (one kernel pass instead of two),
+    on target ``cpu``.
 
     Why: onnxruntime's session optimizer (``SkipLayerNormFusion``, level EXTENDED) rewrites
     ``Add`` + ``LayerNormalization`` into ``com.microsoft.SkipLayerNormalization``, and its CPU kernel
     is slower than the two ops it replaces — 1.2× to 7× on [batch, 128, 64 | 768] in onnxruntime 1.30
     (Intel Xeon, AVX-512) and 1.32 (AMD EPYC, AVX2); ``bench/bench_skiplayernorm.py`` measures it.
-    ``Sum`` of two inputs is the same elementwise addition (with the same broadcasting) and is not
-    what that fusion matches, so the faster kernels stay. Lossless: ``Sum(a, b) = a + b`` exactly.
+    ``Sum`` is the same elementwise addition (with the same broadcasting) and is not what that fusion
+    matches, so the faster kernels stay. Lossless: ``Sum(x, bias, skip)`` adds in the order the graph
+    did, ``(x + bias) + skip``.
 
-    Left alone: an operand that is a constant (a bias), and embedding sums (an operand from
-    ``Gather``, which ``EmbedLayerNormalization`` and onnxruntime's own embedding fusion handle).
+    Left alone: a residual operand that is a constant, and embedding sums (an operand from ``Gather``,
+    which ``EmbedLayerNormalization`` and onnxruntime's own embedding fusion handle).
     """
 
-    def pattern(self, op, a, b):
-        total = op.Add(a, b, _outputs=["total"])
+    def __init__(self, with_bias: bool):
+        super().__init__("ResidualSumBias" if with_bias else "ResidualSum")
+        self._with_bias = with_bias
+
+    def pattern(self, op, x, bias, skip):
+        first = op.Add(x, bias, _outputs=["first"]) if self._with_bias else x
+        total = op.Add(first, skip, _outputs=["total"])
         return op.LayerNormalization(total, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["ln"])
 
-    def check(self, context, a, b, **_):
+    def check(self, context, x, skip, bias=None, **_):
         result = pattern.MatchResult()
-        for operand in (a, b):
-            if operand.const_value is not None or operand.is_initializer():
+        if self._with_bias and (bias is None or not _is_constant(bias)):
+            return result.fail("the inner Add is not a constant bias", bias)
+        for operand in (x, skip):
+            if _is_constant(operand):
                 return result.fail("an operand is a constant (a bias add, not a residual)", operand)
             producer = operand.producer()
             if producer is not None and producer.op_type == "Gather":
                 return result.fail("an embedding sum (left to EmbedLayerNormalization)", operand)
         return result
 
-    def rewrite(self, op, a, b, ln, **_):
+    def rewrite(self, op, x, skip, ln, bias=None, **_):
         node = ln.producer()
-        return op.LayerNormalization(op.Sum(a, b), *node.inputs[1:], **node.attributes)
+        terms = (x, bias, skip) if self._with_bias else (x, skip)
+        return op.LayerNormalization(op.Sum(*terms), *node.inputs[1:], **node.attributes)
 
 
 def _residual_sum_steps(target: str, opset: int) -> Sequence[Step] | str:
     if target != "cpu":
         return "only for onnxruntime CPU, whose SkipLayerNormalization kernel is the slow one measured"
-    return [Step(ruleset(ResidualSum.rule()))]
+    # with the bias first: otherwise the plain rule would take the outer Add alone
+    return [Step(ruleset(ResidualSum.rule(with_bias=True), commute=True)), Step(ruleset(ResidualSum.rule(with_bias=False)))]
 
 
 _SKIP_LN_SLOW_ON_CPU = (
