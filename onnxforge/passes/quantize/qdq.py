@@ -42,11 +42,11 @@ from onnxforge.ir.graph import const_value, opset_version, unique_name
 from onnxforge.passes.base import Pass, PassStats, Skip
 from onnxforge.passes.quantize import calibrate as cal
 from onnxforge.passes.quantize.qmath import (
+    WEIGHT_QMAX,
+    WEIGHT_QMAX_REDUCED,
     QParams,
     activation_qparams,
     quantize_bias,
-    WEIGHT_QMAX,
-    WEIGHT_QMAX_REDUCED,
     quantize_weight,
     u8s8_saturation_risk,
     weight_qparams,
