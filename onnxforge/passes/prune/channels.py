@@ -32,10 +32,10 @@ class PruneChannelsPass(Pass):
 
     Amount: ``ratio`` removes ``floor(ratio * n)`` of the ``n`` channels of every group (at most
     ``max_layer_ratio * n``, always keeping one, and keeping a multiple of ``round_to`` when
-    ``round_to > 1``; ``round_to=8`` keeps Conv widths on onnxruntime's blocked NCHWc kernels and
-    measured faster than plain pruning at ratio 0.25 on mobilenetv2/yolo-style models although it
-    keeps a few more channels — BENCHMARKS.md, Pruning run 3). ``target_flops`` / ``target_params`` (fractions to *keep*, e.g. 0.5) instead
-    rank classes globally by group-normalized score ``s / mean(s of its group)`` and remove the
+    ``round_to > 1``; ``round_to=8`` gives widths that suit onnxruntime's blocked (NCHWc) Conv
+    kernels and measured faster than plain pruning at ratio 0.25 on mobilenetv2/yolo-style models
+    although it keeps a few more channels — BENCHMARKS.md, Pruning run 3). ``target_flops`` /
+    ``target_params`` (fractions to *keep*, e.g. 0.5) instead rank classes globally by group-normalized score ``s / mean(s of its group)`` and remove the
     lowest until the weighted layers' FLOPs (2 * MACs) / the float parameter count fall to the
     target (exact counts, found by bisection on the ranking; ``max_layer_ratio`` caps each group).
     ``protect`` lists node names or op types never touched; channels reaching a graph output
