@@ -301,6 +301,37 @@ def test_rms_norm():
     numerics.assert_outputs_close(model, fused, feeds)
 
 
+class ResidualRMSNorm(nn.Module):
+    """Pre-norm residual block: RMSNorm(x + Linear(x)) then a projection (torch.rsqrt, which
+    TorchScript writes as 1 / Sqrt)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(d) + 0.5)
+        self.lin = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = x + self.lin(x)
+        return self.out(self.w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_residual_rms_norm_per_target(dynamo):
+    model = _export_small(ResidualRMSNorm(), dynamo=dynamo)
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(4).standard_normal((3, 5, 32)).astype(np.float32)}
+    cpu, stats = _fuse(model, target="cpu")
+    assert stats.counts["RMSNormalization"] == 1 and stats.counts["ResidualSum"] == 1
+    (norm,) = [n for n in cpu.graph if n.op_type == "SimplifiedLayerNormalization"]
+    total = norm.inputs[0].producer()
+    assert total.op_type == "Sum" and len(total.inputs) == 3  # x, the projection's bias, the residual
+    assert numerics.op_count(cpu, "SkipSimplifiedLayerNormalization", "com.microsoft") == 0
+    numerics.assert_outputs_close(model, cpu, feeds)
+    cuda, stats = _fuse(model, target="cuda")
+    assert numerics.op_count(cuda, "SkipSimplifiedLayerNormalization", "com.microsoft") == 1
+    numerics.assert_outputs_close(model, cuda, feeds)
+
+
 # --- EmbedLayerNormalization variants ------------------------------------------------------------------
 
 

@@ -187,12 +187,58 @@ def _fast_gelu_steps(target: str, opset: int) -> Sequence[Step] | str:
     return [Step(ruleset(gelu.GeluTanhFusion.rule())), Step(ruleset(tanh2, commute=True))]
 
 
+class ReciprocalFromDiv(pattern.RewriteRuleClassBase):
+    """``Div(1, x)`` → ``Reciprocal(x)``: TorchScript writes ``torch.rsqrt`` as ``1 / Sqrt(.)``, the RMSNorm
+    pattern reads ``Reciprocal(Sqrt(.))``. Lossless: both compute the IEEE quotient ``1 / x``."""
+
+    def pattern(self, op, one, x):
+        return op.Div(one, x)
+
+    def check(self, context, one, x, **_):
+        result = pattern.MatchResult()
+        value = one.const_value
+        if value is None or value.numpy().size != 1 or float(value.numpy().ravel()[0]) != 1.0:
+            return result.fail("the numerator is not the constant 1", one)
+        if x.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16):
+            return result.fail("not a float division", x)
+        if one.shape is not None and one.shape.rank() > 0 and (x.shape is None or x.shape.rank() < one.shape.rank()):
+            return result.fail("the constant 1 would broadcast x to a higher rank", one)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Reciprocal(x)
+
+
+class ReduceMeanExplicitDefaults(pattern.RewriteRuleClassBase):
+    """``ReduceMean(x, axes)`` (opset ≥ 18) with its attributes written out: ``keepdims`` (default 1)
+    and ``noop_with_empty_axes`` (default 0). TorchScript leaves the latter implicit and onnxscript's
+    RMSNorm pattern matches it by value. Lossless: the same op with the same attribute values."""
+
+    def pattern(self, op, x, axes):
+        return op.ReduceMean(x, axes, _allow_other_attributes=True, _outputs=["mean"])
+
+    def check(self, context, mean, **_):
+        result = pattern.MatchResult()
+        attrs = mean.producer().attributes
+        if "noop_with_empty_axes" in attrs and "keepdims" in attrs:
+            return result.fail("attributes already explicit")
+        return result
+
+    def rewrite(self, op, x, axes, mean, **_):
+        attrs = mean.producer().attributes
+        keepdims = attrs["keepdims"].as_int() if "keepdims" in attrs else 1
+        noop = attrs["noop_with_empty_axes"].as_int() if "noop_with_empty_axes" in attrs else 0
+        return op.ReduceMean(x, axes, keepdims=keepdims, noop_with_empty_axes=noop)
+
+
 def _rms_steps(target: str, opset: int) -> Sequence[Step] | str:
+    # TorchScript's spelling of the same math first: 1 / Sqrt(.) and implicit ReduceMean defaults
+    canonical = Step(ruleset(ReciprocalFromDiv.rule(), ReduceMeanExplicitDefaults.rule()), counted=False)
     if target == "onnx":
         if opset < 23:
             return f"standard RMSNormalization needs opset 23, model has {opset}"
-        return [Step(_rms_normalization.rms_normalization_ruleset)]
-    return [Step(rms_normalization.rms_normalization_ruleset)]
+        return [canonical, Step(_rms_normalization.rms_normalization_ruleset)]
+    return [canonical, Step(rms_normalization.rms_normalization_ruleset)]
 
 
 class SkipLayerNormFusion(skip_normalization.SkipLayerNormFusion):
@@ -243,14 +289,15 @@ class ResidualSum(pattern.RewriteRuleClassBase):
     which ``EmbedLayerNormalization`` and onnxruntime's own embedding fusion handle).
     """
 
-    def __init__(self, with_bias: bool):
-        super().__init__("ResidualSumBias" if with_bias else "ResidualSum")
+    def __init__(self, with_bias: bool, norm: str = "LayerNormalization"):
+        super().__init__(f"ResidualSum{'Bias' if with_bias else ''}_{norm}")
         self._with_bias = with_bias
+        self._norm = norm
 
     def pattern(self, op, x, bias, skip):
         first = op.Add(x, bias, _outputs=["first"]) if self._with_bias else x
         total = op.Add(first, skip, _outputs=["total"])
-        return op.LayerNormalization(total, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["ln"])
+        return getattr(op, self._norm)(total, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["ln"])
 
     def check(self, context, x, skip, bias=None, **_):
         result = pattern.MatchResult()
@@ -267,14 +314,19 @@ class ResidualSum(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, skip, ln, bias=None, **_):
         node = ln.producer()
         terms = (x, bias, skip) if self._with_bias else (x, skip)
-        return op.LayerNormalization(op.Sum(*terms), *node.inputs[1:], **node.attributes)
+        return getattr(op, self._norm)(op.Sum(*terms), *node.inputs[1:], **node.attributes)
 
 
 def _residual_sum_steps(target: str, opset: int) -> Sequence[Step] | str:
     if target != "cpu":
-        return "only for onnxruntime CPU, whose SkipLayerNormalization kernel is the slow one measured"
-    # with the bias first: otherwise the plain rule would take the outer Add alone
-    return [Step(ruleset(ResidualSum.rule(with_bias=True), commute=True)), Step(ruleset(ResidualSum.rule(with_bias=False)))]
+        return "only for onnxruntime CPU, whose Skip(Simplified)LayerNormalization kernels are the slow ones measured"
+    # LayerNorm and RMSNorm (onnxruntime's SimplifiedLayerNormalization); with the bias first,
+    # otherwise the plain rule would take the outer Add alone
+    norms = ("LayerNormalization", "SimplifiedLayerNormalization")
+    return [
+        Step(ruleset(*(ResidualSum.rule(with_bias=True, norm=n) for n in norms), commute=True)),
+        Step(ruleset(*(ResidualSum.rule(with_bias=False, norm=n) for n in norms))),
+    ]
 
 
 _SKIP_LN_SLOW_ON_CPU = (
@@ -761,9 +813,15 @@ RULES: list[FusionRule] = [
     FusionRule(
         "SkipSimplifiedLayerNormalization",
         "transformer",
-        "RMSNorm(x + skip [+ bias]) → com.microsoft.SkipSimplifiedLayerNormalization",
+        "RMSNorm(x + skip [+ bias]) → com.microsoft.SkipSimplifiedLayerNormalization (not by default on cpu)",
         _skip_rms_steps,
         targets=ORT_TARGETS,
+        not_default_on=frozenset({"cpu"}),
+        not_default_why=(
+            "onnxruntime's CPU SkipSimplifiedLayerNormalization kernel is up to 2x slower than Add + "
+            "SimplifiedLayerNormalization at hidden 768 (0.8-1.3x at hidden 64; bench/bench_skiplayernorm.py); "
+            "ResidualSum keeps the two ops"
+        ),
     ),
     FusionRule(
         "RotaryEmbedding",
@@ -796,8 +854,8 @@ RULES: list[FusionRule] = [
     FusionRule(
         "ResidualSum",
         "transformer",
-        "LayerNormalization(a + b) → LayerNormalization(Sum(a, b)) on cpu, so onnxruntime keeps its "
-        "faster kernels instead of SkipLayerNormalization",
+        "LayerNorm/RMSNorm(a [+ bias] + b) → the norm of Sum(a [, bias], b) on cpu, so onnxruntime keeps "
+        "its faster kernels instead of Skip(Simplified)LayerNormalization",
         _residual_sum_steps,
     ),
 ]
