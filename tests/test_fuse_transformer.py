@@ -329,6 +329,10 @@ def test_residual_rms_norm_per_target(dynamo):
     numerics.assert_outputs_close(model, cpu, feeds)
     cuda, stats = _fuse(model, target="cuda")
     assert numerics.op_count(cuda, "SkipSimplifiedLayerNormalization", "com.microsoft") == 1
+    # the projection bias goes in as its input 3, whichever order the exporter wrote Add(bias, MatMul)
+    (skip,) = [n for n in cuda.graph if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(skip.inputs) > 3 and skip.inputs[3] is not None
+    assert numerics.op_count(cuda, "Add") == 1  # only the output projection's bias
     numerics.assert_outputs_close(model, cuda, feeds)
 
 

@@ -267,6 +267,26 @@ class SkipLayerNormFusion(skip_normalization.SkipLayerNormFusion):
         return normalized, skip_sum
 
 
+class SkipRmsNormFusion(skip_normalization.SkipRmsNormFusion):
+    """onnxscript's SkipSimplifiedLayerNormalization rule with the pre-added bias in either operand
+    order — the same fix as :class:`SkipLayerNormFusion` (TorchScript writes ``Add(bias, MatMul)``)."""
+
+    def __init__(self, name: str, has_bias: bool = False, bias_pre_add: bool = False, bias_first: bool = False):
+        super().__init__(name, has_bias=has_bias, bias_pre_add=bias_pre_add)
+        self._bias_first = bias_first
+
+    def pattern(self, op, input, skip, gamma, bias, epsilon, stash_type):
+        if self._has_bias and self._bias_pre_add:
+            input = op.Add(bias, input) if self._bias_first else op.Add(input, bias)
+        skip_sum = pattern.OrValue([op.Add(skip, input), op.Add(input, skip)], name="skip_sum")
+        if self._has_bias and not self._bias_pre_add:
+            skip_sum = op.Add(skip_sum, bias)
+        normalized = op.SimplifiedLayerNormalization(
+            skip_sum, gamma, axis=-1, _allow_other_attributes=True, _outputs=["simplified_layer_norm"]
+        )
+        return normalized, skip_sum
+
+
 def _is_constant(value: ir.Value) -> bool:
     return value.const_value is not None or value.is_initializer()
 
@@ -351,7 +371,16 @@ def _skip_ln_steps(target: str, opset: int) -> Sequence[Step] | str:
 
 
 def _skip_rms_steps(target: str, opset: int) -> Sequence[Step] | str:
-    return [Step(skip_normalization.skip_rms_normalization_ruleset)]
+    return [
+        Step(
+            ruleset(
+                SkipRmsNormFusion.rule("SkipRmsNormPreBias", has_bias=True, bias_pre_add=True),
+                SkipRmsNormFusion.rule("SkipRmsNormPreBiasFirst", has_bias=True, bias_pre_add=True, bias_first=True),
+                SkipRmsNormFusion.rule("SkipRmsNormBias", has_bias=True, bias_pre_add=False),
+                SkipRmsNormFusion.rule("SkipRmsNorm", has_bias=False),
+            )
+        )
+    ]
 
 
 def _rotary_steps(target: str, opset: int) -> Sequence[Step] | str:
