@@ -52,6 +52,7 @@ from onnxscript.rewriter.ort_fusions import (
 )
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization, _rotary_embedding
 
+from onnxforge.ir.graph import const_value
 from onnxforge.passes.fuse._rule import ORT_TARGETS, FusionRule, Step, ruleset
 
 logger = logging.getLogger(__name__)
@@ -287,10 +288,6 @@ class SkipRmsNormFusion(skip_normalization.SkipRmsNormFusion):
         return normalized, skip_sum
 
 
-def _is_constant(value: ir.Value) -> bool:
-    return value.const_value is not None or value.is_initializer()
-
-
 class ResidualSum(pattern.RewriteRuleClassBase):
     """``LayerNormalization(a + b)`` → ``LayerNormalization(Sum(a, b))`` for a residual sum of two
     computed tensors, and ``LayerNormalization((x + bias) + skip)`` → ``LayerNormalization(Sum(x,
@@ -321,10 +318,10 @@ class ResidualSum(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, skip, bias=None, **_):
         result = pattern.MatchResult()
-        if self._with_bias and (bias is None or not _is_constant(bias)):
+        if self._with_bias and const_value(bias) is None:
             return result.fail("the inner Add is not a constant bias", bias)
         for operand in (x, skip):
-            if _is_constant(operand):
+            if const_value(operand) is not None:
                 return result.fail("an operand is a constant (a bias add, not a residual)", operand)
             producer = operand.producer()
             if producer is not None and producer.op_type == "Gather":
