@@ -19,7 +19,7 @@ from onnxforge.passes.cleanup import node_count
 from onnxforge.testing import zoo
 from onnxforge.testing.numerics import assert_outputs_close, random_inputs, run
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 # --------------------------------------------------------------------------- export helpers

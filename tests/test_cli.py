@@ -36,7 +36,7 @@ def assert_one_line_error(proc, fragment, code=None):
 
 @pytest.fixture(scope="module")
 def convbn_path(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    import torch
 
     class ConvBN(torch.nn.Module):
         def __init__(self):

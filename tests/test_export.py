@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from onnxforge.errors import MissingDependencyError, UnsupportedModelError  # noqa: E402
 from onnxforge.torch_export import export  # noqa: E402

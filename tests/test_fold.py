@@ -20,7 +20,7 @@ from onnxforge.passes.cleanup import node_count
 from onnxforge.testing import zoo
 from onnxforge.testing.numerics import assert_outputs_close, random_inputs
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
 
 

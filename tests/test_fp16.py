@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from onnxforge.passes.fp16 import DEFAULT_KEEP_OPS, ConvertFloat16Pass  # noqa: E402
 from onnxforge.passes.registry import create_pass  # noqa: E402

@@ -15,7 +15,7 @@ from onnxforge.torch_export import export
 from onnxforge.passes import PassContext, create_pass
 from onnxforge.testing import numerics
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
 F = torch.nn.functional
 

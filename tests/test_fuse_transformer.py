@@ -14,7 +14,7 @@ from onnxforge.torch_export import export
 from onnxforge.passes import PassContext, create_pass
 from onnxforge.testing import numerics, zoo
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
 
 

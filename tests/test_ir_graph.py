@@ -12,7 +12,7 @@ from onnxforge.ir import graph as G
 from onnxforge.ir import io
 from onnxforge.testing.numerics import run
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 class SharedCond(torch.nn.Module):

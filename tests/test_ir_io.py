@@ -17,7 +17,7 @@ from onnxforge.errors import ModelLoadError, ModelSaveError, UnsafePathError, Un
 from onnxforge.ir import io
 from onnxforge.testing.numerics import run
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 # --------------------------------------------------------------------------- fixtures

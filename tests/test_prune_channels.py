@@ -14,9 +14,9 @@ from onnxforge.passes.prune.dependency import analyze
 from onnxforge.passes.prune.shrink import param_count
 from onnxforge.testing import numerics
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
-zoo = pytest.importorskip("onnxforge.testing.zoo")
+from onnxforge.testing import zoo
 
 
 _copy = numerics.copy_model

@@ -25,9 +25,9 @@ from onnxforge.testing import numerics
 from test_prune_channels import _copy, assert_valid, exported, prune  # noqa: F401  (fixture)
 from test_prune_grouped_mha import _zeroed_equivalent
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
-zoo = pytest.importorskip("onnxforge.testing.zoo")
+from onnxforge.testing import zoo
 
 
 def _zeroed(original: ir.Model, pruned: ir.Model) -> ir.Model:

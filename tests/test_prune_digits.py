@@ -10,8 +10,8 @@ import pytest
 
 from onnxforge.passes import PassContext, create_pass
 
-digits = pytest.importorskip("onnxforge.testing.digits")
-pytest.importorskip("sklearn")
+from onnxforge.testing import digits
+import sklearn  # noqa: F401  (a test dependency: fail, never skip)
 
 MODEL = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.onnx"
 

@@ -11,7 +11,7 @@ from onnxforge.testing import numerics
 
 from test_prune_channels import _copy, assert_valid, exported, prune  # noqa: F401  (fixture)
 
-zoo = pytest.importorskip("onnxforge.testing.zoo")
+from onnxforge.testing import zoo
 
 
 def test_dynamo_bert_prunes_whole_heads(exported):

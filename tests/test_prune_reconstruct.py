@@ -15,7 +15,7 @@ from onnxforge.passes import PassContext, create_pass
 from onnxforge.runtime.data import CalibrationData
 from onnxforge.testing import numerics
 
-zoo = pytest.importorskip("onnxforge.testing.zoo")
+from onnxforge.testing import zoo
 
 
 _copy = numerics.copy_model
@@ -82,7 +82,7 @@ def test_bert_ffn_matmul_bias_folds_into_existing_add(zoo_model):
 
 @pytest.fixture(scope="module")
 def biasless_linear():
-    torch = pytest.importorskip("torch")
+    import torch
 
     class Net(torch.nn.Module):
         def __init__(self):

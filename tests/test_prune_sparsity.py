@@ -10,8 +10,8 @@ import pytest
 from onnxforge.passes import create_pass
 from onnxforge.testing import numerics
 
-torch = pytest.importorskip("torch")
-zoo = pytest.importorskip("onnxforge.testing.zoo")
+import torch
+from onnxforge.testing import zoo
 
 
 @pytest.fixture(scope="module")

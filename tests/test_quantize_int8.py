@@ -24,7 +24,7 @@ def _clone(model: ir.Model) -> ir.Model:
 @pytest.fixture(scope="session")
 def digits():
     """The digits CNN trained, BatchNorm folded into the convs (as the pipeline's fuse pass does)."""
-    torch = pytest.importorskip("torch")
+    import torch
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     from onnxforge.testing import digits as dg

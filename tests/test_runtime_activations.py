@@ -14,7 +14,7 @@ from onnxforge.runtime import activations
 from onnxforge.runtime.activations import ChannelMeanAbs, MinMax, collect, collect_stats
 from onnxforge.runtime.data import CalibrationData
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 @pytest.fixture(scope="module")

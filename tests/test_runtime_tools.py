@@ -22,7 +22,7 @@ N_SAMPLES = 37  # not a multiple of the batch size nor of the worker count
 @pytest.fixture(scope="module")
 def cnn_path(tmp_path_factory, zoo_model):
     """digits_cnn (Conv+BN+ReLU blocks, residual, GAP, Linear) with a dynamic batch axis, on disk."""
-    pytest.importorskip("torch")
+    import torch  # noqa: F401
     model = zoo_model("digits_cnn")
     assert batch_axis(model).dynamic
     path = tmp_path_factory.mktemp("rt") / "digits_cnn.onnx"

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from onnxforge.ir import io
 from onnxforge.ir.summary import quick_stats, summarize
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 class ConvNet(torch.nn.Module):

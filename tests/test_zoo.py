@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from onnxforge.testing import digits as digits_lib  # noqa: E402
 from onnxforge.testing import zoo  # noqa: E402

@@ -20,6 +20,8 @@ _COMMAND_MODULES = [
     "onnxforge.cli.inspect_cmd",
     "onnxforge.cli.runtime_cmds",
     "onnxforge.cli.tune_cmd",
+    "onnxforge.cli.distill_cmd",
+    "onnxforge.cli.split_cmd",
 ]
 
 

@@ -17,6 +17,7 @@ _MODULES = [
     "onnxforge.passes.quantize",
     "onnxforge.passes.prune",
     "onnxforge.passes.fp16",
+    "onnxforge.passes.lowbit",
 ]
 
 for _name in _MODULES:
