@@ -80,3 +80,37 @@ def test_encoder_simplifies_under_both_exporters(zoo_model):
         for seq in (5, 19):
             feeds = numerics.random_inputs(original, seed=seq, dim_values={"batch": 2, "seq": seq})
             numerics.assert_outputs_close(original, model, feeds)
+
+
+def test_reshape_materialized_in_an_opset12_model_has_no_allowzero():
+    """onnxscript's reshape rule writes ``allowzero=1``, which onnxruntime refuses before opset 14
+    (found on ddddocr's opset-12 recognizer, where it broke O1/O2/O3)."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxforge.passes.manager import Pipeline
+    from onnxforge.testing.numerics import assert_outputs_close, copy_model
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["d0"], axis=0),
+        helper.make_node("Unsqueeze", ["d0"], ["d0u"], axes=[0]),
+        helper.make_node("Concat", ["d0u", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
+        [helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("minus1", TensorProto.INT64, [1], [-1])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    original = ir.serde.deserialize_model(proto)
+    model = copy_model(original)
+    Pipeline("simplify").run(model)
+    reshapes = [n for n in model.graph if n.op_type == "Reshape"]
+    assert reshapes and all("allowzero" not in n.attributes for n in reshapes)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    assert_outputs_close(original, model, {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)})

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "adopt_orphan_constants",
     "all_graphs",
     "all_nodes",
     "const_tensor",
@@ -23,12 +24,15 @@ __all__ = [
     "consumers",
     "graph_output_values",
     "is_graph_output",
+    "is_overridable",
     "is_shared",
     "iter_tensors",
     "make_initializer",
     "node_attr",
     "opset_version",
     "replace_all_uses",
+    "keep_interface",
+    "restore_interface",
     "unique_name",
 ]
 
@@ -79,6 +83,12 @@ def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     encoded = [s.encode() if isinstance(s, str) else s for s in strings]
     array = np.asarray(encoded[0] if name == "value_string" else encoded, dtype=np.bytes_)
     return ir.StringTensor(array, name=value.name)
+
+
+def is_overridable(value: ir.Value | None) -> bool:
+    """Whether ``value`` is an initializer that is also a graph input: a default the caller may
+    override at run time (older exporters write every weight so). Never treat it as a constant."""
+    return value is not None and value.is_graph_input() and value.const_value is not None
 
 
 def const_value(value: ir.Value | None) -> np.ndarray | None:
@@ -155,6 +165,61 @@ def replace_all_uses(old: ir.Value, new: ir.Value) -> None:
         target.name = name
     else:
         old.replace_all_uses_with(new)
+
+
+def restore_interface(graph: ir.Graph, inputs: list[str | None], outputs: list[str | None]) -> int:
+    """Give ``graph``'s inputs and outputs the names ``inputs`` / ``outputs`` again. Returns the fixes.
+
+    Callers fetch and feed by name, so a pass must not rename the interface. Wrapped passes sometimes
+    do: onnxscript's constant folder replaces an output listed twice by a copy named ``<name>_1``, or
+    an output computed as ``Reshape(Reshape(x))`` by the input ``x`` itself, renaming the *input*.
+    Repairs: an input gets its name back; an output listing points back at the value that still has
+    its name, else an unshared node output is renamed, else (a graph input, an initializer or a value
+    listed under another name) an ``Identity`` named after the output is inserted.
+    """
+    fixes = 0
+    for value, name in zip(graph.inputs, inputs):
+        if name and value.name != name:
+            value.name = name
+            fixes += 1
+    for i, name in enumerate(outputs):
+        value = graph.outputs[i]
+        if not name or value.name == name:
+            continue
+        fixes += 1
+        holder = next((v for v in graph.outputs if v.name == name), None)
+        if holder is not None:
+            graph.outputs[i] = holder
+            continue
+        listed_elsewhere = any(v is value for j, v in enumerate(graph.outputs) if j != i and outputs[j] != name)
+        if value.is_graph_input() or value.is_initializer() or listed_elsewhere:
+            identity = ir.node("Identity", inputs=[value], num_outputs=1)
+            copy = identity.outputs[0]
+            copy.type, copy.shape = value.type, value.shape
+            graph.append(identity)
+            identity.name = unique_name(graph, f"{name}_identity")
+            copy.name = name
+            graph.outputs[i] = copy
+        else:
+            value.name = name
+    return fixes
+
+
+class keep_interface:  # noqa: N801 - used as a context manager, named for what it does
+    """``with keep_interface(graph):`` — :func:`restore_interface` with the names from before."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.fixes = 0
+
+    def __enter__(self) -> "keep_interface":
+        self.inputs = [v.name for v in self.graph.inputs]
+        self.outputs = [v.name for v in self.graph.outputs]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.fixes = restore_interface(self.graph, self.inputs, self.outputs)
 
 
 def _insert_before_first_use_or_append(graph: ir.Graph, node: ir.Node) -> None:
@@ -241,6 +306,32 @@ def unique_name(graph: ir.Graph, base: str, *, taken: set[str] | None = None) ->
     if taken is not None:
         taken.add(candidate)
     return candidate
+
+
+def adopt_orphan_constants(model: ir.Model) -> int:
+    """Register, under fresh names, constant values that nodes read but no graph holds. Returns how many.
+
+    onnxscript's rewriter adds a rule's new initializers by name and *overwrites* an existing one of
+    the same name (``RewriteRuleSet._apply_to_graph_or_function``: its "already exists" check only
+    ``continue``\ s an inner loop). The names rules invent (``<W>_bias``, ``<x>_min``,
+    ``<value>/shape``) can be taken, and the overwritten value's readers are left with an input no
+    graph defines. Run after applying rules; a no-op when nothing was overwritten.
+    """
+    adopted = 0
+    taken: set[str] | None = None
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for node in graph:
+            for value in node.inputs:
+                if value is None or value.const_value is None or value.producer() is not None:
+                    continue
+                if value.is_initializer() or value.is_graph_input():
+                    continue
+                if taken is None:
+                    taken = _taken_names(model.graph)
+                value.name = unique_name(graph, value.name or "constant", taken=taken)
+                graph.register_initializer(value)
+                adopted += 1
+    return adopted
 
 
 def make_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:

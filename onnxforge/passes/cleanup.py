@@ -13,20 +13,28 @@ None of these passes changes what the model computes: they are all lossless.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx_ir.passes.common import shape_inference as _shape_inference
-from onnxscript.optimizer import _constant_folding
-from onnxscript.rewriter import RewriteRuleSet
-from onnxscript.rewriter._basics import MatchResult
-from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase
+import onnxscript.optimizer
+from onnxscript.rewriter.pattern import MatchResult, MatchStatus, RewriteRuleClassBase, RewriteRuleSet
 
 from onnxforge.errors import UnsupportedModelError
-from onnxforge.ir.graph import all_graphs, all_nodes, opset_version
+from onnxforge.ir.graph import (
+    adopt_orphan_constants,
+    all_graphs,
+    all_nodes,
+    is_overridable,
+    keep_interface,
+    opset_version,
+    unique_name,
+)
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.registry import register_pass
 
@@ -35,10 +43,12 @@ __all__ = [
     "DedupInitializersPass",
     "EliminateIdentityPass",
     "FoldConstantsPass",
+    "FreezeInputsPass",
     "LiftConstantsPass",
     "RemoveUnusedPass",
     "ShapeInferencePass",
     "TopoSortPass",
+    "fold_constants",
     "node_count",
 ]
 
@@ -61,11 +71,12 @@ def _initializer_count(model: ir.Model) -> int:
 
 
 @contextlib.contextmanager
-def _hidden(nodes: Iterable[ir.Node]) -> Iterator[None]:
-    """Move ``nodes`` to a private domain while a wrapped pass runs, so that it leaves them alone."""
+def _hidden(nodes: Iterable[ir.Node], distinct: bool = False) -> Iterator[None]:
+    """Move ``nodes`` to a private domain while a wrapped pass runs, so that it leaves them alone
+    (``distinct``: one domain per node, so that CSE does not merge the hidden nodes among themselves)."""
     saved = [(node, node.domain) for node in nodes]
-    for node, _ in saved:
-        node.domain = _HIDDEN_DOMAIN
+    for i, (node, _) in enumerate(saved):
+        node.domain = f"{_HIDDEN_DOMAIN}.{i}" if distinct else _HIDDEN_DOMAIN
     try:
         yield
     finally:
@@ -130,6 +141,49 @@ class LiftConstantsPass(Pass):
             model.ir_version = 4
             stats.note("ir_version raised to 4 so that initializers need not be graph inputs")
         return bool(result.modified)
+
+
+# --------------------------------------------------------------------------- freeze-inputs
+
+
+@register_pass("freeze-inputs")
+class FreezeInputsPass(Pass):
+    """Make initializers that are also graph inputs plain initializers (constants), so folds apply.
+
+    Older exporters list every weight as a graph input with a default (an initializer of the same
+    name): the caller may feed another value at run time, so every folding and fusion pass treats
+    such a value as *not* constant (``onnxforge.ir.graph.const_value``) and leaves it alone. This pass
+    removes those inputs from the signature (all of them, or those in ``names``), after which they are
+    ordinary constants. Not in any preset: it changes the model's interface. Outputs on the default
+    values are unchanged; a caller that fed other values can no longer do so.
+    """
+
+    def __init__(self, names: list[str] | None = None):
+        super().__init__()
+        self.names = names
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        from onnxforge.errors import PassOptionError
+
+        graph = model.graph
+        overridable = [v for v in graph.inputs if is_overridable(v)]
+        if self.names is not None:
+            known = {v.name for v in overridable}
+            unknown = sorted(set(self.names) - known)
+            if unknown:
+                raise PassOptionError(
+                    f"freeze-inputs: {unknown} are not graph inputs with an initializer; "
+                    f"those are: {sorted(known) or 'none'}"
+                )
+            overridable = [v for v in overridable if v.name in set(self.names)]
+        for value in overridable:
+            graph.inputs.remove(value)
+        stats.count("inputs_frozen", len(overridable))
+        stats.details["frozen"] = [v.name for v in overridable]
+        if overridable and model.ir_version is not None and model.ir_version < 4:
+            model.ir_version = 4  # before IR 4 every initializer must be a graph input
+            stats.note("ir_version raised to 4 so that initializers need not be graph inputs")
+        return bool(overridable)
 
 
 # --------------------------------------------------------------------------- remove-unused
@@ -220,23 +274,42 @@ class DropoutInference(RewriteRuleClassBase):
 dropout_inference_rule = DropoutInference().rule()
 
 
-def _identity_renames_foreign_value(node: ir.Node) -> str | None:
-    """Why onnx_ir's identity elimination must not touch ``node`` (None if it may).
+def _eliminate_identities(graph: ir.Graph, stats: PassStats) -> int:
+    """Remove ``y = Identity(x)`` from ``graph``: readers of ``y`` read ``x``. Returns how many.
 
-    When ``y = Identity(x)`` and ``y`` is a graph output, the pass renames ``x`` to ``y``. That is wrong
-    when ``x`` is itself a graph output (that output would lose its name) or when ``x`` lives in an outer
-    graph (the outer value would be renamed from inside a subgraph).
+    When ``y`` is an output of ``graph``, ``x`` takes its place *and its name*; that is done only when
+    ``x`` is computed by a node of this graph and is not itself an output (it would lose its name, or
+    one value would be listed under two names). Otherwise the Identity stays (reported).
+    Conditions are checked as each node is reached, after the removals before it: onnx_ir's
+    ``IdentityEliminationPass`` renames outputs and outer-scope values that are not the node's to
+    rename, and a list of nodes to hide from it, made beforehand, goes stale along Identity chains.
     """
-    x, y = node.inputs[0] if node.inputs else None, node.outputs[0]
-    if x is None or not y.is_graph_output():
-        return None
-    if x.is_graph_output():
-        return "input and output are both graph outputs; removing it would merge two output names"
-    if x.graph is not node.graph and x.producer() is not None and x.producer().graph is not node.graph:
-        return "subgraph output reads an outer-scope value directly"
-    if x.graph is None and x.producer() is None and not x.is_graph_input():
-        return "subgraph output reads an outer-scope value directly"
-    return None
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Identity" or not _is_onnx(node) or len(node.inputs) != 1 or node.inputs[0] is None:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if y.is_graph_output():
+            producer = x.producer()
+            if producer is None or producer.graph is not graph:
+                stats.skip(node, "connects a graph input, initializer or outer-scope value to a graph output")
+                continue
+            if x.is_graph_output():
+                stats.skip(node, "input and output are both graph outputs; removing it would merge two output names")
+                continue
+            name = y.name
+            y.replace_all_uses_with(x, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            y.name = None
+            x.name = name
+            # a graph output needs a type: the output's, where the intermediate value had none
+            x.type = x.type or y.type
+            x.shape = x.shape or y.shape
+        else:
+            y.replace_all_uses_with(x)
+            graph.remove(node, safe=True)
+        removed += 1
+    return removed
 
 
 @register_pass("eliminate-identity")
@@ -245,39 +318,28 @@ class EliminateIdentityPass(Pass):
 
     ``Dropout`` becomes ``Identity`` by :data:`dropout_inference_rule` (opset < 12 always; opset >= 12
     when ``training_mode`` is absent/False or ``ratio`` is 0); then
-    ``onnx_ir.passes.common.IdentityEliminationPass`` reconnects readers of ``y = Identity(x)`` to ``x``
-    (main graph, subgraphs, functions). Kept: an Identity between a graph input/initializer and a graph
-    output, and the cases where removing it would rename a value that is not its own (see
-    :func:`_identity_renames_foreign_value`). Lossless.
+    readers of ``y = Identity(x)`` read ``x`` (main graph, subgraphs, functions; see
+    :func:`_eliminate_identities`). Kept (reported): an Identity from a graph input, initializer or
+    outer-scope value to a graph output, and one whose input is itself a graph output: graph output
+    names never change. Lossless.
     """
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         dropouts = node_count(model, "Dropout")
         modified = False
         if dropouts:
-            modified |= bool(RewriteRuleSet([dropout_inference_rule]).apply_to_model(model))
+            modified |= bool(apply_guarded(RewriteRuleSet([dropout_inference_rule]), model))
             for node in all_nodes(model):
                 if node.op_type == "Dropout":
                     stats.skip(node, _dropout_reason(model, node))
         stats.count("dropout_removed", dropouts - node_count(model, "Dropout"))
 
-        hide = []
-        for node in all_nodes(model):
-            if node.op_type != "Identity" or not _is_onnx(node):
-                continue
-            reason = _identity_renames_foreign_value(node)
-            if reason:
-                hide.append(node)
-                stats.skip(node, reason)
-        identities = node_count(model, "Identity")
-        with _hidden(hide):
-            modified |= common.IdentityEliminationPass()(model).modified
-        left = node_count(model, "Identity")
-        for node in all_nodes(model):
-            if node.op_type == "Identity" and node not in hide:
-                stats.skip(node, "connects a graph input or initializer directly to a graph output")
-        stats.count("identity_removed", identities - left)
-        return modified
+        removed = 0
+        with keep_interface(model.graph):
+            for graph in list(all_graphs(model)):
+                removed += _eliminate_identities(graph, stats)
+        stats.count("identity_removed", removed)
+        return modified or removed > 0
 
 
 def _dropout_reason(model: ir.Model, node: ir.Node) -> str:
@@ -311,6 +373,58 @@ def why_not_matched(rules: Iterable, model: ir.Model, node: ir.Node) -> str:
     return best.match_result.reason or "does not match the pattern"
 
 
+def guard_rules(rules: RewriteRuleSet) -> RewriteRuleSet:
+    """``rules`` refusing any match whose nodes read an overridable initializer (see below).
+
+    An initializer that is also a graph input is a default the caller may override at run time
+    (:func:`onnxforge.ir.graph.is_overridable`); onnxscript's rules read ``const_value`` and would
+    bake the default in, or replace the initializer and leave the input without its default. A rule
+    that only passes such a value through is refused too: rare in practice, and always safe. The
+    ``freeze-inputs`` pass turns those inputs into constants for users who want the rewrites.
+    Returns a copy; onnxscript's rule objects (module-level singletons) are left untouched.
+    """
+    guarded = copy.copy(rules)
+    guarded.rules = [guard_rule(rule) for rule in rules.rules]
+    return guarded
+
+
+def guard_rule(rule):
+    if getattr(rule, "_onnxforge_guarded", False):
+        return rule
+    guarded = copy.copy(rule)
+    original = rule.match
+
+    def match(model, graph_or_function, node, *, verbose=None, check_nodes_are_removable=True, tracer=None):
+        result = original(model, graph_or_function, node, verbose=verbose,
+                          check_nodes_are_removable=check_nodes_are_removable, tracer=tracer)
+        if not result:
+            return result
+        for matched in result.nodes:
+            for value in matched.inputs:
+                if is_overridable(value):
+                    failed = MatchResult().fail(
+                        f"{value.name!r} is an initializer that is also a graph input (overridable at run "
+                        "time); run freeze-inputs first to treat it as a constant",
+                        matched,
+                    )
+                    if tracer is not None:
+                        tracer.log(guarded, graph_or_function, node, failed, MatchStatus.CONDITION_FAILED)
+                    return None
+        return result
+
+    guarded.match = match
+    guarded._onnxforge_guarded = True
+    return guarded
+
+
+def apply_guarded(rules: RewriteRuleSet, model: ir.Model, **kwargs) -> int:
+    """``rules.apply_to_model`` with :func:`guard_rules`, then :func:`adopt_orphan_constants`."""
+    n = guard_rules(rules).apply_to_model(model, **kwargs)
+    if n:
+        adopt_orphan_constants(model)
+    return n
+
+
 # --------------------------------------------------------------------------- cse, dedup, topo-sort
 
 
@@ -319,7 +433,8 @@ class CsePass(Pass):
     """Common-subexpression elimination: nodes with the same op, attributes and inputs are merged.
 
     Wraps ``onnx_ir.passes.common.CommonSubexpressionEliminationPass`` (main graph; control-flow nodes
-    and random ops are never merged; Constant nodes only up to ``size_limit`` elements). Lossless:
+    and random ops are never merged; Constant nodes only up to ``size_limit`` elements). Nodes that
+    produce a graph output are left alone (reported), so output names stay distinct. Lossless:
     a deterministic op applied twice to the same inputs gives the same result.
     """
 
@@ -329,7 +444,13 @@ class CsePass(Pass):
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         before = node_count(model)
-        modified = common.CommonSubexpressionEliminationPass(size_limit=self.size_limit)(model).modified
+        # A node whose output is a graph output keeps it: merging two such nodes would give one value
+        # two output names (onnx_ir's CSE then defines a name twice).
+        hide = [n for n in model.graph if any(o.is_graph_output() for o in n.outputs)]
+        for node in hide:
+            stats.skip(node, "output is a graph output; merging would merge two output names")
+        with _hidden(hide, distinct=True), keep_interface(model.graph):
+            modified = common.CommonSubexpressionEliminationPass(size_limit=self.size_limit)(model).modified
         stats.count("nodes_merged", before - node_count(model))
         return modified
 
@@ -355,24 +476,34 @@ class DedupInitializersPass(Pass):
                     stats.skip(init.name or "<unnamed>", "initializer is a graph input or output")
         before = _initializer_count(model)
         if self.hashed:
-            _make_contiguous(model)
-        cls = common.DeduplicateHashedInitializersPass if self.hashed else common.DeduplicateInitializersPass
-        with _quiet("onnx_ir.passes.common.initializer_deduplication"):
-            modified = cls(size_limit=self.size_limit)(model).modified
+            modified = _dedup_hashed(model, self.size_limit)
+        else:
+            with _quiet("onnx_ir.passes.common.initializer_deduplication"):
+                modified = common.DeduplicateInitializersPass(size_limit=self.size_limit)(model).modified
         stats.count("initializers_merged", before - _initializer_count(model))
         return modified
 
 
-def _make_contiguous(model: ir.Model) -> None:
-    # The hashed pass feeds tensor.numpy() to hashlib, which rejects non-contiguous arrays (folding a
-    # Transpose yields one). Only in-memory tensors are touched; external data stays lazy.
-    for graph in all_graphs(model):
-        for init in graph.initializers.values():
+def _dedup_hashed(model: ir.Model, size_limit: int) -> bool:
+    # onnx_ir's DeduplicateHashedInitializersPass (same keys and graphs), streaming (issue 14): the
+    # SHA-512 and the byte comparison read a tensor in chunks (an external one from its file, never
+    # mapped), so the model's pages do not pile up in RSS; non-contiguous arrays need no copy.
+    from onnxforge.ir.io import same_bytes, tensor_digest
+
+    modified = False
+    for graph in model.graphs():
+        seen: dict[tuple, ir.Value] = {}
+        for init in tuple(graph.initializers.values()):
             tensor = init.const_value
-            if isinstance(tensor, ir.Tensor):
-                array = tensor.numpy()
-                if not array.flags.c_contiguous:
-                    init.const_value = ir.tensor(np.ascontiguousarray(array), name=tensor.name)
+            if tensor is None or init.is_graph_input() or init.is_graph_output() or tensor.size > size_limit:
+                continue
+            key = (tensor.dtype, tuple(tensor.shape), tensor_digest(tensor))
+            kept = seen.setdefault(key, init)
+            if kept is not init and same_bytes(kept.const_value, tensor):
+                init.replace_all_uses_with(kept)
+                graph.initializers.pop(init.name)
+                modified = True
+    return modified
 
 
 @contextlib.contextmanager
@@ -498,8 +629,8 @@ removed. Lossless: the same ops are evaluated
 
     def __init__(
         self,
-        input_size_limit: int = _constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-        output_size_limit: int = _constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+        input_size_limit: int = 8192,  # onnxscript's DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
+        output_size_limit: int = 512 * 512,  # onnxscript's DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT
         shape_inference: bool = True,
     ):
         super().__init__()
@@ -512,13 +643,16 @@ removed. Lossless: the same ops are evaluated
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         before = node_count(model)
         kept_q = sum(1 for n in all_nodes(model) if n.op_type in _NEVER_FOLD)
-        folder = _constant_folding.FoldConstantsPass(
-            shape_inference=self.shape_inference,
-            input_size_limit=self.input_size_limit,
-            output_size_limit=self.output_size_limit,
-            should_fold=_never_fold_quantization,
-        )
-        modified = bool(folder(model).modified)
+        with keep_interface(model.graph) as interface:
+            modified = fold_constants(
+                model,
+                stats,
+                shape_inference=self.shape_inference,
+                input_size_limit=self.input_size_limit,
+                output_size_limit=self.output_size_limit,
+            )
+        if interface.fixes:
+            stats.count("interface_names_restored", interface.fixes)
         if modified:
             # The folder leaves the Constant nodes it read from behind, unread.
             common.RemoveUnusedNodesPass()(model)
@@ -526,6 +660,74 @@ removed. Lossless: the same ops are evaluated
         if kept_q:
             stats.count("quantization_nodes_kept", kept_q)
         return modified
+
+
+_MAX_FOLD_RETRIES = 16
+
+
+def fold_constants(model: ir.Model, stats: PassStats, should_fold=_never_fold_quantization, **options) -> bool:
+    """onnxscript's ``fold_constants`` (public API) made safe for a whole model; returns ``modified``.
+
+    ``options``: ``shape_inference``, ``input_size_limit``, ``output_size_limit``. Nodes the folder
+    cannot handle are left alone and reported instead of failing the model: SplitToSequence below
+    opset 18 (onnxscript folds it into Split with ``num_outputs``, an opset-18 attribute), and any
+    node an evaluator raises on (the folder stops at the first such node; its replacements so far
+    are complete, so the node is hidden and folding resumes).
+    """
+    if "shape_inference" in options:
+        options["onnx_shape_inference"] = options.pop("shape_inference")
+    hide = []
+    if (opset_version(model) or 0) < 18:
+        for node in all_nodes(model):
+            if node.op_type == "SplitToSequence" and _is_onnx(node):
+                hide.append(node)
+                stats.skip(node, "SplitToSequence is not folded below opset 18 (the fold emits Split-18)")
+    modified = False
+    for _ in range(_MAX_FOLD_RETRIES):
+        try:
+            # The folder's type propagation mis-types a hidden node's outputs (e.g. a sequence as a
+            # tensor): keep the types they had.
+            types = [(v, v.type, v.shape) for node in hide for v in node.outputs]
+            try:
+                with _hidden(hide):
+                    modified |= bool(
+                        onnxscript.optimizer.fold_constants(model, should_fold=should_fold, **options).modified
+                    )
+            finally:
+                for value, type_, shape in types:
+                    value.type, value.shape = type_, shape
+            break
+        except RuntimeError as e:
+            node = _failed_node(model, e)
+            if node is None and _name_unnamed_nodes(model):
+                continue  # the next error names its node
+            if node is None or node in hide:
+                raise
+            hide.append(node)
+            modified = True  # replacements before the failure stay
+            stats.skip(node, f"constant folding failed: {e.__cause__ or e}")
+    return modified
+
+
+
+
+def _name_unnamed_nodes(model: ir.Model) -> int:
+    named = 0
+    for graph in all_graphs(model):
+        taken = {n.name for n in graph if n.name}
+        for node in graph:
+            if not node.name:
+                node.name = unique_name(graph, f"node_{node.op_type}", taken=taken)
+                named += 1
+    return named
+
+
+def _failed_node(model: ir.Model, error: RuntimeError) -> ir.Node | None:
+    """The node named in onnxscript's "Error during constant folding for node 'name' (...)"."""
+    match = re.search(r"for node '([^']*)'", str(error))
+    if match is None:
+        return None
+    return next((n for n in all_nodes(model) if n.name == match.group(1)), None)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -19,14 +19,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import RewriteRuleSet
-from onnxscript.rewriter._basics import MatchResult
-from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleClassBase
+from onnxscript.rewriter.pattern import MatchResult, RewriteRule, RewriteRuleClassBase, RewriteRuleSet
+
+# Private modules: the rule *classes* are subclassed here to add checks (their public names are
+# only rule instances, whose check cannot be extended).
 from onnxscript.rewriter.rules.common import _fuse_batchnorm, _fuse_conv_affine
 
-from onnxforge.ir.graph import all_nodes, unique_name
+from onnxforge.ir.graph import all_nodes, const_value, keep_interface, unique_name
+from onnxforge.ir.io import spill
 from onnxforge.passes.base import Pass, PassStats
-from onnxforge.passes.cleanup import node_count, why_not_matched
+from onnxforge.passes.cleanup import apply_guarded, guard_rule, node_count, why_not_matched
 from onnxforge.passes.registry import register_pass
 
 __all__ = [
@@ -40,10 +42,8 @@ _PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _MAX_ROUNDS = 16  # chains such as Conv → Mul → Add → Mul fold one op per round
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
+# The one definition of "constant" (initializer or Constant node, never a graph input).
+_const = const_value
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:
@@ -132,12 +132,20 @@ def _output_channels(node: ir.Node, weight: np.ndarray) -> int:
 
 
 def apply_rules(rules: Sequence[RewriteRule], model: ir.Model, stats: PassStats) -> int:
-    """Apply ``rules`` until none matches; count applications per rule. Returns the total."""
+    """Apply ``rules`` until none matches; count applications per rule. Returns the total.
+
+    Rules refuse matches that read overridable initializers, and initializers a rule's invented
+    name overwrote are re-registered (:func:`onnxforge.passes.cleanup.apply_guarded`)."""
+    with keep_interface(model.graph):
+        return _apply_rules(rules, model, stats)
+
+
+def _apply_rules(rules: Sequence[RewriteRule], model: ir.Model, stats: PassStats) -> int:
     total = 0
     for _ in range(_MAX_ROUNDS):
         applied = 0
         for rule in rules:
-            n = RewriteRuleSet([rule]).apply_to_model(model)
+            n = apply_guarded(RewriteRuleSet([rule]), model)
             if n:
                 stats.count(rule.name or "rewrites", n)
                 applied += n
@@ -158,16 +166,18 @@ def _check_batchnorm(result: MatchResult, bn: ir.Node) -> MatchResult:
         # Before opset 14 the running-statistics outputs are what selects training mode.
         return result.fail("BatchNormalization has training outputs (running mean/var)")
     for value in bn.inputs[1:5]:
-        if value is None or value.const_value is None:
+        if _const(value) is None:
             name = value.name if value is not None else "<missing>"
-            return result.fail(f"BatchNormalization parameter {name!r} is not constant")
+            why = "an overridable graph input" if value is not None and value.is_graph_input() else "not constant"
+            return result.fail(f"BatchNormalization parameter {name!r} is {why}")
         if not value.is_initializer():
             return result.fail(_not_initializer(bn, value))
     return result
 
 
 class _InferenceOnly:
-    """Mixin: run :func:`_check_batchnorm` and the optional-bias guard before onnxscript's check."""
+    """Mixin: onnxscript's check (constant, non-input initializers; unshared weight and bias), plus
+    inference mode, an empty optional bias and matching channels; the new bias gets a fresh name."""
 
     def check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:
         result = MatchResult()
@@ -177,22 +187,14 @@ class _InferenceOnly:
         if len(inbound.inputs) > 2 and inbound.inputs[2] is None:
             return result.fail(f"{inbound.op_type} has an empty optional bias input")
         weight = inbound.inputs[1]
-        if weight is None or weight.const_value is None:
+        if _const(weight) is None:
             return result.fail(f"{inbound.op_type} weight is not constant")
-        for value in [*inbound.inputs[1:3], *bn.inputs[1:5]]:
-            if value is not None and not value.is_initializer():
-                return result.fail(_not_initializer(inbound if value in inbound.inputs else bn, value))
+        base = super().check(context, x, inbound_out, batchnorm_out)  # type: ignore[misc]
+        if not base and not _only_bias_shared(base, inbound):
+            return base
         channels = bn.inputs[1].const_value.size
-        if _output_channels(inbound, weight.const_value.numpy()) != channels:
+        if _output_channels(inbound, _const(weight)) != channels:
             return result.fail("BatchNormalization channels differ from the producer's output channels")
-        # onnxscript's check also refuses a shared *bias*; we do not, because rewrite() below writes
-        # the fused bias under a new name in that case. A shared weight is still refused.
-        weight_owned = _check_weights_owned(result, inbound, [weight], [inbound, bn])
-        if not weight_owned:
-            return weight_owned
-        for value in bn.inputs[1:5]:
-            if value.is_graph_input():
-                return result.fail(f"{value.name} is a graph input.")
         return result
 
     def rewrite(self, op, x, inbound_out, batchnorm_out):
@@ -202,10 +204,28 @@ class _InferenceOnly:
             _other_reader(bias, [inbound]) is not None or bias.is_graph_output()
         )
         out = super().rewrite(op, x, inbound_out, batchnorm_out)  # type: ignore[misc]
+        new_bias = out.producer().inputs[2]
         if shared_bias:
             # onnxscript reuses the old bias name, which would overwrite the other readers' bias.
-            out.producer().inputs[2].name = unique_name(inbound.graph, f"{bias.name}_fused")
+            new_bias.name = unique_name(inbound.graph, f"{bias.name}_fused")
+        elif bias is None:
+            # onnxscript names a created bias "<W>_bias", which may be taken.
+            new_bias.name = unique_name(inbound.graph, f"{inbound.inputs[1].name}_bias")
         return out
+
+
+def _only_bias_shared(result: MatchResult, inbound: ir.Node) -> bool:
+    """Whether onnxscript's check refused only because the producer's *bias* has other readers.
+
+    That refusal we lift on purpose: :meth:`_InferenceOnly.rewrite` writes the fused bias under a
+    new name, so the other readers keep the old one. (Dynamo exports bias-less convs with computed
+    zero biases that dedup-initializers merges into one shared bias.) Every other refusal stands.
+    """
+    bias = inbound.inputs[2] if len(inbound.inputs) > 2 else None
+    if bias is None or _const(bias) is None or not bias.is_initializer():
+        return False
+    reason = result.reason or ""
+    return f"'{bias.name}' is used by another node" in reason and _other_reader(inbound.inputs[1], [inbound]) is None
 
 
 class FoldBatchNormIntoConv(_InferenceOnly, _fuse_batchnorm.FuseBatchNormIntoConv):
@@ -253,7 +273,8 @@ class FoldBatchNormIntoMatMul(RewriteRuleClassBase):
         gamma, beta, mean, var = (v.const_value.numpy() for v in bn.inputs[1:5])
         s = gamma / np.sqrt(var + _float_attr(bn, "epsilon", 1e-5))
         weight = _const(w)
-        new_w = op.initializer(ir.tensor((weight * s.reshape(1, -1)).astype(weight.dtype)), name=w.name)
+        # spill: under the CLI's spill store the folded weight goes to disk now, not at the pass's end
+        new_w = op.initializer(spill(ir.tensor((weight * s.reshape(1, -1)).astype(weight.dtype))), name=w.name)
         bias = (beta - mean * s).astype(weight.dtype)
         name = unique_name(inbound_out.producer().graph, f"{w.name}_bias")
         return op.Gemm(x, new_w, op.initializer(ir.tensor(bias), name=name))
@@ -279,7 +300,8 @@ class FoldBatchNormPass(Pass):
     + beta``. Uses onnxscript's ``fuse_batchnorm_into_{conv,conv_transpose,gemm}`` rules.
 
     Left alone and reported: training-mode BatchNorm; statistics or weights that are not constant
-    initializers; a weight or bias shared with another node; a producer output read elsewhere or
+    initializers (an initializer that is also a graph input is not: the caller may override it; see
+    ``freeze-inputs``); a weight shared with another node (a shared bias is copied); a producer output read elsewhere or
     that is a graph output; a BatchNorm after anything else. Lossless (fp32 rounding of W', b').
     """
 
@@ -291,7 +313,7 @@ class FoldBatchNormPass(Pass):
         _restore_producer_names(model, where)
         for node in all_nodes(model):
             if node.op_type == "BatchNormalization":
-                stats.skip(node, _explain(why_not_matched(rules, model, node)))
+                stats.skip(node, _explain(why_not_matched([guard_rule(r) for r in rules], model, node)))
         stats.count("batchnorm_folded", before - node_count(model, "BatchNormalization"))
         return applied > 0
 
@@ -361,7 +383,7 @@ class FoldAffineAfter(RewriteRuleClassBase):
 
     def _per_channel(self, result: MatchResult, node: ir.Node, x: ir.Value, c: np.ndarray):
         """``c`` as a vector over output channels, or None after ``result.fail``."""
-        weight = node.inputs[1].const_value.numpy()
+        weight = _const(node.inputs[1])
         channels = _output_channels(node, weight)
         if node.op_type in ("Conv", "ConvTranspose"):
             rank, axis = weight.ndim, 1
@@ -403,8 +425,6 @@ class FoldAffineAfter(RewriteRuleClassBase):
             return result.fail("constant and weight dtypes differ")
         if node.op_type == "MatMul" and weight.ndim != 2:
             return result.fail("MatMul weight is not 2-D")
-        if len(node.inputs) > 2 and node.inputs[2] is None:
-            return result.fail(f"{node.op_type} has an empty optional bias input")
         vec = self._per_channel(result, node, x, const)
         if vec is None:
             return result
@@ -415,7 +435,7 @@ class FoldAffineAfter(RewriteRuleClassBase):
             return result.fail("MatMul has no bias to absorb an added constant (fuse to Gemm first)")
         # A shared bias is fine (rewrite() gives the new one its own name); a shared weight is not.
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias_v is not None and (not bias_v.is_initializer() or bias_v.const_value is None):
+        if bias_v is not None and (not bias_v.is_initializer() or _const(bias_v) is None):
             return result.fail(_not_initializer(node, bias_v))
         if scale is not None:
             return _check_weights_owned(result, node, [weight_v], [node])
@@ -425,24 +445,25 @@ class FoldAffineAfter(RewriteRuleClassBase):
         node = prod_out.producer()
         graph = node.graph
         weight_v = node.inputs[1]
-        weight = weight_v.const_value.numpy()
+        weight = _const(weight_v)
         dtype = weight.dtype
         vec = self._per_channel(MatchResult(), node, x, _const(c))
         scale, shift = self._scale_shift(vec)
         inputs = [x]
         if scale is not None:
             new_w = _scale_output_channels(node, weight, scale).astype(dtype)
-            inputs.append(op.initializer(ir.tensor(new_w), name=weight_v.name))
+            inputs.append(op.initializer(spill(ir.tensor(new_w)), name=weight_v.name))
         else:
             inputs.append(weight_v)
         attributes = dict(node.attributes)
         if node.op_type != "MatMul":
-            bias_v = node.inputs[2] if len(node.inputs) > 2 else None
+            bias_v = node.inputs[2] if len(node.inputs) > 2 else None  # None also for an empty ""
+            # Gemm: y = alpha*A*B + beta*C. The new C carries beta, so beta goes (also without a C).
+            beta_attr = attributes.pop("beta", None) if node.op_type == "Gemm" else None
             if bias_v is not None:
                 bias = bias_v.const_value.numpy().astype(np.float64)
-                if node.op_type == "Gemm":  # y = alpha*A*B + beta*C: bake beta into C
-                    beta_attr = attributes.pop("beta", None)
-                    bias = bias * (beta_attr.as_float() if beta_attr is not None else 1.0)
+                if beta_attr is not None:
+                    bias = bias * beta_attr.as_float()
                 shared = _other_reader(bias_v, [node]) is not None or bias_v.is_graph_output()
                 name = unique_name(graph, f"{bias_v.name}_fused") if shared else bias_v.name
             else:
@@ -514,7 +535,8 @@ class FoldAffinePass(Pass):
     padding (onnxscript's ``affine_conv_fusion_rule``). Chains fold one op at a time until none is left.
 
     Left alone and reported: a constant varying along batch or spatial axes (or of higher rank than
-    the output); a weight or bias shared with another node; a producer output that is a graph
+    the output); a constant, weight or bias that is also a graph input (overridable; see
+    ``freeze-inputs``); a weight shared with another node (a shared bias is copied); a producer output that is a graph
     output or read by another node; division by a constant with zeros; non-constant weights.
     Lossless (fp32 rounding of W', b'; ``y / c`` becomes ``y * (1/c)``).
     """
@@ -525,6 +547,6 @@ class FoldAffinePass(Pass):
         applied = apply_rules(rules, model, stats)
         for node in all_nodes(model):
             if _affine_candidate(node):
-                stats.skip(node, _explain(why_not_matched(rules, model, node)))
+                stats.skip(node, _explain(why_not_matched([guard_rule(r) for r in rules], model, node)))
         stats.count("nodes_removed", before - node_count(model))
         return applied > 0

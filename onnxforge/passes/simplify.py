@@ -20,37 +20,56 @@ All are exact in IEEE arithmetic. Lossless. Fusions (BatchNorm, Pad, Relu/Clip, 
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript.rewriter.rules.common import (
-    _basic_rules,
-    _broadcast_to_matmul,
-    _cast_constant_of_shape,
-    _collapse_slices,
-    _materialize_reshape_shape,
-    _no_op,
-    _redundant_scatter_nd,
-    _remove_optional_bias,
-)
+from onnxscript.rewriter.pattern import RewriteRuleSet
+from onnxscript.rewriter.rules import common as rules
 
 from onnxforge.ir.graph import all_nodes, const_value, make_initializer
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.fold import apply_rules
 from onnxforge.passes.registry import register_pass
 
+# onnxscript's canonicalization rules, by their public names (the order of its rule sets).
 CANONICALIZATION_RULES = (
-    *_no_op.rules,
-    *_broadcast_to_matmul.rules,
-    *_cast_constant_of_shape.rules,
-    *_collapse_slices.rules,
-    *_materialize_reshape_shape.rules,
-    *_basic_rules.basic_optimization_rules(),
-    *_redundant_scatter_nd.rules,
-    *_remove_optional_bias.rules,
+    # no-op removal: x * 1 and x + 0 in both operand orders, x - 0, x / 1, inference Dropout
+    *RewriteRuleSet([rules.mul_by_1_rule, rules.add_0_rule], commute=True).rules,
+    rules.sub_0_rule,
+    rules.div_by_1_rule,
+    rules.dropout_zero_rule,
+    rules.dropout_inference_rule,
+    rules.two_reshapes_matmul_reshape_rule,
+    rules.one_reshape_matmul_reshape_rule,
+    rules.cast_constant_of_shape_rule,
+    rules.cast_constant_of_shape_without_value_rule,
+    rules.collapse_slice_rule,
+    rules.collapse_slice2_rule,
+    rules.materialize_reshape_shape_rule,
+    # onnxscript's basic_optimization_rules()
+    rules.cast_cast_rule,
+    rules.no_op_cast_rule,
+    rules.no_op_expand_rule,
+    rules.flatten_to_reshape_rule,
+    rules.reshape_reshape_rule,
+    rules.slice_split_rule,
+    rules.no_op_transpose_rule,
+    rules.transpose_transpose_rule,
+    rules.unsqueeze_unsqueeze_rule,
+    rules.squeeze_reshape_1d_rule,
+    rules.no_op_dynamic_scatter_nd_rule,
+    rules.no_op_static_scatter_nd_rule,
+    rules.remove_optional_bias_from_conv_rule,
+    rules.remove_optional_bias_from_conv_transpose_rule,
+    rules.remove_optional_bias_from_qlinear_conv_rule,
+    rules.remove_optional_bias_from_gemm_rule,
 )
 
 
 @register_pass("simplify")
 class SimplifyPass(Pass):
-    """Canonicalize exporter idioms (shape arithmetic, no-op ops) with onnxscript's rules. Lossless."""
+    """Canonicalize exporter idioms (shape arithmetic, no-op ops) with onnxscript's rules. Lossless.
+
+    Rules refuse matches that read an initializer which is also a graph input (``x * 1`` where the 1
+    may be fed another value); the shape initializers rules create get names no other value has.
+    """
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         before = sum(1 for _ in all_nodes(model))
@@ -60,9 +79,31 @@ class SimplifyPass(Pass):
             # Rules write their constant shapes as Constant nodes: store them as initializers, like
             # the rest of the weights, and drop the shape arithmetic nobody reads any more.
             _lift_new_constants(model.graph, existing_constants)
+            _drop_allowzero_before_opset14(model, stats)
             ir.passes.common.RemoveUnusedNodesPass()(model)
             stats.count("nodes_removed", before - sum(1 for _ in all_nodes(model)))
         return applied > 0
+
+
+def _drop_allowzero_before_opset14(model: ir.Model, stats: PassStats) -> None:
+    """onnxscript's reshape rules write ``Reshape(allowzero=...)``, an attribute that exists only
+    from opset 14: onnxruntime refuses it in older models (PaddleOCR-style opset-12 exports).
+
+    Dropping it is lossless when the target shape holds no 0 (then allowzero has no effect) or when
+    it is 0 (the old default semantics). A literal 0 with allowzero=1 has no opset-13 spelling: that
+    node is reported, and the model's checker at save refuses the result.
+    """
+    if (model.opset_imports.get("", 0) or 0) >= 14:
+        return
+    for node in all_nodes(model):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or "allowzero" not in node.attributes:
+            continue
+        shape = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if node.attributes["allowzero"].as_int() == 0 or (shape is not None and not (shape == 0).any()):
+            del node.attributes["allowzero"]
+            stats.count("allowzero_dropped_for_old_opset")
+        else:
+            stats.skip(node, "Reshape(allowzero=1) with a literal 0 cannot be written before opset 14")
 
 
 def _lift_new_constants(graph: ir.Graph, existing: set[int]) -> None:

@@ -14,13 +14,14 @@ from typing import Sequence
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-import onnxscript.optimizer
-from onnxscript.rewriter import _basics
+from onnxscript.rewriter.pattern import MatchingTracer, MatchStatus
 from onnxscript.rewriter.ort_fusions import shape_optimization
 
 from onnxforge.errors import PassFailedError, PassOptionError
 from onnxforge.passes.base import Pass, PassStats
-from onnxforge.passes.fuse import cnn, transformer
+from onnxforge.ir.graph import keep_interface
+from onnxforge.passes.cleanup import CsePass, apply_guarded, fold_constants, guard_rules
+from onnxforge.passes.fuse import _rule, cnn, transformer
 from onnxforge.passes.fuse._rule import FusionRule, Step
 from onnxforge.passes.registry import register_pass
 
@@ -34,9 +35,13 @@ _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def default_families(target: str) -> list[str]:
-    """Every target gets both families; rules that do not apply to a target are filtered per rule."""
-    del target
-    return ["cnn", "transformer"]
+    """The families run when ``families`` is not given: both, for every target.
+
+    Which rules of a family run on a target is decided per rule (:meth:`FusionRule.is_default`,
+    ``FusionRule.targets``), so the family list itself does not depend on the target."""
+    if target not in (*_rule.ALL_TARGETS,):
+        raise PassOptionError(f"fuse: unknown target {target!r}; choose from {', '.join(sorted(_rule.ALL_TARGETS))}")
+    return list(FAMILIES)
 
 
 def _opset(model: ir.Model) -> int:
@@ -67,6 +72,10 @@ class FusePass(Pass):
     ``LayerNorm(x) = (x-μ)/√(σ²+ε)·γ+β``, ``Gelu(x) = x·½(1+erf(x/√2))``,
     ``Attention(x) = softmax((xW_q)(xW_k)ᵀ·s + mask)(xW_v)`` per head. Lossless up to fp32 rounding
     (kernels sum in a different order).
+
+    Never matched (reported with ``--explain``): a pattern whose nodes read an initializer that is also
+    a graph input (the caller may override it; see ``freeze-inputs``). Graph input and output names
+    never change.
 
     Before matching, the model is canonicalized with onnxscript's optimizer (shape inference,
     constant folding, Shape-subgraph simplification): the attention rules check static shapes and
@@ -126,10 +135,16 @@ class FusePass(Pass):
         return [r for r in chosen if r.name not in excluded]
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
+        with keep_interface(model.graph) as interface:
+            modified = self._run(model, stats)
+        if interface.fixes:
+            stats.count("interface_names_restored", interface.fixes)
+        return modified or interface.fixes > 0
+
+    def _run(self, model: ir.Model, stats: PassStats) -> bool:
         target = self.context.target
         before = _histogram(model)
-        if self.prepare:
-            _prepare(model)
+        prepared = _prepare(model, stats) if self.prepare else False
         opset = _opset(model)
         stats.details["target"] = target
         near_misses: list[dict] = []
@@ -165,22 +180,43 @@ class FusePass(Pass):
                     stats.skip(node, f"{miss['rule']} ({miss['pattern']}): {miss['reason']}")
         _check_domains(model, before, after, target)
         logger.info("fuse: %s", ", ".join(f"{k} ×{v}" for k, v in stats.counts.items()) or "nothing")
-        return bool(any(matches.values())) or (self.prepare and after != before)
+        # The preparation's rewrites (folding, CSE, dedup) change the graph even when no rule matches;
+        # shape annotations alone do not count (metadata).
+        return bool(any(matches.values())) or prepared or after != before
 
 
-def _prepare(model: ir.Model) -> None:
+def _prepare(model: ir.Model, stats: PassStats) -> bool:
     """Pre-fusion canonicalization, as onnxscript's ``ort_fusions._core._pre_optimize`` but without
     the optimizer's default rewrite rules (those are ours to apply and count): inline functions,
-    shape inference, constant folding (with shape propagation), Shape-subgraph simplification."""
-    common_passes.InlinePass()(model)
-    common_passes.ShapeInferencePass()(model)
+    shape inference, constant folding (with shape propagation), Shape-subgraph simplification.
+    Returns whether anything but shape annotations changed; nodes the folder leaves alone are
+    reported in ``stats``."""
+    modified = common_passes.InlinePass()(model).modified
+    _infer_shapes(model)
     for _ in range(2):
-        onnxscript.optimizer.fold_constants(model)
-        common_passes.RemoveUnusedNodesPass()(model)
-        shape_optimization.rules.apply_to_model(model)
-    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    common_passes.DeduplicateInitializersPass()(model)
-    common_passes.CommonSubexpressionEliminationPass()(model)
+        modified |= fold_constants(model, stats, should_fold=lambda node: None)
+        modified |= common_passes.RemoveUnusedNodesPass()(model).modified
+        modified |= bool(apply_guarded(shape_optimization.rules, model))
+    modified |= common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+    modified |= common_passes.DeduplicateInitializersPass()(model).modified
+    # onnxforge's CSE: it leaves nodes that produce graph outputs alone (output names stay distinct).
+    modified |= CsePass().run(model, PassStats())
+    return bool(modified)
+
+
+# Ops whose outputs are sequences: onnx_ir's ShapeInferencePass (onnx-ir 1.1) records them as tensors.
+_SEQUENCE_OPS = frozenset({"SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
+                           "SequenceErase", "SequenceMap"})
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    """onnx_ir's shape inference, without the tensor types it gives sequence values."""
+    common_passes.ShapeInferencePass()(model)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in _SEQUENCE_OPS and node.domain in _STANDARD_DOMAINS:
+            for value in node.outputs:
+                if isinstance(value.type, ir.TensorType):
+                    value.type, value.shape = None, None
 
 
 def _fold_fused_weights(model: ir.Model) -> None:
@@ -192,7 +228,7 @@ def _fold_fused_weights(model: ir.Model) -> None:
     def force_concat(node: ir.Node) -> bool | None:
         return True if node.op_type == "Concat" and node.domain in _STANDARD_DOMAINS else None
 
-    onnxscript.optimizer.fold_constants(model, should_fold=force_concat)
+    fold_constants(model, PassStats(), should_fold=force_concat)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
 
 
@@ -204,9 +240,9 @@ def _apply_steps(
         if isinstance(step.rules, ir.passes.PassBase):  # an analysis or cleanup between rule sets
             step.rules(model)
             continue
-        n = step.rules.apply_to_model(model)
+        n = apply_guarded(step.rules, model)
         if step.shape_inference and n:
-            common_passes.ShapeInferencePass()(model)
+            _infer_shapes(model)
         if step.counted:
             count += n
         if near_misses is not None:
@@ -220,16 +256,16 @@ def _trace(model: ir.Model, name: str, step: Step) -> list[dict]:
     the pattern before failing. Grouped by (pattern, reason) with the root nodes listed."""
     if isinstance(step.rules, ir.passes.PassBase):
         return []
-    tracer = _basics.MatchingTracer()
-    step.rules.apply_to_model(model, tracer=tracer)  # with a tracer, nothing is rewritten
+    tracer = MatchingTracer()
+    guard_rules(step.rules).apply_to_model(model, tracer=tracer)  # with a tracer, nothing is rewritten
     groups: dict[tuple[str, str, str], dict] = {}
     for rule, infos in tracer.best_matches_map.items():
         for info in infos:
             status = info.status
-            if status == _basics.MatchStatus.SUCCESS:
+            if status == MatchStatus.SUCCESS:
                 continue
             matched = len(info.match_result.nodes)
-            if matched < 2 or (status == _basics.MatchStatus.NO_MATCH and matched < 3):
+            if matched < 2 or (status == MatchStatus.NO_MATCH and matched < 3):
                 continue  # one or two ops in common is not a near-miss
             reason = info.match_result.reason or "pattern did not match"
             key = (str(rule), status.name, reason)

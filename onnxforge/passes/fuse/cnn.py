@@ -31,10 +31,21 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as common_rules
 
+# Private modules: their rule *classes* are subclassed below to add the checks they lack (the
+# public names are rule instances, whose check cannot be extended).
+from onnxscript.rewriter.rules.common import (
+    _fuse_hardswish,
+    _fuse_relus_clips,
+    _matmul_add_to_gemm,
+    _min_max_to_clip,
+)
+
+from onnxforge.ir.graph import const_value
 from onnxforge.passes.fuse._rule import ORT_TARGETS, FusionRule, Step, ruleset
 
 # activation op -> FusedConv "activation" string, per target
@@ -77,6 +88,12 @@ class ConvActivationFusion(pattern.RewriteRuleClassBase):
         return op.FusedConv(*inputs, _domain="com.microsoft", **attrs)
 
 
+def _singleton(value: ir.Value | None) -> float | None:
+    """The one element of a constant (not overridable) tensor, or None."""
+    array = const_value(value)
+    return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+
 def _activation_attrs(activation: str | None, act_node: ir.Node | None, clip_min, clip_max) -> dict:
     """FusedConv's ``activation`` and ``activation_params`` attributes for an ONNX activation node
     (parameters as onnxruntime's own Conv+activation fusions read them, defaults included)."""
@@ -85,8 +102,8 @@ def _activation_attrs(activation: str | None, act_node: ir.Node | None, clip_min
     params: list[float] = []
     if activation == "Clip":
         params = [
-            float(_ir_utils.get_singleton_value(clip_min)),
-            float(_ir_utils.get_singleton_value(clip_max)),
+            float(_singleton(clip_min)),
+            float(_singleton(clip_max)),
         ]
     elif activation == "LeakyRelu":
         params = [act_node.attributes.get_float("alpha", 0.01)]
@@ -103,7 +120,7 @@ def _activation_attrs(activation: str | None, act_node: ir.Node | None, clip_min
 
 def _check_clip_bounds(result: pattern.MatchResult, act: ir.Value, clip_min, clip_max) -> pattern.MatchResult:
     for bound in (clip_min, clip_max):
-        if bound is None or _ir_utils.get_singleton_value(bound) is None:
+        if bound is None or _singleton(bound) is None:
             return result.fail("Clip bounds are not constant scalars", act.producer())
     return result
 
@@ -197,6 +214,149 @@ class ConvUnsupportedActivation(pattern.RewriteRuleClassBase):
         return None
 
 
+# --------------------------------------------------------------------------- onnxscript rules, checked
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else value.shape.rank()
+
+
+def _check_no_rank_raise(result: pattern.MatchResult, x: ir.Value, constants, fused: str) -> pattern.MatchResult:
+    """Fail when a constant has more axes than ``x``: it broadcasts the output to a higher rank,
+    which the fused op (applied to ``x`` alone) would not (or when ``x``'s rank is unknown)."""
+    rank = _rank(x)
+    for value in constants:
+        array = const_value(value)
+        if array is None or array.ndim == 0:
+            continue
+        if rank is None or array.ndim > rank:
+            return result.fail(
+                f"constant {value.name!r} of rank {array.ndim} would raise the output's rank (input rank "
+                f"{'unknown' if rank is None else rank}); {fused} keeps the input's shape"
+            )
+    return result
+
+
+class _KeepRank:
+    """Mixin for onnxscript's Min/Max rules: also refuse rank-raising constants."""
+
+    def check(self, context, out1, out2, **kwargs):
+        result = super().check(context, out1, out2, **kwargs)  # type: ignore[misc]
+        if not result:
+            return result
+        first, second = out1.producer(), out2.producer()
+        return _check_no_rank_raise(result, first.inputs[0], [*first.inputs[1:], *second.inputs[1:]],
+                                    self.op_type)
+
+
+class MaxMinToClip(_KeepRank, _min_max_to_clip.FuseMaxMinToClip):
+    """``Min(Max(x, lo), hi)`` → ``Clip(x, lo, hi)`` (onnxscript's), refusing rank-raising bounds."""
+
+
+class MinMaxToClip(_KeepRank, _min_max_to_clip.FuseMinMaxToClip):
+    """``Max(Min(x, hi), lo)`` → ``Clip(x, lo, hi)`` (onnxscript's), refusing rank-raising bounds."""
+
+
+def _bounds(node: ir.Node) -> tuple[float, float]:
+    """A Clip node's (min, max) as floats, -inf/inf where absent (the caller checked constness)."""
+    inputs = [*node.inputs[1:3], None, None]
+    lo = const_value(inputs[0]) if inputs[0] is not None else None
+    hi = const_value(inputs[1]) if inputs[1] is not None else None
+    return (-np.inf if lo is None else float(np.max(lo)), np.inf if hi is None else float(np.min(hi)))
+
+
+class SuccessiveClip(_fuse_relus_clips.FuseSuccessiveClip):
+    """``Clip(Clip(x, a, b), c, d)`` → ``Clip(x, max(a, c), min(b, d))`` (onnxscript's), only when the
+    two ranges intersect: for disjoint ones the result is the constant ``c`` or ``d``, not that Clip."""
+
+    def check(self, context, **kwargs):
+        result = super().check(context, **kwargs)
+        if not result:
+            return result
+        (a, b), (c, d) = _bounds(kwargs["out_first_clip"].producer()), _bounds(kwargs["out_second_clip"].producer())
+        if max(a, c) > min(b, d):
+            return result.fail(f"Clip ranges [{a}, {b}] and [{c}, {d}] do not intersect")
+        return result
+
+
+class SuccessiveReluClip(_fuse_relus_clips.FuseSuccessiveReluClip):
+    """``Relu(Clip(x, a, b))`` → ``Clip(x, max(a, 0), b)`` (onnxscript's), only when ``b >= max(a, 0)``:
+    for ``b < 0`` the result is 0 everywhere, not ``b``."""
+
+    def check(self, context, **kwargs):
+        result = super().check(context, **kwargs)
+        if not result:
+            return result
+        a, b = _bounds(kwargs["out_first_clip"].producer())
+        if max(a, 0.0) > b:
+            return result.fail(f"Clip max {b} is below Relu's 0: Relu(Clip) is 0 there, not a Clip")
+        return result
+
+
+class HardSwishFusion(_fuse_hardswish.HardSwishFusion):
+    """``x * Clip(x + 3, 0, 6) / 6`` → ``HardSwish(x)`` (onnxscript's), refusing rank-raising constants."""
+
+    def check(self, op, x, clip_min, clip_max, bias, divisor):
+        result = super().check(op, x, clip_min, clip_max, bias, divisor)
+        return _check_no_rank_raise(result, x, [clip_min, clip_max, bias, divisor], "HardSwish") if result else result
+
+
+class HardSigmoidFusion(_fuse_hardswish.HardSigmoidFusion):
+    """``Clip(x + 3, 0, 6) / 6`` → ``HardSigmoid(x)`` (onnxscript's), refusing rank-raising constants."""
+
+    def check(self, op, x, clip_min, clip_max, bias, divisor):
+        result = super().check(op, x, clip_min, clip_max, bias, divisor)
+        return _check_no_rank_raise(result, x, [clip_min, clip_max, bias, divisor], "HardSigmoid") if result else result
+
+
+def _hardswish_rules() -> pattern.RewriteRuleSet:
+    return ruleset(HardSwishFusion().rule(), HardSigmoidFusion().rule(),
+                   _fuse_hardswish.HardSwishFusionFromHardSigmoid().rule(), commute=True)
+
+
+def _dims_match(c: int | ir.SymbolicDim, out: int | ir.SymbolicDim) -> bool:
+    if c == 1:
+        return True
+    if isinstance(c, int) or isinstance(out, int):
+        return c == out
+    return c.value is not None and c.value == out.value
+
+
+class _GemmBias:
+    """Mixin for onnxscript's MatMul+Add → Gemm rules: C must broadcast *to* the (M, N) product
+    (Gemm's C is unidirectional), not the product to a larger shape as Add may."""
+
+    def check(self, context, input_a, input_b, input_c=None, **kwargs):
+        result = super().check(context, input_a, input_b, input_c=input_c, **kwargs)  # type: ignore[misc]
+        if not result:
+            return result
+        c_shape = input_c.shape if input_c is not None else None
+        if c_shape is None or c_shape.rank() > 2:
+            return result.fail(f"Add operand shape {c_shape} is unknown or of rank > 2: not a Gemm bias")
+        m = input_a.shape[1 if self.trans_a else 0]
+        n = input_b.shape[0 if self.trans_b else 1]
+        out = (m, n)[2 - c_shape.rank():]
+        if not all(_dims_match(c, o) for c, o in zip(c_shape.dims, out)):
+            return result.fail(f"Add operand shape {c_shape} does not broadcast to the product's (M, N) = {(m, n)}")
+        return result
+
+
+class MatMulAddToGemm(_GemmBias, _matmul_add_to_gemm.MatMulAddToGemm):
+    """``Add(MatMul(a, b), c)`` → ``Gemm(a, b, c)`` (onnxscript's), C checked."""
+
+
+class TransAMatMulAddToGemm(_GemmBias, _matmul_add_to_gemm.TransAMatMulAddToGemm):
+    """``Add(MatMul(Transpose(a), b), c)`` → ``Gemm(a, b, c, transA=1)`` (onnxscript's), C checked."""
+
+
+class TransBMatMulAddToGemm(_GemmBias, _matmul_add_to_gemm.TransBMatMulAddToGemm):
+    """``Add(MatMul(a, Transpose(b)), c)`` → ``Gemm(a, b, c, transB=1)`` (onnxscript's), C checked."""
+
+
+class TransABMatMulAddToGemm(_GemmBias, _matmul_add_to_gemm.TransABMatMulAddToGemm):
+    """``Add(MatMul(Transpose(a), Transpose(b)), c)`` → ``Gemm(a, b, c, transA=1, transB=1)``, C checked."""
+
+
 def _fused_conv(target: str, opset: int) -> Sequence[Step] | str:
     if target == "tensorrt":
         return "TensorRT fuses Conv+activation itself and cannot run com.microsoft.FusedConv"
@@ -220,7 +380,7 @@ def _fused_conv_add(target: str, opset: int) -> Sequence[Step] | str:
 def _hardswish(target: str, opset: int) -> Sequence[Step] | str:
     if opset < 14:
         return f"HardSwish needs opset 14, model has {opset}"
-    return [Step(common_rules.fuse_hardswish_rules())]
+    return [Step(_hardswish_rules())]
 
 
 def _steps(*rules: pattern.RewriteRule, commute: bool = False):
@@ -241,8 +401,8 @@ RULES: list[FusionRule] = [
         _steps(
             common_rules.min_min_rule,
             common_rules.max_max_rule,
-            common_rules.min_max_rule,
-            common_rules.max_min_rule,
+            MinMaxToClip().rule(),
+            MaxMinToClip().rule(),
         ),
     ),
     FusionRule(
@@ -251,9 +411,9 @@ RULES: list[FusionRule] = [
         "successive Relu/Clip merged into one",
         _steps(
             common_rules.successive_relu_rule,
-            common_rules.successive_clip_rule,
+            SuccessiveClip().rule(),
             common_rules.successive_clip_relu_rule,
-            common_rules.successive_relu_clip_rule,
+            SuccessiveReluClip().rule(),
         ),
     ),
     FusionRule(
@@ -279,10 +439,10 @@ RULES: list[FusionRule] = [
         "cnn",
         "MatMul(A, B) + C on 2-D operands (optionally transposed) → Gemm",
         _steps(
-            common_rules.transpose_ab_matmul_add_to_gemm_rule,
-            common_rules.transpose_a_matmul_add_to_gemm_rule,
-            common_rules.transpose_b_matmul_add_to_gemm_rule,
-            common_rules.matmul_add_to_gemm_rule,
+            TransABMatMulAddToGemm().rule(),
+            TransAMatMulAddToGemm().rule(),
+            TransBMatMulAddToGemm().rule(),
+            MatMulAddToGemm().rule(),
             commute=True,
         ),
     ),
