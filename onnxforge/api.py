@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -17,12 +18,13 @@ def optimize(
     model: ir.Model | onnx.ModelProto | bytes | str | os.PathLike,
     passes: str | Sequence[ir.passes.PassBase | PassSpec | str] = DEFAULT_PRESET,
     *,
-    target: str = "cpu",
+    target: str | None = None,
     calibration_data: Any = None,
+    providers: Sequence[str] | None = None,
     verify: bool = False,
     fixed_point: bool = False,
-    explain: bool = False,
-    seed: int = 0,
+    explain: bool | None = None,
+    seed: int | None = None,
     context: PassContext | None = None,
     output: str | os.PathLike | None = None,
     report_path: str | os.PathLike | None = None,
@@ -34,17 +36,30 @@ def optimize(
     (rewritten in place). ``passes`` is a preset (``"O1"``), a pipeline string, or pass instances.
     ``calibration_data`` is an ``.npz`` path, a directory, an iterable of feed dicts or a
     :class:`~onnxforge.runtime.data.CalibrationData`.
+
+    ``context``: a :class:`PassContext` to start from (e.g. with ``importance`` or ``options``).
+    ``target``, ``calibration_data``, ``providers``, ``explain`` and ``seed``, when given, override its
+    fields on a copy (the caller's context is not changed); left out, the context's values stand
+    (without a context: cpu, no data, ``("cpu",)``, False, 0). Calibration data in either place is
+    loaded and checked against the model.
     """
     from onnxforge.ir.io import load, save
+    from onnxforge.runtime import data as calibration
 
     ir_model = load(model)
-    if context is None:
-        data = None
-        if calibration_data is not None:
-            from onnxforge.runtime import data as calibration
-
-            data = calibration.load(calibration_data, ir_model)
-        context = PassContext(target=target, calibration_data=data, explain=explain, seed=seed)
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (("target", target), ("explain", explain), ("seed", seed))
+        if value is not None
+    }
+    if providers is not None:
+        overrides["providers"] = tuple(providers)
+    base = context if context is not None else PassContext()
+    data = calibration_data if calibration_data is not None else base.calibration_data
+    if data is not None:
+        overrides["calibration_data"] = calibration.load(data, ir_model)
+    # dataclasses.replace re-runs PassContext's validation (unknown target -> PassOptionError).
+    context = dataclasses.replace(base, **overrides) if overrides or context is None else context
     pipeline = Pipeline(
         passes, context=context, verify=verify, fixed_point=fixed_point, reproducer_dir=reproducer_dir
     )

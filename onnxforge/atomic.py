@@ -23,12 +23,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # also KeyboardInterrupt: never leave the temporary file behind
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise ModelSaveError(f"cannot write {path}: {e.strerror or e}") from e
+        if isinstance(e, OSError):
+            raise ModelSaveError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
     return path
 
 

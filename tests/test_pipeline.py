@@ -353,3 +353,242 @@ def test_user_given_teacher_wins(mlp_model):
     ctx = PassContext(reference_model=teacher)
     Pipeline([LossyRecorder()], context=ctx).run(fresh(mlp_model))
     assert seen["teacher"] is teacher and ctx.reference_model is teacher
+
+
+# ----------------------------------------------------------------------- verifier: by name (issue 13)
+
+
+def two_outputs(model: ir.Model) -> ir.Model:
+    """``model`` with a second graph output: the hidden activation (the Relu), named 'hidden'."""
+    model = fresh(model)
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.outputs[0].name = "hidden"
+    model.graph.outputs.append(relu.outputs[0])
+    return model
+
+
+@register_pass("test-drop-last-output", replace=True)
+class DropLastOutputPass(Pass):
+    """Deliberately wrong 'lossless' pass: removes the last graph output."""
+
+    def run(self, model, stats):
+        model.graph.outputs.pop()
+        return True
+
+
+@register_pass("test-rename-output", replace=True)
+class RenameOutputPass(Pass):
+    """Deliberately wrong 'lossless' pass: renames the first graph output."""
+
+    def run(self, model, stats):
+        model.graph.outputs[0].name = "something_else"
+        return True
+
+
+@register_pass("test-swap-outputs", replace=True)
+class SwapOutputsPass(Pass):
+    """Correct pass: reorders the graph outputs (same names, same values)."""
+
+    def run(self, model, stats):
+        outs = list(model.graph.outputs)
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(reversed(outs))
+        return True
+
+
+@register_pass("test-unsqueeze-output", replace=True)
+class UnsqueezeOutputPass(Pass):
+    """Deliberately wrong 'lossless' pass: same values and name, one more axis."""
+
+    def run(self, model, stats):
+        out = model.graph.outputs[0]
+        axes = ir.Value(name="test_axes", const_value=ir.tensor(np.array([0], np.int64), name="test_axes"))
+        model.graph.register_initializer(axes)
+        node = ir.node("Unsqueeze", [out, axes])
+        model.graph.append(node)
+        name = out.name
+        out.name = name + "_before"
+        node.outputs[0].name = name
+        node.outputs[0].dtype = out.dtype
+        model.graph.outputs[0] = node.outputs[0]
+        return True
+
+
+@register_pass("test-require-input", replace=True)
+class RequireInputPass(Pass):
+    """Deliberately wrong 'lossless' pass: adds a required graph input (added to the first output)."""
+
+    def run(self, model, stats):
+        out = model.graph.outputs[0]
+        extra = ir.Value(name="new_input", type=out.type, shape=ir.Shape([1]))
+        model.graph.inputs.append(extra)
+        node = ir.node("Add", [out, extra])
+        model.graph.append(node)
+        name = out.name
+        out.name = name + "_before"
+        node.outputs[0].name = name
+        node.outputs[0].type = out.type
+        model.graph.outputs[0] = node.outputs[0]
+        return True
+
+
+def test_verify_fails_a_dropped_output_and_names_the_pass(mlp_model, tmp_path):
+    """Regression: outputs paired by position let a dropped last output pass (zip stops early)."""
+    model = two_outputs(mlp_model)
+    with pytest.raises(VerificationError) as e:
+        Pipeline("test-noop,test-drop-last-output", verify=True, reproducer_dir=tmp_path / "r").run(model)
+    message = str(e.value)
+    assert "'test-drop-last-output'" in message and "'hidden' missing" in message
+    assert (tmp_path / "r" / "pipeline.txt").read_text().strip() == "test-drop-last-output"
+    # the reproducer is the model the pass received: it still has both outputs
+    assert [o.name for o in onnxforge.load(tmp_path / "r" / "input.onnx").graph.outputs][1] == "hidden"
+
+
+def test_verify_fails_a_renamed_output(mlp_model):
+    with pytest.raises(VerificationError, match="test-rename-output.*'something_else'"):
+        Pipeline("test-rename-output", verify=True).run(fresh(mlp_model))
+
+
+def test_verify_pairs_reordered_outputs_by_name(mlp_model):
+    """Regression: by position, two reordered outputs of different shapes were a false failure."""
+    result = Pipeline("test-swap-outputs", verify=True).run(two_outputs(mlp_model))
+    (record,) = result.report.records
+    assert record.verified is True and record.vs_previous.max_abs == 0.0
+
+
+def test_verify_fails_a_shape_change(mlp_model):
+    with pytest.raises(VerificationError, match="test-unsqueeze-output.*shape changed"):
+        Pipeline("test-unsqueeze-output", verify=True).run(fresh(mlp_model))
+
+
+def test_verify_fails_a_new_required_input(mlp_model):
+    with pytest.raises(VerificationError, match="test-require-input.*changed the model's inputs.*'new_input'"):
+        Pipeline("test-require-input", verify=True).run(fresh(mlp_model))
+
+
+def zero_output(model: ir.Model) -> ir.Model:
+    """``model`` whose last layer is all zeros: the output is exactly 0 on every input."""
+    model = fresh(model)
+    for value in model.graph.initializers.values():
+        if "fc2" in value.name:
+            value.const_value = ir.tensor(np.zeros_like(value.const_value.numpy()), name=value.name)
+    return model
+
+
+def test_infinite_tolerance_on_an_all_zero_output_passes(mlp_model):
+    """Regression: ``diff <= atol + inf * 0`` is NaN, so a correct pass with tolerance inf failed."""
+
+    class AnythingGoes(NudgeWeightsPass):
+        lossless = False
+        tolerance = float("inf")
+
+    model = zero_output(mlp_model)
+    feeds = numerics.random_inputs(model)
+    assert not numerics.run(model, feeds)[0].any()
+    result = Pipeline([AnythingGoes(factor=2.0)], verify=True).run(model)
+    (record,) = result.report.records
+    assert record.modified and record.verified is True and record.vs_previous.max_abs == 0.0
+
+
+def test_verify_all_zero_output_still_uses_atol(mlp_model):
+    """On an all-zero output a finite rtol scales nothing: any diff above atol fails."""
+
+    class MakeNonZero(Pass):
+        lossless = False
+        tolerance = 10.0
+
+        def run(self, model, stats):
+            for value in model.graph.initializers.values():
+                if value.name.endswith("fc2.bias"):
+                    value.const_value = ir.tensor(np.full(value.const_value.shape.numpy(), 1e-3, np.float32))
+                    return True
+            raise AssertionError("no fc2 bias")
+
+    with pytest.raises(VerificationError, match="beyond tolerance.*max abs diff 0.001"):
+        Pipeline([MakeNonZero()], verify=True).run(zero_output(mlp_model))
+
+
+def test_verification_is_skipped_for_an_unmodified_pass(mlp_model):
+    class LiesUnmodified(NudgeWeightsPass):
+        """Changes weights but reports no change: verification cannot see it (passes must be honest)."""
+
+        def run(self, model, stats):
+            super().run(model, stats)
+            return False
+
+    result = Pipeline([create_pass("test-noop"), LiesUnmodified(factor=1.5)], verify=True).run(fresh(mlp_model))
+    assert [r.verified for r in result.report.records] == [None, None]
+    assert all(r.vs_previous is None for r in result.report.records)
+
+
+@register_pass("test-dangling", replace=True)
+class DanglingPass(Pass):
+    """Deliberately wrong pass: drops an initializer a node still reads (like a bias-name collision)."""
+
+    def run(self, model, stats):
+        name = next(iter(model.graph.initializers))
+        model.graph.initializers.pop(name)
+        return True
+
+
+def test_a_pass_leaving_a_dangling_input_is_named_even_without_verify(mlp_model, tmp_path):
+    with pytest.raises(PassFailedError, match=r"pass 'test-dangling' left an invalid model: .*reads .*dangling") as e:
+        Pipeline("test-noop,test-dangling", reproducer_dir=tmp_path).run(fresh(mlp_model))
+    assert str(tmp_path) in str(e.value) and (tmp_path / "input.onnx").is_file()
+
+
+# ----------------------------------------------------------------------- optimize(context=...) (issue 13)
+
+
+@register_pass("test-record-context", replace=True)
+class RecordContextPass(Pass):
+    """Changes nothing; remembers the context it ran with."""
+
+    seen: list = []
+
+    def run(self, model, stats):
+        RecordContextPass.seen.append(self.context)
+        return False
+
+
+def test_optimize_with_context_honours_target_calibration_and_providers(mlp_model):
+    """Regression: with ``context=``, ``target`` and ``calibration_data`` were silently ignored."""
+    from onnxforge.runtime.data import CalibrationData
+
+    mine = PassContext(seed=7, options={"num_samples": 4})
+    feeds = [{mlp_model.graph.inputs[0].name: np.ones((2, 8), np.float32)}] * 3
+    RecordContextPass.seen.clear()
+    onnxforge.optimize(fresh(mlp_model), "test-record-context", context=mine, target="onnx",
+                       calibration_data=feeds, providers=["cpu"])
+    (ctx,) = RecordContextPass.seen
+    assert ctx.target == "onnx" and ctx.seed == 7 and ctx.options == {"num_samples": 4}
+    assert isinstance(ctx.calibration_data, CalibrationData) and len(ctx.calibration_data) == 3
+    assert mine.target == "cpu" and mine.calibration_data is None  # the caller's context is not changed
+    # left out, the context's own values stand (and its raw calibration data is loaded)
+    RecordContextPass.seen.clear()
+    onnxforge.optimize(fresh(mlp_model), "test-record-context",
+                       context=PassContext(target="onnx", calibration_data=feeds, providers=("cuda", "cpu")))
+    (ctx,) = RecordContextPass.seen
+    assert ctx.target == "onnx" and ctx.providers == ("cuda", "cpu")
+    assert isinstance(ctx.calibration_data, CalibrationData)
+    with pytest.raises(PassOptionError, match="unknown target"):
+        onnxforge.optimize(fresh(mlp_model), "test-record-context", context=mine, target="gpu")
+    with pytest.raises(PassOptionError, match="unknown execution provider 'gpu'"):
+        onnxforge.optimize(fresh(mlp_model), "test-record-context", providers=["gpu"])
+
+
+def test_atomic_write_leaves_no_temporary_file_on_any_failure(tmp_path, monkeypatch):
+    import os
+
+    from onnxforge.atomic import atomic_write_bytes
+
+    target = tmp_path / "report.json"
+    target.write_bytes(b"old")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(target, b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"] and target.read_bytes() == b"old"

@@ -11,7 +11,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.errors import CalibrationDataError
 from onnxforge.runtime.bench import BenchResult, bench, bench_interleaved, ratios
-from onnxforge.runtime.compare import class_axis, compare, compare_models
+from onnxforge.runtime.compare import (
+    OutputMismatchError,
+    abs_diff,
+    class_axis,
+    compare,
+    compare_models,
+    pair_outputs,
+    sample_cosines,
+    tolerance_violation,
+    within_tolerance,
+)
 from onnxforge.runtime.session import make_session
 
 
@@ -51,7 +61,10 @@ def test_bench_with_feeds_and_min_time():
     feeds = {"x": np.ones((3, 4), np.float32)}
     r = bench(classifier(W), feeds, warmup=0, repeat=5, min_time_s=0.05)
     _sane(r, 3, 5)
-    assert sum(r.times_ms) >= 40  # kept running for about min_time_s (timer overhead aside)
+    # kept running past `repeat` for about min_time_s: the timed calls cover most of it, but on a tiny
+    # model the loop's own overhead between calls is a sizeable share (39.6 ms of 50 ms seen), so
+    # only a loose bound on their sum
+    assert r.n > 5 and sum(r.times_ms) >= 20
 
 
 def test_bench_fixed_batch_refuses_other_batch_size():
@@ -138,9 +151,9 @@ def test_compare_edge_cases():
     assert same.max_abs == 0 and same.max_rel == 0 and same.cosine == 1.0
     off = compare(zeros, {"y": np.ones((2, 2), np.float32)})
     assert off.max_rel == math.inf and off.cosine == 0.0
-    # lists of arrays and renamed outputs are matched by position
+    # unnamed outputs (lists of arrays) are matched by position
     assert compare([REF["logits"]], {"renamed": CAND["logits"]}).max_abs == pytest.approx(4.0)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(OutputMismatchError, match="shape changed"):
         compare({"y": np.zeros(3)}, {"y": np.zeros(4)})
     with pytest.raises(ValueError, match="class axis"):
         compare({"y": np.zeros(3)}, {"y": np.zeros(3)}, labels=[0, 1, 2])
@@ -166,3 +179,59 @@ def test_compare_models_runs_both_on_the_same_inputs():
     assert diff.max_abs == pytest.approx(expected, rel=1e-4)
     assert diff.reference_accuracy == 1.0
     assert diff.n_samples == 3
+
+
+# --- one comparator, by name (issue 13) ------------------------------------------------------------
+
+def test_named_outputs_pair_by_name_never_by_position():
+    """Regression: renamed / dropped outputs were paired by position and compared as if equal."""
+    with pytest.raises(OutputMismatchError, match="'logits' missing.*extra candidate output.*'renamed'") as e:
+        compare(REF, {"renamed": REF["logits"], "count": REF["count"]})
+    assert e.value.missing == ["logits"] and e.value.extra == ["renamed"]
+    with pytest.raises(OutputMismatchError, match="'count' missing"):
+        compare(REF, {"logits": REF["logits"]})
+    with pytest.raises(OutputMismatchError, match="extra candidate output"):
+        compare({"logits": REF["logits"]}, REF)
+    # same names in another order: paired by name
+    swapped = compare(REF, {"count": CAND["count"], "logits": CAND["logits"]})
+    assert [o.name for o in swapped.per_output] == ["logits", "count"] and swapped.max_abs == pytest.approx(4.0)
+    # explicit positional pairing is still available (e.g. two exports with different names)
+    assert compare(REF, {"a": CAND["logits"], "b": CAND["count"]}, by_position=True).max_abs == pytest.approx(4.0)
+    assert pair_outputs(["a", "b"], ["b", "a"]) == [("a", "a"), ("b", "b")]
+
+
+def test_within_tolerance_is_defined_everywhere():
+    """Regression: ``diff <= atol + rtol * scale`` with rtol = inf and scale = 0 is NaN (false)."""
+    assert within_tolerance(0.0, 0.0, math.inf, 1e-5)  # a correct result on an all-zero output
+    assert within_tolerance(5.0, 0.0, math.inf, 1e-5)  # inf: anything goes
+    assert within_tolerance(1e-5, 0.0, 1e-4, 1e-5) and not within_tolerance(2e-5, 0.0, 1e-4, 1e-5)
+    assert within_tolerance(1e-3, 10.0, 1e-4, 1e-5) and not within_tolerance(1.1e-3, 10.0, 1e-4, 0.0)
+    assert not within_tolerance(math.nan, 1.0, 1e-4, 1e-5)
+    assert not within_tolerance(math.inf, 1.0, 1e-4, 1e-5)
+
+
+def test_non_finite_values_compare_without_nan():
+    ref = np.array([np.nan, np.inf, -np.inf, 1.0, 2.0], np.float32)
+    same = compare({"y": ref}, {"y": ref.copy()})
+    assert same.max_abs == 0.0 and same.per_output[0].scale == 2.0
+    assert same.cosine == pytest.approx(1.0)
+    np.testing.assert_array_equal(abs_diff(ref, np.array([1.0, np.inf, np.inf, np.nan, 2.5])),
+                                  [np.inf, 0.0, np.inf, np.inf, 0.5])
+    worse = compare({"y": ref}, {"y": np.where(np.isnan(ref), 0.0, ref)})
+    assert worse.max_abs == math.inf and not within_tolerance(worse.max_abs, 2.0, 1e-4, 1e-5)
+
+
+def test_sample_cosines_pair_by_name():
+    ref = {"a": np.array([[1.0, 0.0], [0.0, 0.0]]), "b": np.array([[0.0], [0.0]])}
+    cand = {"b": np.array([[1.0], [0.0]]), "a": np.array([[1.0, 0.0], [0.0, 0.0]])}
+    np.testing.assert_allclose(sample_cosines(ref, cand), [1 / math.sqrt(2), 1.0])
+    with pytest.raises(OutputMismatchError, match="'b' missing"):
+        sample_cosines(ref, {"a": ref["a"]})
+
+
+def test_tolerance_violation_names_the_first_output_out_of_bounds():
+    ok = compare({"a": np.zeros(3), "b": np.ones(3)}, {"a": np.zeros(3), "b": np.ones(3) + 5e-5})
+    assert tolerance_violation(ok, 1e-4, 1e-5) == ""
+    bad = compare({"a": np.zeros(3), "b": np.ones(3)}, {"a": np.zeros(3), "b": np.ones(3) + 1e-3})
+    assert tolerance_violation(bad, 1e-4, 1e-5).startswith("output 'b' max abs diff 0.001 > 1e-05 + 0.0001 × 1")
+    assert tolerance_violation(bad, math.inf, 0.0) == ""

@@ -89,6 +89,9 @@ def test_pyproject_table(tmp_path):
         ("[[passes]]\nratio = 1", "needs a 'name'"),
         ("target = 'cpu'", "no passes"),
         ("preset = ", "invalid TOML"),
+        ("preset = 'O1'\nproviders = 'cuda'", "'providers' must be list"),
+        ("preset = 'O1'\nproviders = ['gpu']", "'providers': unknown execution provider 'gpu'"),
+        ("preset = 'O1'\nproviders = []", "'providers' is empty"),
     ],
 )
 def test_toml_errors(tmp_path, body, fragment):
@@ -111,9 +114,27 @@ def test_config_written_back_reads_the_same(tmp_path):
         verify=True,
         seed=3,
         num_samples=32,
+        providers=["cuda", "cpu"],
     )
     path = tmp_path / "saved.toml"
     path.write_text(config_to_toml(config))
     again = load_config(path)
     assert again.passes == config.passes
     assert (again.verify, again.seed, again.target, again.num_samples) == (True, 3, "cpu", 32)
+    assert again.providers == ["cuda", "cpu"]
+
+
+def test_config_providers_reach_the_passes(tmp_path):
+    """Regression: 'providers' was parsed, then dropped: passes that measure ran on the default."""
+    from onnxforge.passes.manager import Pipeline
+
+    cfg = tmp_path / "onnxforge.toml"
+    cfg.write_text('preset = "O1"\nseed = 5\nnum_samples = 8\nproviders = ["cuda", "cpu"]\n')
+    config = load_config(cfg)
+    context = config.context()
+    assert context.providers == ("cuda", "cpu") and context.seed == 5
+    assert context.options == {"num_samples": 8}
+    pipeline = Pipeline.from_config(config)
+    assert pipeline.context.providers == ("cuda", "cpu")
+    assert all(p.context.providers == ("cuda", "cpu") for p in pipeline.passes if hasattr(p, "context"))
+    assert PipelineConfig(passes=parse_pipeline("cse")).context().providers == ("cpu",)

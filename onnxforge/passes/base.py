@@ -106,10 +106,14 @@ class PassContext:
             (standard ops only, no ``com.microsoft`` contrib ops).
         calibration_data: a :class:`onnxforge.runtime.data.CalibrationData` (or None); used by
             quantization calibration, activation-based pruning importance and reconstruction.
-        reference_model: the original (teacher) model as it was before the pipeline ran.
+        reference_model: the teacher of data-driven passes (reconstruct). Left None, the pipeline sets
+            it for the run to a copy of the model just before its first lossy pass (lossless passes
+            keep the function, and the teacher keeps the student's structure); a model given here wins.
         importance: external per-initializer importance scores (e.g. Taylor |w*dL/dw| from torch),
             keyed by initializer name.
-        providers: execution providers for passes that measure (latency guard, calibration).
+        providers: execution providers for passes that measure (latency guard, calibration), short
+            (``"cuda"``) or onnxruntime names; the config file's ``providers`` key. Verification always
+            runs on CPU with optimizations off (the reference numerics).
         explain: passes that match patterns list near-misses with the reason.
         seed: seed for any randomness (passes are deterministic given the seed).
         options: extra registered settings (see :data:`CONTEXT_OPTION_KEYS`); unknown keys are errors.
@@ -131,6 +135,19 @@ class PassContext:
             raise PassOptionError(
                 f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}"
             )
+        if isinstance(self.providers, str):
+            self.providers = (self.providers,)
+        self.providers = tuple(self.providers)
+        if not self.providers:
+            raise PassOptionError("providers is empty; give at least one, e.g. ('cpu',)")
+        from onnxforge.errors import ProviderError
+        from onnxforge.runtime.providers import provider_name
+
+        for name in self.providers:
+            try:
+                provider_name(name)
+            except ProviderError as e:
+                raise PassOptionError(f"PassContext providers: {e}") from None
         unknown = set(self.options) - set(CONTEXT_OPTION_KEYS)
         if unknown:
             raise PassOptionError(
@@ -142,6 +159,7 @@ CONTEXT_OPTION_KEYS: dict[str, str] = {
     "num_samples": "cap on calibration samples used by data-driven passes",
     "eval_data": "evaluation data (CalibrationData) for accuracy-aware passes",
     "metric": "callable(outputs, data) -> float, higher is better",
+    "decisions": "path of quantize-int8's decision record (its own `decisions` option wins)",
 }
 
 

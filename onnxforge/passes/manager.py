@@ -4,12 +4,20 @@ Every pass is wrapped in instruments: wall time; nodes / parameters / parameter 
 its own statistics (a :class:`~onnxforge.passes.base.PassStats`); and, with ``verify=True``, the
 difference of the model's outputs against the previous step and against the original on the same
 sample inputs. Verification is skipped for a pass that reports no change (its outputs cannot differ).
+Every pass that reports a change also gets a structural check (:func:`onnxforge.ir.validate.check_structure`:
+no dangling input, cycle, duplicate name or undefined graph output), verify or not; a failure is a
+:class:`~onnxforge.errors.PassFailedError` naming the pass and the node.
+
+Outputs are compared **by name** with the one comparator, :mod:`onnxforge.runtime.compare`: a graph
+output that disappears, appears or is renamed, an output whose shape (or, for a lossless pass, dtype)
+changes, and a graph input that is removed or newly required all fail verification, naming the pass.
 
 Tolerances: a lossless pass must keep every output within ``atol + rtol * max|output|`` of the
-previous step (``rtol = 1e-4``, ``atol = 1e-5``, fp32 rounding); a lossy pass (``lossless = False``)
-within its own ``tolerance`` as ``rtol``. The first pass that breaks its tolerance is named in a
-:class:`~onnxforge.errors.VerificationError`, and when ``reproducer_dir`` is set the model it received
-and a one-line command to replay it are written there.
+previous step (``rtol = 1e-4``, ``atol = 1e-5``, fp32 rounding; ``max|output|`` over the verification
+samples); a lossy pass (``lossless = False``) within its own ``tolerance`` as ``rtol``
+(``tolerance = inf``: any values, but names and shapes are still checked). The first pass that breaks
+its tolerance is named in a :class:`~onnxforge.errors.VerificationError`, and when ``reproducer_dir``
+is set the model it received and a one-line command to replay it are written there.
 
 ``fixed_point=True`` repeats the lossless passes after the first run until none changes the model (at
 most ``max_iterations`` rounds); lossy passes run exactly once.
@@ -68,6 +76,7 @@ class PassRecord:
     vs_original: Fidelity | None = None
     tolerance: float | None = None
     verified: bool | None = None  # None: not checked (verify off, or pass changed nothing)
+    memory: dict[str, Any] | None = None  # peak RSS / anonymous / file bytes (runtime.memory.PeakMemory)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -116,7 +125,11 @@ class Report:
         from rich.console import Console
         from rich.table import Table
 
-        console = console or Console(stderr=False)
+        if console is None:
+            import sys
+
+            # Not a terminal (a log, a notebook's pipe): no window to fit, so do not cut cells to 80 columns.
+            console = Console(width=None if sys.stdout.isatty() else 200)
         table = Table(title=f"onnxforge pipeline ({self.target})", title_justify="left")
         for col, just in [
             ("pass", "left"),
@@ -125,6 +138,7 @@ class Report:
             ("params", "right"),
             ("bytes", "right"),
             ("time", "right"),
+            ("peak RSS", "right"),
             ("max abs diff", "right"),
             ("what it did", "left"),
         ]:
@@ -142,6 +156,7 @@ class Report:
                 _delta(r.before.get("params"), r.after.get("params")),
                 _delta(r.before.get("param_bytes"), r.after.get("param_bytes"), human=True),
                 f"{r.seconds * 1000:.0f} ms",
+                _human_bytes(r.memory["peak_rss"]) if r.memory and r.memory.get("peak_rss") else "-",
                 diff,
                 _what(r.stats),
             )
@@ -248,15 +263,8 @@ class Pipeline(ir.passes.InPlacePass):
 
         context = kwargs.pop("context", None)
         if context is None:
-            options = {}
-            if config.num_samples:
-                options["num_samples"] = config.num_samples
-            context = PassContext(
-                target=config.target,
-                calibration_data=(calibration.load(config.calibration_data) if config.calibration_data else None),
-                seed=config.seed,
-                options=options,
-            )
+            data = calibration.load(config.calibration_data) if config.calibration_data else None
+            context = config.context(data)
         kwargs.setdefault("verify", config.verify)
         kwargs.setdefault("fixed_point", config.fixed_point)
         kwargs.setdefault("max_iterations", config.max_iterations)
@@ -313,6 +321,8 @@ class Pipeline(ir.passes.InPlacePass):
         self, p: ir.passes.PassBase, model: ir.Model, iteration: int, checker: "_Verifier | None", report: Report
     ) -> PassRecord:
         from onnxforge.ir.summary import quick_stats
+        from onnxforge.ir.io import spill_model
+        from onnxforge.runtime.memory import PeakMemory
 
         spec = str(_spec_of(p))
         name = _name_of(p)
@@ -320,7 +330,9 @@ class Pipeline(ir.passes.InPlacePass):
         before = quick_stats(model)
         t0 = time.perf_counter()
         try:
-            result = p(model)
+            with PeakMemory() as memory:
+                result = p(model)
+                spill_model(model)  # new large weights go to disk now (no-op unless io.spilling)
         except OnnxforgeError:
             raise
         except ir.passes.PreconditionError as e:
@@ -347,19 +359,32 @@ class Pipeline(ir.passes.InPlacePass):
             before=before,
             after=quick_stats(model),
             stats=stats,
+            memory=memory.to_dict(),
         )
         report.records.append(record)
+        if record.modified:
+            # Cheap (one walk over the nodes), so always on: a dangling input, a cycle or a
+            # duplicate name is blamed on the pass that made it, not found at save time.
+            from onnxforge.ir.validate import MalformedModelError, check_structure
+
+            try:
+                check_structure(model)
+            except MalformedModelError as e:
+                report.failed_pass, report.failure = name, str(e)
+                where = self._write_reproducer(snapshot, spec, report)
+                hint = f"; reproducer in {where}" if where else ""
+                raise PassFailedError(f"pass {name!r} left an invalid model: {e}{hint}") from None
         if checker is not None and record.modified:
             rtol = LOSSLESS_RTOL if record.lossless else float(getattr(p, "tolerance", LOSSLESS_RTOL))
             record.tolerance = rtol
-            ok, vs_prev, vs_orig, detail = checker.check(model, rtol)
+            ok, vs_prev, vs_orig, what, detail = checker.check(model, rtol, record.lossless)
             record.vs_previous, record.vs_original, record.verified = vs_prev, vs_orig, ok
             if not ok:
                 report.failed_pass = name
                 report.failure = detail
                 where = self._write_reproducer(checker.previous_bytes_before_check, spec, report)
                 hint = f"; reproducer in {where}" if where else ""
-                raise VerificationError(f"pass {name!r} changed the outputs beyond tolerance: {detail}{hint}")
+                raise VerificationError(f"pass {name!r} {what}: {detail}{hint}")
         return record
 
     def _write_reproducer(self, model_bytes: bytes | None, spec: str, report: Report) -> str | None:
@@ -378,13 +403,26 @@ class Pipeline(ir.passes.InPlacePass):
 
 
 def _deep_copy(model: ir.Model) -> ir.Model:
-    """A copy sharing no tensor with ``model`` (passes may rewrite arrays in place)."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """A copy sharing no tensor with ``model`` (passes may rewrite arrays in place).
+
+    External (and spilled) tensors are copied as references to the same file, which is not read;
+    serialization drops their folder, so each copy gets its original's ``base_dir`` back.
+    """
+    from onnxforge.ir.graph import iter_tensors
+
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    for (*_, original), (*_, copied) in zip(iter_tensors(model), iter_tensors(copy)):
+        if isinstance(original, ir.ExternalTensor) and isinstance(copied, ir.ExternalTensor):
+            copied.base_dir = original.base_dir
+    return copy
 
 
 def _snapshot(model: ir.Model) -> bytes | None:
+    from onnxforge.ir.io import model_to_bytes
+
     try:
-        return ir.serde.serialize_model(model).SerializeToString()
+        # Inline: onnxruntime cannot resolve external (or spilled) data of a model given as bytes.
+        return model_to_bytes(model)
     except Exception:  # e.g. > 2 GB: no reproducer, but the run goes on
         return None
 
@@ -404,64 +442,104 @@ def _spec_of(p: ir.passes.PassBase) -> PassSpec:
 
 
 class _Verifier:
-    """Runs the model after each modifying pass on fixed sample inputs and compares outputs."""
+    """Runs the model after each modifying pass on fixed sample inputs and compares outputs by name."""
 
     def __init__(self, model: ir.Model, context: PassContext, samples: int) -> None:
         self.feeds = _sample_feeds(model, context, samples)
         self.previous_bytes_before_check = _snapshot(model)
         self.original = self._outputs_from_bytes(self.previous_bytes_before_check)
+        if self.original.new_inputs or self.original.dropped_inputs:  # never verify against nothing
+            raise VerificationError(
+                f"verification inputs do not match the model: missing {self.original.new_inputs}, "
+                f"unknown {self.original.dropped_inputs}"
+            )
         self.previous = self.original
 
-    def _outputs_from_bytes(self, data: bytes | None) -> list[list[np.ndarray]]:
+    def _outputs_from_bytes(self, data: bytes | None) -> _Outputs:
         from onnxforge.runtime.session import make_session
 
         if data is None:
             raise VerificationError("model too large to verify in memory (over 2 GB); run without --verify")
         session = make_session(data, optimize="disable").session
-        return [session.run(None, feeds) for feeds in self.feeds]
+        required = {i.name for i in session.get_inputs()}
+        accepted = required | {i.name for i in session.get_overridable_initializers()}
+        fed = set(self.feeds[0]) if self.feeds else set()
+        names = [o.name for o in session.get_outputs()]
+        outputs = []
+        if not required - fed and not fed - accepted:
+            outputs = [dict(zip(names, session.run(names, feeds))) for feeds in self.feeds]
+        dtypes = {o.name: o.type for o in session.get_outputs()}
+        return _Outputs(outputs, dtypes, sorted(required - fed), sorted(fed - accepted))
 
-    def check(self, model: ir.Model, rtol: float) -> tuple[bool, Fidelity, Fidelity, str]:
+    def check(
+        self, model: ir.Model, rtol: float, lossless: bool = True
+    ) -> tuple[bool, Fidelity, Fidelity, str, str]:
+        """``(ok, vs_previous, vs_original, what went wrong, detail)``."""
+        failed = Fidelity(np.inf, np.inf, 0.0)
         data = _snapshot(model)
         try:
             current = self._outputs_from_bytes(data)
         except OnnxforgeError:
             raise
         except Exception as e:
-            return False, Fidelity(np.inf, np.inf, 0.0), Fidelity(np.inf, np.inf, 0.0), (
-                f"the rewritten model no longer runs in onnxruntime: {str(e).splitlines()[0]}"
+            return False, failed, failed, "broke the model", (
+                f"it no longer runs in onnxruntime: {str(e).splitlines()[0]}"
             )
-        vs_prev, detail = _fidelity(self.previous, current, rtol)
-        vs_orig, _ = _fidelity(self.original, current, rtol)
+        if current.new_inputs or current.dropped_inputs:
+            parts = []
+            if current.new_inputs:
+                parts.append(f"it now requires input(s) {', '.join(map(repr, current.new_inputs))}")
+            if current.dropped_inputs:
+                parts.append(f"it no longer accepts input(s) {', '.join(map(repr, current.dropped_inputs))}")
+            return False, failed, failed, "changed the model's inputs", "; ".join(parts)
+        vs_prev, what, detail = _fidelity(self.previous, current, rtol, lossless)
+        try:
+            vs_orig = _fidelity(self.original, current, rtol, lossless)[0]
+        except Exception:  # pragma: no cover - vs_prev already matched names and shapes
+            vs_orig = failed
         ok = detail == ""
         if ok:
             self.previous = current
             self.previous_bytes_before_check = data
-        return ok, vs_prev, vs_orig, detail
+        return ok, vs_prev, vs_orig, what, detail
 
 
-def _fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], rtol: float) -> tuple[Fidelity, str]:
-    max_abs = max_rel = 0.0
-    cosine = 1.0
-    detail = ""
-    for sample, (ref_outs, cand_outs) in enumerate(zip(reference, candidate)):
-        for i, (r, c) in enumerate(zip(ref_outs, cand_outs)):
-            if r.shape != c.shape:
-                return Fidelity(np.inf, np.inf, 0.0), f"output {i} shape changed {r.shape} → {c.shape}"
-            r64, c64 = np.asarray(r, np.float64).ravel(), np.asarray(c, np.float64).ravel()
-            if r64.size == 0:
-                continue
-            diff = float(np.max(np.abs(r64 - c64)))
-            scale = float(np.max(np.abs(r64)))
-            rel = diff / scale if scale > 0 else diff
-            denom = float(np.linalg.norm(r64) * np.linalg.norm(c64))
-            cos = float(r64 @ c64 / denom) if denom > 0 else (1.0 if diff == 0 else 0.0)
-            max_abs, max_rel, cosine = max(max_abs, diff), max(max_rel, rel), min(cosine, cos)
-            if not detail and not diff <= LOSSLESS_ATOL + rtol * scale:
-                detail = (
-                    f"output {i} (sample {sample}) max abs diff {diff:.3g} > {LOSSLESS_ATOL:g} + "
-                    f"{rtol:g} × {scale:.3g}"
-                )
-    return Fidelity(max_abs, max_rel, cosine), detail
+@dataclasses.dataclass
+class _Outputs:
+    """One model's outputs on the verification feeds: per sample ``{output name: array}``."""
+
+    samples: list[dict[str, np.ndarray]]
+    dtypes: dict[str, str]
+    new_inputs: list[str] = dataclasses.field(default_factory=list)
+    dropped_inputs: list[str] = dataclasses.field(default_factory=list)
+
+
+def _fidelity(
+    reference: _Outputs, candidate: _Outputs, rtol: float, lossless: bool = True
+) -> tuple[Fidelity, str, str]:
+    """Worst difference over outputs (paired by name), what kind of rule broke and the first broken
+    rule ("" if none)."""
+    from onnxforge.runtime.compare import OutputMismatchError, compare, tolerance_violation
+
+    failed = Fidelity(np.inf, np.inf, 0.0)
+    if not reference.samples:
+        return Fidelity(0.0, 0.0, 1.0), "", ""
+    try:
+        result = compare(reference.samples, candidate.samples)
+    except OutputMismatchError as e:
+        return failed, "changed the model's outputs", str(e)
+    fidelity = Fidelity(result.max_abs, result.max_rel, result.cosine)
+    if lossless:
+        changed = [n for n, t in reference.dtypes.items() if candidate.dtypes.get(n, t) != t]
+        if changed:
+            n = changed[0]
+            return fidelity, "changed the model's outputs", (
+                f"output {n!r}: type changed {reference.dtypes[n]} → {candidate.dtypes[n]}"
+            )
+    violation = tolerance_violation(result, rtol, LOSSLESS_ATOL)
+    if violation:
+        return fidelity, "changed the outputs beyond tolerance", violation
+    return fidelity, "", ""
 
 
 def _sample_feeds(model: ir.Model, context: PassContext, samples: int) -> list[dict[str, np.ndarray]]:

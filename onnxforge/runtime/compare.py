@@ -1,4 +1,9 @@
-"""How far a candidate's outputs are from a reference's.
+"""How far a candidate's outputs are from a reference's: the one output comparator of onnxforge.
+
+``Pipeline(verify=True)``, ``onnxforge compare`` and ``onnxforge tune`` all compare through this module.
+Outputs are paired **by name**: a reference output missing from the candidate, an extra candidate
+output, or a shape change is an :class:`OutputMismatchError` (a dropped or renamed output never
+passes). Only unnamed outputs (lists of arrays) are paired by position, or with ``by_position=True``.
 
 Per output (accumulated over every sample, in float64):
 
@@ -7,18 +12,29 @@ Per output (accumulated over every sample, in float64):
   values near zero do not blow it up (0 when both are all zeros, inf when only ref is);
 - ``mean_abs``: mean of ``|ref - cand|``;
 - ``cosine``: ``<ref, cand> / (|ref| |cand|)`` over all elements (1 when both are zero);
+- ``scale``: ``max |ref|`` over the finite reference values (what relative tolerances scale);
 - ``top1_agreement``: for floating outputs of rank >= 2, the fraction of positions where the
   argmax over the class axis agrees (class axis: last for rank 2 and 3 -- ``[N, C]``,
   ``[N, T, vocab]`` -- and 1 for rank >= 4, ``[N, C, H, W]``); None for other outputs.
+
+Non-finite values: where reference and candidate are both NaN, or the same infinity, the difference
+is 0; anywhere else a NaN or infinite difference counts as ``inf`` (never NaN, which would compare
+false against any bound and hide or invent a failure). ``cosine`` uses the positions finite on
+both sides.
 
 The summary takes the worst over outputs: max of ``max_abs``/``max_rel``, min of ``cosine`` and of
 ``top1_agreement``. With ``labels``, top-1 accuracy of both sides on the first output with a class
 axis; with ``metric(reference, candidate) -> float``, its value on the outputs (concatenated over
 samples along axis 0).
+
+Pass/fail: :func:`within_tolerance` is the rule ``max_abs <= atol + rtol * scale`` (``rtol = inf``
+accepts anything; ``scale = 0`` leaves ``atol``: never ``inf * 0``), :func:`tolerance_violation`
+applies it to every output of a result. :func:`sample_cosines` is the per-sample cosine ``tune`` uses.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +45,16 @@ from onnxforge.runtime._model import ModelLike, as_ir
 from onnxforge.runtime.data import CalibrationData, DataSource, load
 from onnxforge.runtime.session import make_session
 
+
+class OutputMismatchError(ValueError):
+    """The candidate's outputs do not correspond to the reference's (by name, or in shape)."""
+
+    def __init__(self, message: str, *, missing: Sequence[str] = (), extra: Sequence[str] = ()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.extra = list(extra)
+
+
 @dataclass
 class OutputDiff:
     name: str
@@ -38,6 +64,71 @@ class OutputDiff:
     mean_abs: float
     cosine: float
     top1_agreement: float | None
+    scale: float = 0.0  # max |ref| over finite values
+
+
+def within_tolerance(max_abs: float, scale: float, rtol: float, atol: float) -> bool:
+    """``max_abs <= atol + rtol * scale``, defined for every input.
+
+    ``rtol = inf`` accepts any difference (even on an all-zero output, where ``inf * 0`` is NaN and
+    the naive test fails a correct result); ``scale = 0`` (all-zero reference) leaves ``atol``.
+    A NaN ``max_abs`` fails.
+    """
+    if math.isinf(rtol) and rtol > 0:
+        return True
+    bound = atol + (rtol * scale if scale > 0 else 0.0)
+    return bool(max_abs <= bound)
+
+
+def tolerance_violation(result: "CompareResult", rtol: float, atol: float) -> str:
+    """``""`` when every output of ``result`` is :func:`within_tolerance`, else one line naming the
+    first output that is not."""
+    for o in result.per_output:
+        if not within_tolerance(o.max_abs, o.scale, rtol, atol):
+            return f"output {o.name!r} max abs diff {o.max_abs:.3g} > {atol:g} + {rtol:g} × {o.scale:.3g} (max |output|)"
+    return ""
+
+
+def abs_diff(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """``|ref - cand|`` in float64, with equal non-finite values (NaN/NaN, inf/inf) at 0 and any
+    other non-finite difference at ``inf``."""
+    r = np.asarray(ref).astype(np.float64)
+    c = np.asarray(cand).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(r - c)
+    bad = ~np.isfinite(d)
+    if bad.any():
+        same = (r == c) | (np.isnan(r) & np.isnan(c))
+        d = np.where(same, 0.0, np.where(bad, np.inf, d))
+    return d
+
+
+def pair_outputs(
+    reference: Sequence[str], candidate: Sequence[str], *, by_position: bool = False
+) -> list[tuple[str, str]]:
+    """``(reference name, candidate name)`` pairs: by name, or by position when asked.
+
+    Raises:
+        OutputMismatchError: a reference output missing from the candidate or an extra candidate
+            output (by name), or different counts (by position).
+    """
+    reference, candidate = list(reference), list(candidate)
+    if by_position:
+        if len(reference) != len(candidate):
+            raise OutputMismatchError(
+                f"{len(reference)} reference outputs {reference} vs {len(candidate)} candidate outputs {candidate}"
+            )
+        return list(zip(reference, candidate))
+    missing = [n for n in dict.fromkeys(reference) if n not in set(candidate)]
+    extra = [n for n in dict.fromkeys(candidate) if n not in set(reference)]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"output(s) {', '.join(map(repr, missing))} missing from the candidate")
+        if extra:
+            parts.append(f"extra candidate output(s) {', '.join(map(repr, extra))}")
+        raise OutputMismatchError("; ".join(parts), missing=missing, extra=extra)
+    return [(n, n) for n in dict.fromkeys(reference)]
 
 
 @dataclass
@@ -83,18 +174,25 @@ class _Acc:
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         ref, cand = np.asarray(ref), np.asarray(cand)
         if ref.shape != cand.shape:
-            raise ValueError(f"output {self.name!r}: reference shape {ref.shape} vs candidate {cand.shape}")
+            raise OutputMismatchError(
+                f"output {self.name!r}: shape changed: reference {ref.shape} vs candidate {cand.shape}"
+            )
         self.shape = ref.shape
         r, c = ref.astype(np.float64), cand.astype(np.float64)
         if ref.size:
-            diff = np.abs(r - c)
+            diff = abs_diff(r, c)
             self.max_abs = max(self.max_abs, float(diff.max()))
-            self.ref_max = max(self.ref_max, float(np.abs(r).max()))
+            finite = np.abs(r[np.isfinite(r)])
+            if finite.size:
+                self.ref_max = max(self.ref_max, float(finite.max()))
             self.abs_sum += float(diff.sum())
             self.count += diff.size
-            self.dot += float(np.vdot(r, c))
-            self.rr += float(np.vdot(r, r))
-            self.cc += float(np.vdot(c, c))
+            # cosine over the finite positions only (a NaN would poison the sums)
+            ok = np.isfinite(r) & np.isfinite(c)
+            rf, cf = (r, c) if ok.all() else (r[ok], c[ok])
+            self.dot += float(np.vdot(rf, cf))
+            self.rr += float(np.vdot(rf, rf))
+            self.cc += float(np.vdot(cf, cf))
         axis = class_axis(ref.shape) if np.issubdtype(ref.dtype, np.floating) else None
         if axis is None:
             self.top1 = False
@@ -122,27 +220,22 @@ class _Acc:
             mean_abs=self.abs_sum / self.count if self.count else 0.0,
             cosine=float(min(cosine, 1.0)),
             top1_agreement=(self.agree / self.rows if self.rows else None) if self.top1 else None,
+            scale=self.ref_max,
         )
 
 
-def _as_samples(outputs: Any) -> list[dict[str, np.ndarray]]:
-    """One sample (dict or list of arrays) or many (a list of those) -> list of dicts."""
+def _as_samples(outputs: Any) -> tuple[list[dict[str, np.ndarray]], bool]:
+    """One sample (dict or list of arrays) or many (a list of those) -> (list of dicts, named?)."""
     if isinstance(outputs, Mapping):
-        return [dict(outputs)]
+        return [dict(outputs)], True
     outputs = list(outputs)
     if outputs and isinstance(outputs[0], Mapping):
-        return [dict(o) for o in outputs]
+        return [dict(o) for o in outputs], True
     if outputs and isinstance(outputs[0], (list, tuple)):
-        return [{str(i): np.asarray(a) for i, a in enumerate(o)} for o in outputs]
-    return [{str(i): np.asarray(a) for i, a in enumerate(outputs)}]
+        return [{str(i): np.asarray(a) for i, a in enumerate(o)} for o in outputs], False
+    return [{str(i): np.asarray(a) for i, a in enumerate(outputs)}], False
 
 
-def _pair_names(ref: Mapping[str, Any], cand: Mapping[str, Any]) -> list[tuple[str, str]]:
-    if list(ref) == list(cand) or set(ref) == set(cand):
-        return [(n, n) for n in ref]
-    if len(ref) == len(cand):  # renamed outputs: compare by position
-        return list(zip(ref, cand))
-    raise ValueError(f"reference outputs {list(ref)} and candidate outputs {list(cand)} do not correspond")
 
 
 def _concat(samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -162,17 +255,22 @@ def compare(
     *,
     labels: np.ndarray | Sequence[int] | None = None,
     metric: Callable[[dict[str, Any], dict[str, Any]], float] | None = None,
+    by_position: bool = False,
 ) -> CompareResult:
     """Compare outputs: one sample (``{name: array}`` or a list of arrays) or a list of samples.
 
-    Outputs are matched by name (by position when the names differ but the counts agree).
+    Outputs are matched by name; by position only when a side gives unnamed outputs (lists of
+    arrays) or ``by_position=True``.
+
+    Raises:
+        OutputMismatchError: missing/extra outputs (by name), different counts, or a shape change.
     """
-    refs, cands = _as_samples(reference_outputs), _as_samples(candidate_outputs)
+    (refs, ref_named), (cands, cand_named) = _as_samples(reference_outputs), _as_samples(candidate_outputs)
     if len(refs) != len(cands):
         raise ValueError(f"{len(refs)} reference samples vs {len(cands)} candidate samples")
     if not refs or not refs[0]:
         raise ValueError("no outputs to compare")
-    pairs = _pair_names(refs[0], cands[0])
+    pairs = pair_outputs(list(refs[0]), list(cands[0]), by_position=by_position or not (ref_named and cand_named))
     accs = {rname: _Acc(rname) for rname, _ in pairs}
     for ref, cand in zip(refs, cands):
         for rname, cname in pairs:
@@ -238,3 +336,25 @@ def compare_models(
     result = compare(refs, cands, labels=labels, metric=metric)
     result.providers_used = {"reference": ref_info.providers_used, "candidate": cand_info.providers_used}
     return result
+
+
+def sample_cosines(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> np.ndarray:
+    """Per-sample cosine similarity: row ``i`` of every output (leading axis = samples),
+    outputs paired by name and concatenated in the reference's order; 1 where both rows are zero.
+
+    Raises:
+        OutputMismatchError: missing/extra outputs or a shape change.
+    """
+    pairs = pair_outputs(list(reference), list(candidate))
+    rows_r, rows_c = [], []
+    for rname, cname in pairs:
+        r, c = np.asarray(reference[rname]), np.asarray(candidate[cname])
+        if r.shape != c.shape:
+            raise OutputMismatchError(f"output {rname!r}: shape changed: reference {r.shape} vs candidate {c.shape}")
+        rows_r.append(r.astype(np.float64).reshape(len(r), -1))
+        rows_c.append(c.astype(np.float64).reshape(len(c), -1))
+    r, c = np.concatenate(rows_r, axis=1), np.concatenate(rows_c, axis=1)
+    nr, nc = np.linalg.norm(r, axis=1), np.linalg.norm(c, axis=1)
+    den = nr * nc
+    both_zero = (nr == 0) & (nc == 0)
+    return np.where(both_zero, 1.0, np.sum(r * c, axis=1) / np.where(den > 0, den, 1.0))

@@ -83,6 +83,13 @@ def random_inputs(
     return feeds
 
 
+def run_named(model: ir.Model | onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds`` keyed by output name (onnxruntime CPU, optimizations disabled)."""
+    session = ort_session(model)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds)))
+
+
 def assert_outputs_close(
     original: ir.Model | onnx.ModelProto | bytes,
     transformed: ir.Model | onnx.ModelProto | bytes,
@@ -90,21 +97,26 @@ def assert_outputs_close(
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> float:
-    """Assert every output matches within ``rtol`` relative to the output's max magnitude, plus ``atol``.
+    """Assert the outputs match **by name**: the same output names, shapes, and every value within
+    ``rtol`` relative to the output's max magnitude, plus ``atol``.
 
+    Pairing by name (not position) is what catches a pass that drops or renames an output. The
+    arithmetic is :func:`onnxforge.runtime.compare.within_tolerance`, the one used by ``--verify``.
     Returns the largest absolute difference seen, so tests can also report it.
     """
-    expected = run(original, feeds)
-    actual = run(transformed, feeds)
-    assert len(expected) == len(actual), f"{len(expected)} outputs vs {len(actual)}"
+    from onnxforge.runtime.compare import abs_diff, within_tolerance
+
+    expected = run_named(original, feeds)
+    actual = run_named(transformed, feeds)
+    assert list(expected) == list(actual), f"output names {list(expected)} vs {list(actual)}"
     worst = 0.0
-    for i, (e, a) in enumerate(zip(expected, actual)):
-        assert e.shape == a.shape, f"output {i}: shape {e.shape} vs {a.shape}"
-        e64, a64 = np.asarray(e, np.float64), np.asarray(a, np.float64)
-        diff = float(np.max(np.abs(e64 - a64))) if e.size else 0.0
-        scale = float(np.max(np.abs(e64))) if e.size else 0.0
-        assert diff <= atol + rtol * scale, (
-            f"output {i}: max abs diff {diff:.3g} exceeds {atol:g} + {rtol:g} * {scale:.3g}"
+    for name, e in expected.items():
+        a = actual[name]
+        assert e.shape == a.shape, f"output {name!r}: shape {e.shape} vs {a.shape}"
+        diff = float(np.max(abs_diff(e, a))) if e.size else 0.0
+        scale = float(np.max(np.abs(np.asarray(e, np.float64)))) if e.size else 0.0
+        assert within_tolerance(diff, scale, rtol, atol), (
+            f"output {name!r}: max abs diff {diff:.3g} exceeds {atol:g} + {rtol:g} * {scale:.3g}"
         )
         worst = max(worst, diff)
     return worst
