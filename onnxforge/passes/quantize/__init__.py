@@ -1,7 +1,10 @@
 """Quantization passes: ``quantize-int8`` (static QDQ), ``quantize-dynamic``, ``quantize-weights-int4``.
 
 Importing this package registers the passes. The arithmetic is in :mod:`.qmath`, calibration in
-:mod:`.calibrate`, the accuracy fallback and latency guard of ``quantize-int8`` in :mod:`.fallback`.
+:mod:`.calibrate`; ``quantize-int8`` is :mod:`.qdq` over :mod:`.analysis`, :mod:`.plan`,
+:mod:`.rewrite`, with its int8 op table in :mod:`.kernels`, its CPU choices in :mod:`.isa`, and its
+decisions in :mod:`.bias_correction`, :mod:`.fallback` (accuracy), :mod:`.guard` (latency) and
+:mod:`.decisions` (the replayable record).
 """
 
 from onnxforge.passes.quantize.dynamic import QuantizeDynamicPass

@@ -16,6 +16,12 @@ Methods (each returns the real range ``[lo, hi]`` that the quantizer maps onto t
   the ``T`` with the smallest ``KL(P || Q)`` wins and the range is ``[max(min, -T), min(max, T)]``.
   As in NVIDIA's pytorch-quantization, the zero bin is set to its neighbour's count first (ReLU
   zeros would otherwise dominate), and non-negative tensors use 256 levels.
+* ``sqnr``: per tensor, whichever of ``minmax``, ``percentile`` (99.9, 99.99, 99.999) and ``entropy``
+  gives the highest signal-to-quantization-noise ratio on the tensor's own histogram:
+  ``SQNR = sum(n_b c_b^2) / sum(n_b e_b^2)`` over bins ``b`` (centre ``c_b``, count ``n_b``), with
+  ``e_b`` the clipping error outside ``[lo, hi]`` and the rounding error ``s / sqrt(12)`` inside
+  (``s = (hi - lo) / 255``, the range widened to contain 0 as the quantizer does). Outlier-heavy
+  tensors get a clipped range, tensors whose tails carry signal keep theirs.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import onnx_ir as ir
 
 from onnxforge.errors import CalibrationDataError
 
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile", "entropy", "sqnr")
 
 
 class RangeReducer:
@@ -87,7 +93,32 @@ class RangeReducer:
         if method == "entropy":
             t = self._entropy_threshold()
             return max(self.min, -t), min(self.max, t)
+        if method == "sqnr":
+            return self.best_range(percentile)[1]
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+
+    def sqnr(self, lo: float, hi: float, levels: int = 255) -> float:
+        """SQNR (linear) of quantizing this histogram to ``levels`` steps over ``[lo, hi]`` (see above)."""
+        assert self.hist is not None
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        edges = self._edges()
+        c = 0.5 * (edges[:-1] + edges[1:])
+        n = self.hist.astype(np.float64)
+        s = (hi - lo) / levels if hi > lo else 1.0
+        err = np.where(c < lo, (lo - c) ** 2, np.where(c > hi, (c - hi) ** 2, s * s / 12.0))
+        noise = float(np.sum(n * err))
+        signal = float(np.sum(n * c * c))
+        return signal / noise if noise > 0 else np.inf
+
+    def best_range(self, percentile: float = 99.99) -> tuple[str, tuple[float, float]]:
+        """``(method, range)`` with the highest :meth:`sqnr` among the candidate methods."""
+        if self.hist is None or self.count == 0:
+            return "minmax", (self.min, self.max) if self.count else (0.0, 0.0)
+        cands = {"minmax": (self.min, self.max), "entropy": self.range("entropy")}
+        for p in sorted({99.9, 99.99, 99.999, percentile}):
+            cands[f"percentile({p:g})"] = self._percentile(p)
+        best = max(cands, key=lambda k: (self.sqnr(*cands[k]), k == "minmax"))
+        return best, cands[best]
 
     def _edges(self) -> np.ndarray:
         return np.linspace(-self.radius, self.radius, self.bins + 1)
@@ -166,12 +197,14 @@ def collect_ranges(
     num_samples: int | None = None,
     providers: Sequence[str] = ("cpu",),
     full_range: Sequence[str] = (),
+    choices: dict[str, str] | None = None,
 ) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
     """Run ``model`` on the calibration feeds: ``({name: (lo, hi)}, {name: why not calibrated})``.
 
     Uses :func:`onnxforge.runtime.activations.collect_stats` (onnxruntime with optimizations off,
     the named values exposed as outputs), streaming each tensor into a :class:`RangeReducer`.
     Tensors in ``full_range`` (the model's outputs: clipping them is never wanted) use min/max.
+    With ``method="sqnr"``, ``choices`` (if given) receives the method each tensor picked.
     """
     from onnxforge.runtime.activations import collect_stats
 
@@ -197,6 +230,8 @@ def collect_ranges(
             skipped[name] = "no finite values seen during calibration"
             continue
         ranges[name] = sink.reducer.range("minmax" if name in full else method, percentile)
+        if method == "sqnr" and name not in full and choices is not None:
+            choices[name] = sink.reducer.best_range(percentile)[0]
     return ranges, skipped
 
 

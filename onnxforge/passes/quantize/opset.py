@@ -1,0 +1,28 @@
+"""Opset upgrade for the quantization passes (per-channel DequantizeLinear needs opset >= 13)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnxforge.ir.graph import opset_version
+from onnxforge.passes.base import PassStats
+
+
+def upgrade_opset(model: ir.Model, version: int, stats: PassStats) -> bool:
+    """Convert the model to ``version`` in place (onnxscript's version converter); True on success."""
+    old = opset_version(model) or 0
+    try:
+        from onnxscript import version_converter
+
+        version_converter.convert_version(model, version, fallback=True)
+    except Exception as e:  # the converter refuses some models; the caller falls back to per-tensor
+        stats.note(f"opset upgrade {old} -> {version} failed ({type(e).__name__}: {e})")
+        return False
+    if (opset_version(model) or 0) < version:
+        stats.note(f"opset upgrade {old} -> {version} did not take effect")
+        return False
+    model.ir_version = max(model.ir_version or 0, 7)
+    stats.note(f"upgraded opset {old} -> {version}: per-channel DequantizeLinear needs opset >= 13")
+    stats.count("opset_upgraded")
+    return True
+
