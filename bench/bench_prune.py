@@ -12,6 +12,26 @@ measure per-op overhead more than arithmetic, so a larger batch shows what the F
 
     .venv/bin/python bench/bench_prune.py [--models digits_cnn,resnet_style,...] [--rounds 30]
         [--batches 1,16] [--round-to 8] [--no-int8] [--exporter dynamo|torchscript] [--threads N]
+
+``--suite orientation,effnet,...`` instead benchmarks the trained-model suite
+(:mod:`onnxforge.testing.real_suite`) at 30 % of the FLOPs removed (``--flops-keep 0.7``), batch 1,
+every variant + ``reconstruct`` and scored with the suite's task metric on held-out feeds. Latency:
+interleaved runs, one onnxruntime thread, medians of each run's *thread CPU time*
+(:func:`onnxforge.passes.prune.latency.timed`; onnxruntime runs the graph on the calling thread
+then) next to the ratio of wall-clock medians: on a shared machine whose load average is many times
+its core count the wall time is mostly waiting for a core (a model's wall p50 was 9x its thread
+time on the project's 2-core box at load 16), so the CPU-time ratio is the figure to read there.
+
+* ``flops`` -- ``prune-channels(target_flops=0.7)``: importance ranking alone;
+* ``latency@flops`` -- ``prune-channels(target_latency=1.0, target_flops=0.7)``: the same FLOPs cut
+  allocated on measured latency at ISA-block widths (table cached in ``.onnxforge-cache/``);
+* ``latency 0.6`` -- ``prune-channels(target_latency=0.6)``; ``+int8`` -- then ``quantize-int8``;
+* ``onnxsim`` -- ``onnxsim.pruning.apply_structured_pruning`` with its sparsity bisected to the
+  parameter count of ``latency@flops`` (as close as its coverage allows; no reconstruct: its node
+  names are its own).
+
+Coverage = share of the Conv/Gemm/MatMul-with-constant-weight layers whose weight a 50 % cut
+changes (ours: ``prune-channels(ratio=0.5)``; onnxsim: ``sparsity=0.5``).
 """
 
 from __future__ import annotations
@@ -158,6 +178,221 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- trained-model suite
+
+
+def _weighted_shapes(model: ir.Model) -> dict[str, tuple]:
+    from onnxforge.ir.graph import const_value
+
+    out = {}
+    for n in model.graph:
+        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.inputs) > 1:
+            w = const_value(n.inputs[1])
+            if w is not None and w.ndim >= 2:
+                out[n.name] = tuple(w.shape)
+    return out
+
+
+def _coverage(before: ir.Model, after: ir.Model) -> float:
+    a, b = _weighted_shapes(before), _weighted_shapes(after)
+    return sum(1 for k, v in a.items() if b.get(k, v) != v) / max(1, len(a))
+
+
+def _onnxsim(model: ir.Model, sparsity: float) -> ir.Model:
+    from onnxsim.pruning import apply_structured_pruning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = apply_structured_pruning(ir.serde.serialize_model(model), sparsity=sparsity)
+    return ir.serde.deserialize_model(out)
+
+
+def _params(model: ir.Model) -> int:
+    from onnxforge.ir.summary import quick_stats
+
+    return quick_stats(model)["params"]
+
+
+def _flops(model: ir.Model) -> int:
+    from onnxforge.ir.summary import summarize
+
+    return summarize(model).flops
+
+
+def run_suite(models: list[str], rounds: int, flops_keep: float = 0.7, threads: int | None = 1,
+              n_eval: int = 16, int8: bool = True) -> list[dict]:
+    from onnxforge.runtime.session import make_session
+    from onnxforge.testing.real_suite import load_case
+
+    rows = []
+    cache = os.path.join(os.path.dirname(__file__), "..", ".onnxforge-cache")
+    os.makedirs(cache, exist_ok=True)
+    for name in models:
+        case = load_case(name)
+        base = ir.serde.deserialize_model(onnx.load(str(case.model_path)))
+        calib = CalibrationData.from_iterable(case.calibration_feeds(16))
+        held = case.eval_feeds(n_eval)
+
+        def outputs(m: ir.Model) -> list[dict]:
+            sess = make_session(m, optimize="all").session
+            names = [o.name for o in sess.get_outputs()]
+            return [dict(zip(names, sess.run(None, f))) for f in held]
+
+        ref = outputs(base)
+        table_path = os.path.abspath(os.path.join(cache, f"latency-{name}.json"))
+        specs = {
+            "flops": {"target_flops": flops_keep},
+            "latency@flops": {"target_latency": 1.0, "target_flops": flops_keep, "latency_table": table_path},
+            "latency 0.6": {"target_latency": 0.6, "latency_table": table_path},
+        }
+        variants: dict[str, ir.Model] = {"unpruned": base}
+        notes: dict[str, str] = {}
+        for label, opts in specs.items():
+            ctx = PassContext(calibration_data=calib, reference_model=base)
+            m = _copy(base)
+            create_pass("prune-channels", opts, ctx)(m)
+            create_pass("reconstruct", {}, ctx)(m)
+            variants[label] = m
+            if label == "latency@flops" and int8 and "quantize-int8" in available_passes():
+                q = _copy(m)
+                try:
+                    create_pass("quantize-int8", {}, ctx)(q)
+                    variants[label + " +int8"] = q
+                except Exception as e:  # report, don't hide
+                    print(f"{name}: quantize-int8 failed after pruning: {e}", file=sys.stderr)
+        # onnxsim at our parameter count (bisection on its sparsity; it may not reach it).
+        target = _params(variants["latency@flops"])
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            cand = _onnxsim(base, mid)
+            p = _params(cand)
+            if best is None or abs(p - target) < abs(_params(best) - target):
+                best = cand
+            lo, hi = (mid, hi) if p > target else (lo, mid)
+        variants["onnxsim"] = best
+        notes["onnxsim"] = f"params {_params(best) / _params(base):.3f} (target {target / _params(base):.3f})"
+        cov_ours = _coverage(base, _prune_copy(base, calib))
+        cov_sim = _coverage(base, _onnxsim(base, 0.5))
+        p0, f0 = _params(base), _flops(base)
+        stats = {label: {"params": _params(m) / p0, "flops": _flops(m) / f0} for label, m in variants.items()}
+        metric = {label: float(case.metric(ref, outputs(m))) for label, m in variants.items()}
+        from onnxforge.ir.io import model_to_bytes
+        from onnxforge.passes.prune.latency import timed
+
+        feeds = held[0]
+        blobs = {label: model_to_bytes(m) for label, m in variants.items()}
+        cpu = timed(blobs, feeds, rounds=rounds)  # thread CPU time medians (1 thread)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bench_interleaved(blobs, feeds, rounds=rounds, per_round=3, warmup=2, optimize="all",
+                                    threads=threads)
+        base_ms = res["unpruned"].p50_ms
+        for label in variants:
+            row = {"model": name, "variant": label, **stats[label], "p50_ms": res[label].p50_ms,
+                   "latency_ratio": res[label].p50_ms / base_ms, "cpu_ms": cpu[label],
+                   "cpu_ratio": cpu[label] / cpu["unpruned"], "metric": metric[label],
+                   "metric_name": case.metric_name, "coverage": cov_sim if label == "onnxsim" else cov_ours,
+                   "note": notes.get(label, "")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _prune_copy(base: ir.Model, calib) -> ir.Model:
+    m = _copy(base)
+    create_pass("prune-channels", {"ratio": 0.5}, PassContext(calibration_data=calib))(m)
+    return m
+
+
+IMPORTANCE = ("l1", "l2", "bn-scale", "activation", "entropy", "reconstruction", "taylor", "random")
+
+
+def compare_importance(models: list[str], settings: list[str]) -> list[dict]:
+    """Every criterion at each prune setting (``ratio=0.5`` / ``target_latency=0.8`` ...), then
+    ``reconstruct``; the task metric on held-out data before and after. digits_cnn: test accuracy
+    (taylor from a torch digits CNN trained and exported here, as the criterion needs gradients);
+    suite models: their metric vs fp32 (no taylor: no torch model)."""
+    from onnxforge.runtime.session import make_session
+
+    rows = []
+    for name in models:
+        importance = None
+        if name == "digits_cnn":
+            from onnxforge.testing import digits
+            from onnxforge.passes.prune.importance import taylor_importance_from_torch
+            from onnxforge.testing.zoo import export_model
+            import torch
+
+            x_train, y_train, x_test, y_test = digits.load_digits_split()
+            module = digits.train_digits_cnn(seed=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = export_model(module, (torch.from_numpy(x_train[:1]),))
+            inp = base.graph.inputs[0].name
+            batches = [(torch.from_numpy(x_train[i:i + 128]), torch.from_numpy(y_train[i:i + 128]).long())
+                       for i in range(0, len(x_train), 128)]
+            importance = taylor_importance_from_torch(module, torch.nn.functional.cross_entropy, batches)
+            calib = CalibrationData.from_iterable([{inp: x_train[i:i + 128]} for i in range(0, len(x_train), 128)])
+            score = lambda m: digits.accuracy(m, x_test, y_test)  # noqa: E731
+            metric_name = "accuracy"
+        else:
+            from onnxforge.testing.real_suite import load_case
+
+            case = load_case(name)
+            base = ir.serde.deserialize_model(onnx.load(str(case.model_path)))
+            calib = CalibrationData.from_iterable(case.calibration_feeds(16))
+            held = case.eval_feeds(32)
+
+            def outs(m):
+                sess = make_session(m, optimize="all").session
+                names = [o.name for o in sess.get_outputs()]
+                return [dict(zip(names, sess.run(None, f))) for f in held]
+
+            ref = outs(base)
+            score = lambda m: float(case.metric(ref, outs(m)))  # noqa: E731
+            metric_name = case.metric_name
+        fp32 = score(base)
+        for setting in settings:
+            key, _, value = setting.partition("=")
+            opts = {key: float(value)}
+            if key == "target_latency":
+                opts["latency_table"] = os.path.abspath(os.path.join(
+                    os.path.dirname(__file__), "..", ".onnxforge-cache", f"latency-{name}-raw.json"))
+            for crit in IMPORTANCE:
+                if crit == "taylor" and importance is None:
+                    continue
+                ctx = PassContext(calibration_data=calib, reference_model=base, importance=importance, seed=0)
+                m = _copy(base)
+                d = create_pass("prune-channels", {**opts, "criterion": crit}, ctx)(m).stats.details
+                pruned = score(m)
+                create_pass("reconstruct", {}, ctx)(m)
+                row = {"model": name, "setting": setting, "criterion": crit, "fp32": fp32, "pruned": pruned,
+                       "reconstructed": score(m), "flops": d["flops_after"] / d["flops_before"], "metric": metric_name}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def importance_table(rows: list[dict]) -> str:
+    lines = ["| model | setting | FLOPs | criterion | pruned | + reconstruct | fp32 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['setting']} | {r['flops']:.3f} | {r['criterion']} | {r['pruned']:.4f} | "
+                     f"{r['reconstructed']:.4f} | {r['fp32']:.4f} ({r['metric']}) |")
+    return "\n".join(lines)
+
+
+def suite_table(rows: list[dict]) -> str:
+    lines = ["| model | variant | FLOPs | params | CPU ms | latency ratio (CPU time) | ratio of wall p50 | speedup / FLOPs reduction | metric | coverage |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eff = "" if r["variant"] == "unpruned" else f"{r['flops'] / r['cpu_ratio']:.2f}"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['flops']:.3f} | {r['params']:.3f} | {r['cpu_ms']:.2f} | "
+                     f"{r['cpu_ratio']:.3f} | {r['latency_ratio']:.3f} | {eff} | {r['metric']:.3f} ({r['metric_name']}) | "
+                     f"{r['coverage']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="digits_cnn,resnet_style,mobilenetv2_style,yolo_style,bert_encoder")
@@ -169,8 +404,29 @@ def main() -> None:
     ap.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="zoo models' torch exporter")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--suite", default=None, help="trained-model suite names (e.g. orientation,effnet): 30%% FLOPs cut")
+    ap.add_argument("--flops-keep", type=float, default=0.7)
+    ap.add_argument("--importance", default=None,
+                    help="compare importance criteria on these models (digits_cnn and/or suite names)")
+    ap.add_argument("--settings", default="ratio=0.5,target_latency=0.8", help="prune settings for --importance")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    if args.importance:
+        rows = compare_importance(args.importance.split(","), args.settings.split(","))
+        print(importance_table(rows))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
+    if args.suite:
+        rows = run_suite(args.suite.split(","), args.rounds, args.flops_keep, threads=args.threads or 1)
+        cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+        print(f"\nmachine: {cpu}; {os.cpu_count()} cores (shared); {platform.python_version()}\n")
+        print(suite_table(rows))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = run(
         args.models.split(","),
         [float(r) for r in args.ratios.split(",")],

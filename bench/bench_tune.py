@@ -12,6 +12,14 @@ interleaved re-timing of the two pipelines side by side (chosen / grid best; 1.0
 
     python bench/bench_tune.py                      # digits CNN and mobilenetv2_style
     python bench/bench_tune.py --models digits --seeds 0 1 2
+    python bench/bench_tune.py --suite orientation effnet --budget 12   # trained models, task metric
+
+``--suite``: ``onnxforge tune`` with the *default* space (target_latency, criterion, reconstruct,
+int8 / dynamic, fuse), ``--max-drop 1`` point of the suite's task metric against the fp32 model
+(``--metric bench_tune:suite_metric``, the three-parameter form), tuned on ``eval_feeds`` 0..n-1
+and judged on feeds n..2n-1 that the tuner did not see; the chosen model's latency is re-timed
+interleaved with the original (ratio of wall-clock medians, and of thread-CPU-time medians, which
+is the figure to read on a loaded shared machine; batch 1, 1 thread).
 """
 
 from __future__ import annotations
@@ -110,6 +118,79 @@ def run(model_name: str, seeds: list[int], batch: int, fraction: float, rounds: 
             "grid_best_drop": grid_best.drop, "rows": rows, "final": final, "base": space.base}
 
 
+# --------------------------------------------------------------------------- trained-model suite
+
+_SUITE_CASE = {}
+
+
+def suite_metric(outputs, data, original) -> float:
+    """The suite case's task metric (in points: 100 = the fp32 model's results) on per-sample
+    dicts split from the evaluator's batched outputs."""
+    import os
+
+    # The tuner imports this module by name (``bench_tune``), apart from the running script.
+    if "case" not in _SUITE_CASE:
+        from onnxforge.testing.real_suite import load_case
+
+        _SUITE_CASE["case"] = load_case(os.environ["BENCH_TUNE_SUITE_CASE"])
+    case = _SUITE_CASE["case"]
+    n = len(next(iter(data.values())))
+
+    def split(d):
+        return [{k: v[i:i + 1] for k, v in d.items()} for i in range(n)]
+
+    return 100.0 * float(case.metric(split(original), split(outputs)))
+
+
+def run_suite(name: str, n: int, budget: int, seed: int = 0) -> dict:
+    from onnxforge.runtime.bench import bench_interleaved
+    from onnxforge.runtime.session import make_session
+    from onnxforge.testing.real_suite import load_case
+    from onnxforge.tune.evaluate import EvalSettings
+    from onnxforge.tune.runner import tune
+
+    import os
+
+    case = load_case(name)
+    _SUITE_CASE["case"] = case
+    os.environ["BENCH_TUNE_SUITE_CASE"] = name
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"bench_tune_{name}_"))
+    calib = case.calibration_feeds(16)
+    np.savez(tmp / "calib.npz", **{k: np.concatenate([f[k] for f in calib]) for k in calib[0]})
+    feeds = case.eval_feeds(2 * n)
+    seen, unseen = feeds[:n], feeds[n:]
+    arrays = {k: np.concatenate([f[k] for f in seen]) for k in seen[0]}
+    settings = EvalSettings(metric="bench_tune:suite_metric", max_drop=1.0, batch_size=1, eval_batch=8,
+                            quick_samples=max(8, n // 2), latency="cpu")
+    t0 = time.perf_counter()
+    outcome = tune(case.model_path, eval_data=arrays, calibration_data=tmp / "calib.npz", settings=settings,
+                   budget=budget, seed=seed, cache_dir=REPO / ".onnxforge-cache" / "tune-suite",
+                   output=tmp / "tuned.onnx", out_dir=tmp)
+    seconds = time.perf_counter() - t0
+    chosen = outcome.result.chosen
+    row = {"model": name, "budget": budget, "seconds": seconds, "n": n,
+           "chosen": chosen.pipeline if chosen else None, "search_ratio": chosen.latency_ratio if chosen else None,
+           "search_drop": chosen.drop if chosen else None, "base": outcome.base,
+           "front": [(c.pipeline, c.latency_ratio, c.drop) for c in outcome.result.candidates if c.ok]}
+    if chosen is None or outcome.output is None:
+        return row
+    orig = make_session(str(case.model_path), optimize="all", threads=1)
+    tuned = make_session(str(outcome.output), optimize="all", threads=1)
+
+    def run_all(info):
+        names = [o.name for o in info.session.get_outputs()]
+        return [dict(zip(names, info.session.run(None, f))) for f in unseen]
+
+    row["unseen_metric"] = 100.0 * float(case.metric(run_all(orig), run_all(tuned)))
+    res = bench_interleaved({"original": orig, "tuned": tuned}, unseen[0], rounds=20, per_round=3, warmup=3)
+    row["ratio_p50"] = res["tuned"].p50_ms / res["original"].p50_ms
+    from onnxforge.passes.prune.latency import timed
+
+    cpu = timed({"original": str(case.model_path), "tuned": str(outcome.output)}, unseen[0], rounds=20)
+    row["ratio_cpu"] = cpu["tuned"] / cpu["original"]
+    return row
+
+
 def _bytes(path: pathlib.Path) -> bytes:
     from onnxforge.ir.io import load, model_to_bytes
 
@@ -128,8 +209,23 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per candidate")
     ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--suite", nargs="+", default=None, help="trained-model suite names: tune with the default space")
+    ap.add_argument("--budget", type=int, default=12)
+    ap.add_argument("--n", type=int, default=32, help="--suite: samples tuned on (as many more judge the result)")
     args = ap.parse_args()
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    if args.suite:
+        import json
+
+        print(f"# {cpu}, {os.cpu_count()} cores (shared), {platform.python_version()}; batch 1, threads 1")
+        for name in args.suite:
+            r = run_suite(name, args.n, args.budget)
+            print(json.dumps(r), flush=True)
+            short = (r["chosen"] or "-")[len(r["base"]):].lstrip(",") or "(base only)"
+            print(f"| {name} | {short} | search {r['search_ratio']} drop {r['search_drop']} | unseen metric "
+                  f"{r.get('unseen_metric')} | wall p50 ratio {r.get('ratio_p50')} | CPU-time ratio {r.get('ratio_cpu')} | "
+                  f"{r['seconds']:.0f} s |", flush=True)
+        return
     print(f"# {cpu}, {os.cpu_count()} cores, {platform.python_version()}; batch {args.batch}, threads 1, "
           f"{args.rounds}x{args.per_round} interleaved runs per candidate")
     for name in args.models:

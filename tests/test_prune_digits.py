@@ -181,5 +181,7 @@ def test_int8_after_prune_and_reconstruct_keeps_accuracy(setup):
     stats = create_pass("quantize-int8", {}, ctx)(q).stats
     int8 = digits.accuracy(q, x_test, y_test)
     print(f"\ndigits pruned(0.5)+reconstruct: fp32 {fp32:.4f}  int8 {int8:.4f}")
-    assert stats.counts["weights_7bit"] == 1  # only the first Conv reads the zero-centred input
+    # (How quantize-int8 avoids the saturation -- 7-bit weights on AVX2, nothing on VNNI -- is its
+    # own tests' business; here only the accuracy of the stack counts.)
+    assert stats.counts.get("weights_7bit", 0) <= 1
     assert int8 >= fp32 - 0.01, (fp32, int8)

@@ -260,9 +260,54 @@ def test_tune_finds_a_faster_model_when_there_is_one(tmp_path):
 
 @pytest.mark.ray
 def test_ray_executor_matches_local(digits_files):
-    pytest.importorskip("ray")
+    import ray  # noqa: F401  (a dev dependency: this test runs in CI)
     f = digits_files
     common = ("--strategy", "grid", "--latency", "size", "--no-cache")
     local = _tune(f, f["dir"] / "local", "--jobs", "1", *common)
     ray_run = _tune(f, f["dir"] / "ray", "--jobs", "2", "--executor", "ray", *common)
     assert _front_signature(local) == _front_signature(ray_run)
+
+
+def test_cpu_time_latency_and_a_three_parameter_metric(digits_files, tmp_path):
+    # latency="cpu": thread CPU time (robust on a loaded machine). A metric with a third parameter
+    # gets the original model's outputs: here top-1 agreement with the fp32 model, in percent.
+    import sys
+
+    from onnxforge.tune.evaluate import EvalSettings, EvalSpec, Evaluator
+
+    f = digits_files
+    (tmp_path / "h3_agreement_metric.py").write_text(
+        "import numpy as np\n"
+        "def agreement(outputs, data, original):\n"
+        "    a, b = next(iter(outputs.values())), next(iter(original.values()))\n"
+        "    return 100.0 * float(np.mean(a.argmax(1) == b.argmax(1)))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        data = dict(np.load(f["val"]))
+        ev = Evaluator(EvalSpec(f["model"].read_bytes(), data,
+                                EvalSettings(metric="h3_agreement_metric:agreement", max_drop=50.0, latency="cpu",
+                                             rounds=4, per_round=3)))
+        same = ev.evaluate("fold-batchnorm")
+        assert same.status == "ok" and same.metric == pytest.approx(100.0) and same.drop == pytest.approx(0.0)
+        assert 0.5 < same.latency_ratio < 2.0
+        pruned = ev.evaluate("prune-channels(ratio=0.5)")
+        assert pruned.metric < 100.0  # 50 % of the channels without re-fit: some digits change
+        # Half the channels of every group (16/32/64 -> 8/16/32): a quarter of the FLOPs.
+        assert pruned.latency_ratio < 0.9, pruned.latency_ratio
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_default_space_searches_target_latency_and_shares_its_table(tmp_path):
+    from onnxforge.tune.runner import _share_latency_table
+
+    space = default_space()
+    prune = next(s for s in space.slots if s.name == "prune-channels")
+    assert prune.options["target_latency"] == Range(0.5, 0.9, 0.1) and "ratio" not in prune.options
+    # The stack prune -> reconstruct -> int8 is in the space.
+    assert [s.name for s in space.slots].index("reconstruct") < [s.name for s in space.slots].index("quantize-int8")
+    _share_latency_table(space, tmp_path, "abc")
+    table = prune.options["latency_table"]
+    assert table.startswith(str(tmp_path.resolve())) and table.endswith(".json")
+    pipelines = {p for p in (space.pipeline(c) for c in space.grid()) if "prune-channels" in p}
+    assert pipelines and all(f"latency_table={table}" in p for p in pipelines)

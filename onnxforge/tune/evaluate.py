@@ -14,7 +14,9 @@
    - ``max-abs``: the largest absolute difference to the original's outputs; drop ``value``;
    - ``module:function``: ``function(outputs, data) -> float``, higher is better, where ``outputs``
      is ``{output name: array}`` (samples concatenated on axis 0) and ``data`` the eval arrays;
-     drop ``baseline - value``.
+     drop ``baseline - value``. A function with a third parameter also gets the original model's
+     outputs on the same data (``function(outputs, data, original_outputs)``): a task metric that
+     scores agreement with the fp32 model (detections' F1, decoded strings) needs no labels.
 
    **Early stop**: the metric is first computed on the first ``quick_samples`` samples. A candidate
    whose quick result already breaks ``max_drop`` is not evaluated further and not timed. For
@@ -25,8 +27,11 @@
 3. **Time** (``latency="bench"``): the candidate and the original run interleaved in the same
    process, each round alternating who goes first (:func:`~onnxforge.runtime.bench.bench_interleaved`);
    the latency ratio is the median over rounds of the per-round ratio of medians, so a noisy
-   machine moves both sides alike. ``latency="size"`` uses the serialized-size ratio instead: a
-   deterministic stand-in, for tests and for size-bound targets.
+   machine moves both sides alike. ``latency="cpu"`` (target cpu, one thread) times the thread CPU
+   time of each run instead (:func:`onnxforge.passes.prune.latency.timed`): on a shared machine
+   whose load is several times its core count, wall time is mostly waiting for a core.
+   ``latency="size"`` uses the serialized-size ratio instead: a deterministic stand-in, for tests
+   and for size-bound targets.
 
 Everything an evaluator needs is in :class:`EvalSpec`, which pickles, so worker processes (and Ray
 tasks) rebuild the same evaluator.
@@ -55,7 +60,7 @@ class EvalSettings:
 
     metric: str = "top1"
     max_drop: float | None = None
-    latency: str = "bench"  # bench | size
+    latency: str = "bench"  # bench | cpu | size
     batch_size: int = 1
     threads: int | None = 1
     optimize: str = "all"  # onnxruntime graph optimizations while timing (as deployed)
@@ -155,17 +160,11 @@ def _top1(cand: dict[str, np.ndarray], orig: dict[str, np.ndarray], data: dict[s
     return float(np.mean(pred == np.asarray(data["labels"]).reshape(-1)[: len(pred)]) * 100.0)
 
 
-def _rows(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    parts = [np.asarray(a, np.float64).reshape(len(a), -1) for a in outputs.values()]
-    return np.concatenate(parts, axis=1)
-
-
 def _cosines(cand: dict[str, np.ndarray], orig: dict[str, np.ndarray]) -> np.ndarray:
-    c, o = _rows(cand), _rows(orig)
-    num = np.sum(c * o, axis=1)
-    den = np.linalg.norm(c, axis=1) * np.linalg.norm(o, axis=1)
-    both_zero = (np.linalg.norm(c, axis=1) == 0) & (np.linalg.norm(o, axis=1) == 0)
-    return np.where(both_zero, 1.0, num / np.where(den > 0, den, 1.0))
+    # The one output comparator (outputs paired by name; a missing output fails the candidate).
+    from onnxforge.runtime.compare import sample_cosines
+
+    return sample_cosines(orig, cand)
 
 
 def _cosine(cand, orig, data) -> float:
@@ -173,11 +172,27 @@ def _cosine(cand, orig, data) -> float:
 
 
 def _max_abs(cand, orig, data) -> float:
-    return float(np.max(np.abs(_rows(cand) - _rows(orig)))) if len(_rows(orig)) else 0.0
+    from onnxforge.runtime.compare import compare
+
+    return float(compare(orig, cand).max_abs)
+
+
+def _positional_arity(fn: Callable[..., Any]) -> int:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 3
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def resolve_metric(name: str) -> Metric:
-    """A built-in metric by name, or ``module:function`` (imported; higher is better)."""
+    """A built-in metric by name, or ``module:function`` (imported; higher is better), called as
+    ``function(candidate_outputs, data)`` or, when it takes three parameters,
+    ``function(candidate_outputs, data, original_outputs)`` (outputs: dicts by output name)."""
     if name == "top1":
         return Metric(name, True, _top1, "top1")
     if name == "cosine":
@@ -192,6 +207,10 @@ def resolve_metric(name: str) -> Metric:
             raise PipelineSpecError(f"metric {name!r}: cannot import {attr!r} from {module!r}: {e}") from e
         if not callable(fn):
             raise PipelineSpecError(f"metric {name!r} is not callable")
+        # fn(candidate_outputs, data) or, with a third parameter, fn(candidate_outputs, data,
+        # original_outputs): task metrics that score against the fp32 model's own results.
+        if _positional_arity(fn) >= 3:
+            return Metric(name, True, lambda cand, orig, data: float(fn(cand, data, orig)), "custom")
         return Metric(name, True, lambda cand, orig, data: float(fn(cand, data)), "custom")
     raise PipelineSpecError(
         f"unknown metric {name!r}: use {', '.join(BUILTIN_METRICS)} or module:function (higher is better)"
@@ -407,6 +426,17 @@ class Evaluator:
         from onnxforge.runtime.session import make_session
 
         t0 = time.perf_counter()
+        if s.latency == "cpu":
+            from onnxforge.passes.prune.latency import timed
+
+            if s.target != "cpu" or s.threads != 1:
+                raise PipelineSpecError("latency=cpu (thread CPU time) needs target cpu and threads=1")
+            res = timed({"original": self.model_bytes, "candidate": model_bytes}, self.bench_feeds(),
+                        rounds=s.rounds * s.per_round // 3)
+            cand.latency_ratio = res["candidate"] / res["original"]
+            cand.latency_ms, cand.baseline_latency_ms = res["candidate"], res["original"]
+            cand.eval_s += time.perf_counter() - t0
+            return cand
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sessions = {

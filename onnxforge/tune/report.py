@@ -29,7 +29,8 @@ def render(result: TuneResult, base: str, metric: str, console: Any = None) -> N
     console = console or Console()
     table = Table(title=f"Pareto front ({len(result.front)} of {len(result.candidates)} candidates)",
                   title_justify="left")
-    for col, just in [("", "center"), ("latency ratio", "right"), ("latency ms", "right"),
+    # A named first column: an empty header reads as a broken table in a CI log.
+    for col, just in [("chosen", "center"), ("latency ratio", "right"), ("latency ms", "right"),
                       ("size ratio", "right"), (metric, "right"), ("drop", "right")]:
         table.add_column(col, justify=just, no_wrap=True)
     table.add_column("settings (after the base pipeline)", overflow="fold")

@@ -82,6 +82,8 @@ def tune(
         the_space = default_space(with_calibration=calib is not None)
     if not the_space.slots:
         raise PipelineSpecError("the search space has no passes (see the notes: passes not registered?)")
+    if cache_dir:
+        _share_latency_table(the_space, pathlib.Path(cache_dir), sha256(model_bytes))
     spec = EvalSpec(model_bytes, eval_arrays, settings, calibration=calib, model_path=str(model_path))
     evaluator = Evaluator(spec)
     data_hash = sha256((hash_source(calib) + hash_arrays(eval_arrays)).encode())
@@ -108,9 +110,22 @@ def tune(
     report.write_json(data, outcome.json)
     if any(c.ok and c.latency_ratio is not None for c in result.candidates):
         outcome.plot = folder / "pareto.png"
-        label = "latency ratio (candidate / original)" if settings.latency == "bench" else "size ratio (candidate / original)"
+        label = ("latency ratio (candidate / original)" if settings.latency in ("bench", "cpu")
+                 else "size ratio (candidate / original)")
         report.plot(result, outcome.plot, settings.metric, settings.max_drop, latency_label=label)
     return outcome
+
+
+def _share_latency_table(space: Space, cache_dir: pathlib.Path, model_sha: str) -> None:
+    """Candidates that prune on measured latency share one latency table per model and base
+    pipeline (measured by the first, read by the rest), so the search does not re-measure it
+    per candidate and the chosen pipeline rebuilds from the same table."""
+    for slot in space.slots:
+        if slot.name == "prune-channels" and "target_latency" in slot.options and "latency_table" not in slot.options:
+            key = sha256(f"{model_sha}|{space.base}".encode())[:16]
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            slot.options["latency_table"] = str((cache_dir / f"latency-{key}.json").resolve())
+            space.notes.append(f"prune-channels: latency table shared by the candidates: {slot.options['latency_table']}")
 
 
 def _write_chosen(evaluator: Evaluator, chosen: Candidate, out_path: pathlib.Path, model_path: pathlib.Path,

@@ -285,7 +285,7 @@ class Tuner:
             raise PipelineSpecError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
         if budget < 1:
             raise PipelineSpecError("--budget must be at least 1")
-        if max_latency_ms is not None and spec.settings.latency != "bench":
+        if max_latency_ms is not None and spec.settings.latency not in ("bench", "cpu"):
             raise PipelineSpecError("--max-latency-ms needs measured latency (latency mode 'bench')")
         self.space, self.spec = space, spec
         self.evaluator = evaluator or Evaluator(spec)
@@ -382,7 +382,7 @@ class Tuner:
             if executor is not None:
                 executor.shutdown()
         self.candidates.sort(key=lambda c: c.index)
-        if not interrupted and self.refine and self.spec.settings.latency == "bench":
+        if not interrupted and self.refine and self.spec.settings.latency in ("bench", "cpu"):
             try:
                 self._refine()
             except KeyboardInterrupt:
