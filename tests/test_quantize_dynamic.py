@@ -105,3 +105,47 @@ def test_int4_refuses_onnx_target(bert):
     model, _ = bert
     with pytest.raises(Exception, match="MatMulNBits"):
         create_pass("quantize-weights-int4", {}, PassContext(target="onnx"))(_clone(model))
+
+
+def _mlp_at_opset(zoo_model, opset: int):
+    model = zoo_model("mlp", opset=opset, dynamo=False)  # TorchScript exports at old opsets
+    assert model.opset_imports[""] == opset
+    return model
+
+
+def test_dynamic_upgrades_an_old_opset(zoo_model):
+    """DynamicQuantizeLinear needs opset 11: an opset-10 model is upgraded (and says so)."""
+    from onnxforge.testing.numerics import random_inputs
+
+    model = _mlp_at_opset(zoo_model, 10)
+    feeds = random_inputs(model, seed=0)
+    ref = run(_clone(model), feeds)
+    result = create_pass("quantize-dynamic", {}, PassContext())(model)
+    assert model.opset_imports[""] >= 11 and result.stats.counts["opset_upgraded"] == 1
+    assert op_count(model, "DynamicQuantizeLinear") >= 1
+    assert cosine(ref[0], run(model, feeds)[0]) > 0.99
+
+
+def test_dynamic_refuses_when_the_opset_upgrade_fails(zoo_model, monkeypatch):
+    """A failed upgrade used to be ignored, leaving opset-11 ops in an opset-10 model."""
+    from onnxforge.errors import UnsupportedModelError
+    from onnxforge.passes.quantize import dynamic
+
+    def failing_upgrade(model, version, stats):
+        stats.note(f"opset upgrade 10 -> {version} failed (ValueError: converter says no)")
+        return False
+
+    monkeypatch.setattr(dynamic, "upgrade_opset", failing_upgrade)
+    model = _mlp_at_opset(zoo_model, 10)
+    with pytest.raises(UnsupportedModelError, match=r"opset >= 11.*opset 10.*converter says no"):
+        create_pass("quantize-dynamic", {}, PassContext())(model)
+
+
+def test_contrib_takes_only_yes_or_no():
+    """``contrib="auto"`` used to be accepted and silently meant ``"no"``: it is now a clear error."""
+    from onnxforge.errors import PassOptionError
+    from onnxforge.passes import create_pass
+
+    with pytest.raises(PassOptionError):
+        create_pass("quantize-dynamic", {"contrib": "auto"})
+    assert create_pass("quantize-dynamic", {"contrib": "yes"}).contrib == "yes"

@@ -12,11 +12,17 @@
   from is safe: tensors that still read the old data file are detached from it first (they keep
   the old file's memory map, which survives the replace on POSIX).
 * Output is deterministic: the same model gives byte-identical files.
+* Models bigger than memory stream: external tensors stay memory-mapped (never copied on load or
+  when counted), :func:`spilling` gives passes a scratch data file that new large weights are
+  written to as they are made (:func:`spill`), and :func:`save` copies external tensors into the
+  new data file in the kernel (``copy_file_range``), one tensor at a time, sharded on request.
+  No protobuf message ever holds the weights, so its 2 GiB limit does not apply.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
@@ -37,21 +43,34 @@ from onnxforge.ir.graph import iter_tensors
 __all__ = [
     "DEFAULT_EXTERNAL_THRESHOLD_BYTES",
     "DEFAULT_TENSOR_THRESHOLD_BYTES",
+    "EXTERNAL_SOURCE_KEY",
     "PROTOBUF_LIMIT_BYTES",
     "SOURCE_PATH_KEY",
     "check_external_paths",
+    "SpillStore",
     "clone",
+    "has_external_data",
+    "largest_tensor_bytes",
     "load",
     "model_to_bytes",
     "model_to_proto",
+    "release",
+    "same_bytes",
     "save",
+    "spill",
+    "spill_model",
+    "spilling",
     "tensor_bytes",
+    "tensor_digest",
 ]
 
 ModelSource = Union[str, os.PathLike, bytes, bytearray, memoryview, onnx.ModelProto, ir.Model]
 
 #: ``model.meta`` key under which :func:`load` records the file a model came from.
 SOURCE_PATH_KEY = "onnxforge.source_path"
+#: ``model.meta`` key set by :func:`load` when the model's weights were in external data: :func:`save`
+#: keeps them external even after every original tensor was replaced (e.g. by quantized ones).
+EXTERNAL_SOURCE_KEY = "onnxforge.external_source"
 #: protobuf cannot serialize a message of 2 GiB or more.
 PROTOBUF_LIMIT_BYTES = 2**31
 #: :func:`save` switches to external data above this many tensor bytes (2 GiB less 1 MiB of
@@ -102,6 +121,11 @@ def load(
             f"load() takes a path, bytes, onnx.ModelProto or onnx_ir.Model, not {type(source).__name__}"
         )
     folder = os.fspath(base_dir) if base_dir is not None else default_dir
+    # Malformed graphs (cycles, dangling inputs, bad opsets, wrong dtypes) are refused in one
+    # line before onnx_ir sees them (onnxforge.ir.validate).
+    from onnxforge.ir.validate import check_input
+
+    check_input(proto, origin)
     try:
         model = serde.deserialize_model(proto)
     except Exception as exc:  # serde raises assorted errors on malformed graphs
@@ -113,6 +137,8 @@ def load(
     if isinstance(source, (str, os.PathLike)):
         # Not serialized; lets the summary report file sizes.
         model.meta[SOURCE_PATH_KEY] = str(Path(source).resolve())
+    if has_external_data(model, min_bytes=DEFAULT_TENSOR_THRESHOLD_BYTES + 1):
+        model.meta[EXTERNAL_SOURCE_KEY] = True
     return model
 
 
@@ -343,6 +369,235 @@ def tensor_bytes(model: ir.Model) -> int:
     return total
 
 
+def largest_tensor_bytes(model: ir.Model) -> int:
+    """Bytes of the largest tensor in the model (shapes only; reads no data)."""
+    largest = 0
+    for _graph, _owner, _attr, tensor in iter_tensors(model):
+        try:
+            largest = max(largest, int(tensor.nbytes))
+        except Exception:  # e.g. string tensors of unknown size
+            continue
+    return largest
+
+
+def has_external_data(model: ir.Model, *, min_bytes: int = 0) -> bool:
+    """Whether any tensor of at least ``min_bytes`` lives in an external file (reads no data).
+
+    Tensors moved to a spill file (:func:`spill`) do not count: where a pass put its output says
+    nothing about how the user stores the model.
+    """
+    return any(
+        isinstance(t, ir.ExternalTensor) and t.nbytes >= min_bytes and not t.meta.get(_SPILLED_KEY)
+        for _g, _o, _a, t in iter_tensors(model)
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+
+#: While :func:`spilling` is active, tensors of at least this many bytes go to the spill file.
+DEFAULT_SPILL_THRESHOLD_BYTES = 1 << 20
+_SPILL_FILE = "spill.data"
+_SPILLED_KEY = "onnxforge.spilled"  # in ExternalTensor.meta (not serialized)
+_SPILL_ALIGN = 64  # numpy reads the memory map in place: keep every tensor aligned
+_ACTIVE_SPILL: contextvars.ContextVar["SpillStore | None"] = contextvars.ContextVar(
+    "onnxforge_spill", default=None
+)
+
+
+class SpillStore:
+    """An append-only scratch data file that large tensors are moved to as passes produce them.
+
+    :meth:`spill` writes an in-memory tensor's bytes at the end of the file and returns an
+    ``ir.ExternalTensor`` reading them back through a memory map, so a pass that rewrites every
+    weight holds one new weight in anonymous memory at a time instead of all of them. The file
+    lives in a private folder (``.onnxforge-spill-*``) that :meth:`close` removes: save the model
+    before closing (tensors not mapped yet cannot be read afterwards).
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None,
+                 threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES) -> None:
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix=".onnxforge-spill-", dir=folder))
+        except OSError:
+            # e.g. the output folder does not exist: save() reports that; spill to the temp dir.
+            self.folder = Path(tempfile.mkdtemp(prefix=".onnxforge-spill-"))
+        self.path = self.folder / _SPILL_FILE
+        self.threshold_bytes = threshold_bytes
+        self.tensors = 0
+        self.bytes_written = 0
+        self._file = open(self.path, "wb")
+
+    def spill(self, tensor):
+        """``tensor`` moved to the spill file (an ``ir.ExternalTensor``), or as is when it is
+        already external, smaller than the threshold, a string tensor, or the store is closed."""
+        if (
+            self._file.closed
+            or isinstance(tensor, ir.ExternalTensor)
+            or tensor.dtype == ir.DataType.STRING
+            or tensor.nbytes < self.threshold_bytes
+        ):
+            return tensor
+        f = self._file
+        offset = -(-f.tell() // _SPILL_ALIGN) * _SPILL_ALIGN
+        f.seek(offset)
+        tensor.tofile(f)
+        length = f.tell() - offset
+        f.flush()  # readers memory-map the file: the bytes must be in it now
+        self.tensors += 1
+        self.bytes_written += length
+        spilled = ir.ExternalTensor(
+            _SPILL_FILE,
+            offset,
+            length,
+            tensor.dtype,
+            shape=ir.Shape(list(tensor.shape)),
+            name=tensor.name,
+            doc_string=tensor.doc_string,
+            metadata_props=dict(tensor.metadata_props) or None,
+            base_dir=str(self.folder),
+        )
+        spilled.meta[_SPILLED_KEY] = True
+        return spilled
+
+    def close(self) -> None:
+        """Close and delete the spill file (memory maps already open stay valid on POSIX)."""
+        if not self._file.closed:
+            self._file.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def spilling(
+    folder: str | os.PathLike | None = None, threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES
+) -> Iterator[SpillStore]:
+    """Within the block, :func:`spill` moves new large tensors to a scratch file in ``folder``.
+
+    ``with spilling(out_dir): pipeline.run(model); save(model, out)`` keeps the working set of a
+    pipeline at a few tensors. Pick a folder on the same disk as the output; save inside the block.
+    """
+    store = SpillStore(folder, threshold_bytes)
+    token = _ACTIVE_SPILL.set(store)
+    try:
+        yield store
+    finally:
+        _ACTIVE_SPILL.reset(token)
+        store.close()
+
+
+def spill(tensor):
+    """Move ``tensor`` to the active spill file (see :func:`spilling`); without one, return it."""
+    store = _ACTIVE_SPILL.get()
+    return tensor if store is None else store.spill(tensor)
+
+
+def spill_model(model: ir.Model) -> int:
+    """Spill every large in-memory initializer (main graph, subgraphs, functions); how many.
+
+    The pipeline calls this after each pass as a safety net for passes that do not spill their
+    tensors themselves: their new weights then stay in memory for one pass, not for the run.
+    """
+    if _ACTIVE_SPILL.get() is None:
+        return 0
+    count = 0
+    for _graph, owner, attr_name, tensor in list(iter_tensors(model)):
+        if attr_name or isinstance(tensor, ir.ExternalTensor):
+            continue
+        moved = spill(tensor)
+        if moved is not tensor:
+            owner.const_value = moved
+            count += 1
+    return count
+
+
+def release(tensor) -> None:
+    """Unmap an external tensor's file (a later read maps it again). No-op for other tensors.
+
+    Every ``ir.ExternalTensor`` maps its data file on first use and keeps the pages it touched
+    resident until released; a pass that has finished with a weight releases it.
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            # Someone still holds a numpy view of the map: it stays mapped until they drop it
+            # (the pages are file-backed; the kernel reclaims them under pressure).
+            pass
+
+
+#: Chunk size for reading tensor bytes (hashing, comparing) without mapping a whole tensor.
+READ_CHUNK_BYTES = 16 << 20
+
+
+def iter_tensor_chunks(tensor, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[memoryview]:
+    """The tensor's bytes (as stored: little-endian, 4-bit types packed) in chunks.
+
+    An external tensor is read from its file with ``readinto`` into one reused buffer: nothing is
+    memory-mapped, so its pages never count in this process's RSS (the page cache holds them). An
+    in-memory tensor yields views of its own buffer (no copy when it is contiguous). The chunks of
+    an external tensor are only valid until the next one is produced.
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        # the same containment rule as load() (a model built in memory was never checked)
+        folder = os.path.realpath(os.fspath(tensor.base_dir) or os.getcwd())
+        if os.path.isabs(os.fspath(tensor.location)) or not _is_within(
+            os.path.realpath(tensor.path), folder
+        ):
+            raise UnsafePathError(
+                f"tensor {tensor.name!r}: external data location {os.fspath(tensor.location)!r} "
+                f"is outside its folder {folder}"
+            )
+        length = tensor.length if tensor.length is not None else tensor.nbytes
+        buf = bytearray(min(chunk_bytes, max(length, 1)))
+        view = memoryview(buf)
+        with open(tensor.path, "rb") as f:
+            f.seek(tensor.offset or 0)
+            left = length
+            while left > 0:
+                n = f.readinto(view[: min(len(buf), left)])
+                if not n:
+                    raise ModelLoadError(
+                        f"external data of tensor {tensor.name!r} ends early in {tensor.path}"
+                    )
+                left -= n
+                yield view[:n]
+        return
+    if tensor.dtype == ir.DataType.STRING or tensor.dtype.bitwidth < 8:
+        data = memoryview(tensor.tobytes())  # small in practice; packing needs a copy anyway
+    else:
+        data = memoryview(np.ascontiguousarray(tensor.numpy())).cast("B")
+    for start in range(0, len(data), chunk_bytes):
+        yield data[start : start + chunk_bytes]
+
+
+def tensor_digest(tensor) -> str:
+    """SHA-512 of the tensor's bytes, read in chunks (see :func:`iter_tensor_chunks`)."""
+    import hashlib
+
+    h = hashlib.sha512()
+    for chunk in iter_tensor_chunks(tensor):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def same_bytes(a, b) -> bool:
+    """Whether two tensors hold the same bytes (same dtype and shape assumed), chunk by chunk."""
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return False
+    left, right = iter_tensor_chunks(a), iter_tensor_chunks(b)
+    pending = b""
+    for chunk in left:
+        chunk = bytes(chunk)  # one chunk at a time: the other side may reuse its buffer
+        while len(pending) < len(chunk):
+            nxt = next(right, None)
+            if nxt is None:
+                return False
+            pending += bytes(nxt)
+        if pending[: len(chunk)] != chunk:
+            return False
+        pending = pending[len(chunk) :]
+    return not pending and next(right, None) is None
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -355,18 +610,29 @@ def save(
     external_data_name: str | None = None,
     all_tensors_to_one_file: bool = True,
     tensor_threshold_bytes: int = DEFAULT_TENSOR_THRESHOLD_BYTES,
+    max_shard_size_bytes: int | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; returns the path written.
 
     Args:
         external_data: True: store tensors larger than ``tensor_threshold_bytes`` in a separate
             file; False: everything inside the .onnx (fails above protobuf's 2 GiB); None
-            (default): external data when the tensors total more than ``size_threshold_bytes``.
+            (default): external data when the tensors total more than ``size_threshold_bytes``
+            or when the model was loaded from external data (:func:`load` marks it) or any
+            tensor above ``tensor_threshold_bytes`` is external: such a model is streamed, never
+            inlined in memory. (Spilled tensors do not count: a model given inline stays inline
+            below the threshold.)
         size_threshold_bytes: the automatic switch to external data (default 2 GiB - 1 MiB).
         external_data_name: data file name, in the same folder (default ``<file name>.data``).
         all_tensors_to_one_file: False writes one data file per tensor
             (``<name>-00001-of-000NN.data``, ...).
         tensor_threshold_bytes: with external data, tensors up to this size stay inline.
+        max_shard_size_bytes: with external data, start a new data file
+            (``model-00001-of-000NN.onnx.data``, ...) when the current one would exceed this size
+            (a single larger tensor gets a file of its own).
+
+    With external data, memory stays at about one tensor: external tensors are copied file to
+    file by the kernel, in-memory ones are written one at a time, and the .onnx holds no weights.
 
     The model object is not modified, except that tensors reading a data file that this call
     replaces are re-pointed at that file's current memory map (same values).
@@ -387,8 +653,16 @@ def save(
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ModelSaveError(f"cannot save to {path}: no permission to write in {folder}")
 
-    total = tensor_bytes(model)
-    use_external = external_data if external_data is not None else total > size_threshold_bytes
+    if external_data is None:
+        use_external = (
+            tensor_bytes(model) > size_threshold_bytes
+            or bool(model.meta.get(EXTERNAL_SOURCE_KEY))
+            or has_external_data(model, min_bytes=tensor_threshold_bytes + 1)
+        )
+    else:
+        use_external = external_data
+    if max_shard_size_bytes is not None and max_shard_size_bytes <= 0:
+        raise ModelSaveError(f"max_shard_size_bytes must be > 0, got {max_shard_size_bytes}")
     data_name = external_data_name or f"{path.name}.data"
     if use_external:
         if os.path.isabs(data_name) or os.path.basename(data_name) != data_name or data_name in (
@@ -416,11 +690,25 @@ def save(
                 tmp_dir,
                 data_name,
                 tensor_threshold_bytes=tensor_threshold_bytes,
-                one_file=all_tensors_to_one_file,
+                max_shard_size_bytes=(
+                    max_shard_size_bytes
+                    if max_shard_size_bytes is not None
+                    else (None if all_tensors_to_one_file else 1)
+                ),
             )
         else:
             payload = _serialize_inline(model, what=f"save {path}")
         _write_bytes(tmp_model, payload)
+        # Never put a model onnx.checker rejects in place (onnxforge.ir.validate); the path form
+        # sees the external data written beside it and does not load the weights again.
+        from onnxforge.ir.validate import MalformedModelError, check_file
+
+        try:
+            check_file(tmp_model)
+        except MalformedModelError as exc:
+            raise ModelSaveError(
+                f"refusing to save {path}: the model is not valid ONNX ({exc}); nothing was written"
+            ) from None
         # An empty data file means no tensor went external: do not create it.
         data_files = sorted(
             p.name for p in tmp_dir.iterdir() if p.name != path.name and p.stat().st_size > 0
@@ -474,7 +762,7 @@ def _serialize_external(
     data_name: str,
     *,
     tensor_threshold_bytes: int,
-    one_file: bool,
+    max_shard_size_bytes: int | None,
 ) -> bytes:
     """Write the large initializers into ``folder/data_name``; return the .onnx bytes.
 
@@ -491,7 +779,7 @@ def _serialize_external(
                 os.fspath(folder),
                 data_name,
                 size_threshold_bytes=tensor_threshold_bytes,
-                max_shard_size_bytes=None if one_file else 1,
+                max_shard_size_bytes=max_shard_size_bytes,
             )
             proto = serde.serialize_model(model)
     finally:

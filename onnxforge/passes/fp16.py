@@ -57,6 +57,7 @@ import onnx_ir as ir
 
 from onnxforge.errors import UnsupportedModelError
 from onnxforge.ir.graph import unique_name
+from onnxforge.ir.io import release, spill
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.registry import register_pass
 
@@ -284,11 +285,16 @@ class ConvertFloat16Pass(Pass):
             if not _is_float(value) or value.is_graph_input() or value.const_value is None:
                 continue
             if _FLOAT16 in reader_types(value):
-                array, clamped = _to_float16(value.const_value.numpy())
-                value.const_value = ir.tensor(array, name=value.name)
+                # One weight at a time: the float16 copy goes to the spill file (when one is
+                # active) and the float32 original is unmapped, so memory stays at one tensor.
+                old = value.const_value
+                array, clamped = _to_float16(old.numpy())
+                value.const_value = spill(ir.tensor(array, name=value.name))
+                release(old)
                 value.dtype = _FLOAT16
                 stats.count("initializers_fp16")
                 stats.count("weights_fp16_bytes", array.nbytes)
+                del array, old
                 if clamped:
                     stats.count("weights_clamped", clamped)
                 changed = True

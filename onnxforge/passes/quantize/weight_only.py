@@ -16,6 +16,10 @@ calibration is needed.
 Lossy: per weight ``|w - w'| <= s / 2`` (symmetric: ``<= max|B| / 14``); the model-level bound
 is ``tolerance`` (10% of the output magnitude; cosine >= 0.98 on a BERT-style encoder). Needs
 onnxruntime (the op is ``com.microsoft``), so on target ``onnx`` the pass refuses.
+
+Streaming: one weight at a time is read (memory-mapped when external) and quantized in column
+chunks of bounded size; the packed result goes to :func:`onnxforge.ir.io.spill` and the float
+weight is dropped and unmapped as soon as its MatMul is replaced (issue 14).
 """
 
 from __future__ import annotations
@@ -26,29 +30,55 @@ import onnx_ir as ir
 from onnxforge.errors import PassOptionError
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.ir.graph import replace_all_uses
-from onnxforge.passes.quantize.dynamic import drop_unused_initializers, matmul_candidates
-from onnxforge.passes.quantize.qdq import _Builder
+from onnxforge.passes.quantize.dynamic import (
+    column_chunks,
+    drop_if_unused,
+    drop_unused_initializers,
+    matmul_candidates,
+    matmul_weight,
+    new_initializer,
+)
+from onnxforge.passes.quantize.rewrite import _Builder
 from onnxforge.passes.registry import register_pass
 
 
 def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool):
-    """``[K, N]`` float -> (q uint8 [N, n_blocks, block_size], scales [N, n_blocks], zps [N, n_blocks])."""
+    """``[K, N]`` float -> (q uint8 [N, n_blocks, block_size], scales [N, n_blocks], zps [N, n_blocks]).
+
+    Columns are independent, so they are done in chunks: temporaries stay ~64 MB for any ``N``."""
+    k, n = w.shape
+    n_blocks = (k + block_size - 1) // block_size
+    q = np.empty((n, n_blocks, block_size), np.uint8)
+    scale = np.empty((n, n_blocks), np.float32)
+    zp = np.empty((n, n_blocks), np.uint8)
+    for sl in column_chunks(n_blocks * block_size, n):
+        q[sl], scale[sl], zp[sl] = _quantize_columns(w[:, sl], block_size, symmetric)
+    return q, scale, zp
+
+
+def _quantize_columns(w: np.ndarray, block_size: int, symmetric: bool):
     k, n = w.shape
     n_blocks = (k + block_size - 1) // block_size
     padded = np.zeros((n_blocks * block_size, n), np.float32)
     padded[:k] = w
     blocks = padded.T.reshape(n, n_blocks, block_size).astype(np.float64)
+    del padded
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
     if symmetric:
-        absmax = np.abs(blocks).max(axis=2)
+        absmax = np.maximum(hi, -lo)
         scale = np.where(absmax > 0, absmax / 7.0, 1.0)
         zp = np.full(scale.shape, 8, np.int64)
     else:
-        lo = np.minimum(blocks.min(axis=2), 0.0)
-        hi = np.maximum(blocks.max(axis=2), 0.0)
+        lo = np.minimum(lo, 0.0)
+        hi = np.maximum(hi, 0.0)
         scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
         zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.int64)
-    q = np.clip(np.rint(blocks / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
-    return q, scale.astype(np.float32), zp.astype(np.uint8)
+    # clip(round_half_even(w / s) + z, 0, 15), in place: one float64 buffer per chunk
+    blocks /= scale[..., None]
+    np.rint(blocks, out=blocks)
+    blocks += zp[..., None]
+    np.clip(blocks, 0, 15, out=blocks)
+    return blocks.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8)
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -98,13 +128,18 @@ class QuantizeWeightsInt4Pass(Pass):
             return False
         model.opset_imports.setdefault("com.microsoft", 1)
         b = _Builder(graph)
-        for node, w in todo:
+        for node in todo:
+            weight_v = node.inputs[1]
+            w = matmul_weight(node)
             k, n = w.shape
             q, scale, zp = quantize_blocks(w, self.block_size, self.symmetric)
-            base = node.inputs[1].name or node.name
-            inputs = [node.inputs[0], b.init(base + "_q4", pack_nibbles(q)), b.init(base + "_scales", scale.reshape(-1))]
+            del w  # the memory map's view: drop_if_unused below unmaps the file
+            base = weight_v.name or node.name
+            inputs = [node.inputs[0], new_initializer(b, base + "_q4", pack_nibbles(q)),
+                      new_initializer(b, base + "_scales", scale.reshape(-1))]
             if not self.symmetric:
-                inputs.append(b.init(base + "_zero_points", pack_nibbles(zp).reshape(-1)))
+                inputs.append(new_initializer(b, base + "_zero_points", pack_nibbles(zp).reshape(-1)))
+            del q
             bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
             if bias is not None:
                 inputs += [None] * (5 - len(inputs)) + [bias]
@@ -119,6 +154,7 @@ class QuantizeWeightsInt4Pass(Pass):
             graph.insert_after(node, new)
             replace_all_uses(out, last)  # keeps a graph output's name
             graph.remove(node, safe=True)
+            drop_if_unused(graph, weight_v)
             stats.count(f"int4_{node.op_type}")
         drop_unused_initializers(graph)
         return True
