@@ -184,3 +184,53 @@ def test_provider_flags_become_the_options_onnxruntime_expects():
     cpu = settings.provider_options["CPUExecutionProvider"].session_settings()
     assert cpu["inter_op_num_threads"] == 2 and settings.intra_op_threads == 2 and settings.optimize == "basic"
     assert resolve_settings({}).providers == ["CPUExecutionProvider"]
+
+
+# --------------------------------------------------------------------------- symbolic H/W: suggest --dim
+
+
+@pytest.fixture(scope="module")
+def detector_path(tmp_path_factory):
+    """x [N, 3, height, width] -> MaxPool(2, stride 2) -> Resize(x2) -> Concat with x: like a detector's
+    neck, it runs only when height and width are even (with the default size 1 Concat fails)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        helper.make_node("Resize", ["p", "", "scales"], ["u"], mode="nearest"),
+        helper.make_node("Concat", ["x", "u"], ["y"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "neck", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "height", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, "height", "width"])],
+        [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])])
+    path = tmp_path_factory.mktemp("detector") / "neck.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_shape_failure_suggests_dim_and_dim_fixes_it(detector_path, tmp_path):
+    hint = "give real sizes, e.g. --dim height=N --dim width=N"
+    r = in_process("bench", detector_path, "--repeat", "2", "--warmup", "0")
+    assert_one_line_error(r.stderr, r.exit_code, hint)
+    assert "onnxruntime failed" in r.stderr
+    r = in_process("compare", detector_path, detector_path, "--samples", "1")
+    assert_one_line_error(r.stderr, r.exit_code, hint)
+    # with the sizes, both run; bench reports, compare finds the model equal to itself
+    r = in_process("bench", detector_path, "--repeat", "2", "--warmup", "0", "--dim", "height=32", "--dim",
+                   "width=32", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["n"] >= 2
+    r = in_process("compare", detector_path, detector_path, "--samples", "1", "--dim", "height=16", "--dim",
+                   "width=16", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["max_abs"] == 0.0
+
+
+def test_piped_bench_table_has_full_headers(files):
+    r = in_process("bench", files / "cnn.onnx", "--repeat", "3", "--warmup", "0")
+    assert r.exit_code == 0, r.stderr
+    assert "…" not in r.stdout and "\x1b[" not in r.stdout
+    for header in ("batch", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "io binding"):
+        assert header in r.stdout, r.stdout

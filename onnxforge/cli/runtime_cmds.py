@@ -140,8 +140,9 @@ def _load_model(path: pathlib.Path):
     return load(path)
 
 
-def _guard_ort(what: str):
-    """Turn onnxruntime's own exceptions while creating/running a session into one-line errors."""
+def _guard_ort(what: str, hint: str = ""):
+    """Turn onnxruntime's own exceptions while creating/running a session into one-line errors
+    (``hint``, e.g. from :func:`_dim_hint`, is appended)."""
 
     def decorator(fn):
         @functools.wraps(fn)
@@ -153,7 +154,8 @@ def _guard_ort(what: str):
             except Exception as exc:
                 if type(exc).__module__.startswith("onnxruntime"):
                     text = str(exc).strip().splitlines()
-                    raise ModelLoadError(f"{what}: onnxruntime failed: {text[0] if text else type(exc).__name__}") from exc
+                    raise ModelLoadError(f"{what}: onnxruntime failed: {text[0] if text else type(exc).__name__}"
+                                         f"{hint}") from exc
                 raise
 
         return wrapper
@@ -197,9 +199,10 @@ def _json_default(obj: Any) -> Any:
 
 
 def _console(quiet_stdout: bool = False):
-    from rich.console import Console
+    from onnxforge.cli._console import console
 
-    return Console(file=io.StringIO() if quiet_stdout else None, highlight=False)
+    # Full width when piped (CI logs); nothing on stdout when it carries --json -.
+    return console(discard=quiet_stdout, highlight=False)
 
 
 def _providers_text(used: list[str], fallbacks: list[tuple[str, str]]) -> str:
@@ -245,6 +248,24 @@ def _parse_dims(dims: tuple[str, ...]) -> dict[str, int] | None:
     return values or None
 
 
+def _dim_hint(model, dims: dict[str, int] | None) -> str:
+    """``"; ... try --dim height=N --dim width=N"`` when ``model`` has symbolic input dims (past the
+    leading batch axis) that were not given a size: they ran as 1, which breaks e.g. a detector's
+    Concat of up- and down-sampled maps. Empty when there are none."""
+    given = set(dims or {})
+    names: dict[str, None] = {}
+    for value in model.graph.inputs:
+        for axis, d in enumerate(value.shape or []):
+            name = getattr(d, "value", None)
+            if axis > 0 and isinstance(name, str) and name not in given:
+                names[name] = None
+    if not names:
+        return ""
+    flags = " ".join(f"--dim {n}=N" for n in names)
+    return (f"; the model's symbolic input dims {', '.join(names)} ran with size 1: "
+            f"if that is the problem, give real sizes, e.g. {flags}")
+
+
 def _first_feed(inputs: pathlib.Path | None, model, batch_size: int | None):
     if inputs is None:
         return None
@@ -272,7 +293,7 @@ def _first_feed(inputs: pathlib.Path | None, model, batch_size: int | None):
 @click.option("--json", "json_path", metavar="FILE", help="Also write the result as JSON ('-' = stdout).")
 def bench(model, threads, batch_size, inputs, repeat, warmup, io_binding, dims, json_path, **kw):
     """Latency (p50/p90/p99) and throughput of MODEL, and the providers that actually ran."""
-    from rich.table import Table
+    from onnxforge.cli._console import table as Table
 
     from onnxforge.runtime.tune import measure
 
@@ -283,9 +304,10 @@ def bench(model, threads, batch_size, inputs, repeat, warmup, io_binding, dims, 
     ir_model = _load_model(model)
     feeds = _first_feed(inputs, ir_model, batch_size)
     info = _session(model, settings, threads, "all")
-    result, runner = _guard_ort(str(model))(measure)(
+    dim_values = _parse_dims(dims)
+    result, runner = _guard_ort(str(model), "" if inputs else _dim_hint(ir_model, dim_values))(measure)(
         info, feeds, batch_size=batch_size, warmup=warmup, repeat=repeat, io_binding=io_binding,
-        provider_options=settings.provider_options, dim_values=_parse_dims(dims),
+        provider_options=settings.provider_options, dim_values=dim_values,
     )
     console = _console(quiet_stdout=json_path == "-")
     table = Table(title=f"bench {model.name}", title_justify="left")
@@ -319,7 +341,7 @@ def bench(model, threads, batch_size, inputs, repeat, warmup, io_binding, dims, 
 @click.option("--json", "json_path", metavar="FILE", help="Also write the result as JSON ('-' = stdout).")
 def compare(reference, candidate, inputs, samples, batch_size, dims, json_path, **kw):
     """Output differences of CANDIDATE against REFERENCE: max abs/rel error, cosine, top-1 agreement."""
-    from rich.table import Table
+    from onnxforge.cli._console import table as Table
 
     from onnxforge.runtime import data as data_mod
     from onnxforge.runtime.compare import compare as compare_outputs
@@ -341,7 +363,7 @@ def compare(reference, candidate, inputs, samples, batch_size, dims, json_path, 
     ref_info = _session(reference, settings, settings.intra_op_threads, "disable")
     cand_info = _session(candidate, settings, settings.intra_op_threads, "disable")
 
-    @_guard_ort(f"{reference} / {candidate}")
+    @_guard_ort(f"{reference} / {candidate}", "" if inputs else _dim_hint(ref_model, _parse_dims(dims)))
     def run_all():
         ref_names = [o.name for o in ref_info.session.get_outputs()]
         cand_names = [o.name for o in cand_info.session.get_outputs()]
@@ -391,9 +413,14 @@ def compare(reference, candidate, inputs, samples, batch_size, dims, json_path, 
               help="Intra-op threads per worker (default: CPU cores / workers).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per session run.")
 @click.option("--devices", metavar="IDS", help="GPU ids for the workers, e.g. 0,1 (worker i -> ids[i % n]).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: one Ray task per shard (local instance unless RAY_ADDRESS is set; CPU only).")
+@click.option("--stages", type=click.IntRange(min=1), default=None,
+              help="Pipeline: cut MODEL into N stages (see 'onnxforge split'), one process each; "
+                   "reports the throughput against the whole model in one process.")
 @provider_flags
 @click.option("--json", "json_path", metavar="FILE", help="Also write timings as JSON ('-' = stdout).")
-def run(model, inputs, output, workers, threads_per_worker, batch_size, devices, json_path, **kw):
+def run(model, inputs, output, workers, threads_per_worker, batch_size, devices, executor, stages, json_path, **kw):
     """Run MODEL over every sample in --inputs, split across --workers processes; outputs in input order."""
     import numpy as np
 
@@ -407,6 +434,16 @@ def run(model, inputs, output, workers, threads_per_worker, batch_size, devices,
     if output.suffix != ".npz":
         raise OnnxforgeError(f"-o must be an .npz file, got {output}")
     _load_model(model)
+    if stages is not None:
+        if workers != 1 or executor != "local" or device_ids:
+            raise OnnxforgeError("--stages runs one process per stage: leave --workers, --executor and --devices out")
+        return _run_stages(model, inputs, output, stages, batch_size, threads, settings, json_path)
+    if executor == "ray":
+        from onnxforge.runtime.parallel import run_ray
+
+        if device_ids:
+            raise OnnxforgeError("--executor ray runs on CPU; leave --devices out")
+        run_parallel = functools.partial(run_ray, address=os.environ.get("RAY_ADDRESS"))  # noqa: F811
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = _guard_ort(str(model))(run_parallel)(
@@ -430,6 +467,42 @@ def run(model, inputs, output, workers, threads_per_worker, batch_size, devices,
     _write_json(json_path, {"model": str(model), "inputs": str(inputs), "output": str(output), **result.to_dict()})
 
 
+def _run_stages(model, inputs, output, stages, batch_size, threads, settings, json_path):
+    """``run --stages N``: split in memory, run the pipeline, then the whole model in one process."""
+    import numpy as np
+
+    from onnxforge.atomic import atomic_write_bytes
+    from onnxforge.ir.io import load, model_to_bytes
+    from onnxforge.runtime.parallel import run_parallel
+    from onnxforge.runtime.stages import measure_costs, plan_stages, run_pipeline
+
+    blob = model_to_bytes(load(model))
+    optimize = settings.optimize or "disable"  # "disable": stage outputs equal the whole model's exactly
+    plan = plan_stages(blob, stages, costs=measure_costs(blob))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = _guard_ort(str(model))(run_pipeline)(plan.models, inputs, batch_size=batch_size,
+                                                      threads_per_stage=threads or 1, optimize=optimize,
+                                                      output_names=plan.outputs)
+        single = _guard_ort(str(model))(run_parallel)(blob, inputs, workers=1, threads_per_worker=threads or 1,
+                                                      batch_size=batch_size, optimize=optimize)
+    buffer = io.BytesIO()
+    np.savez(buffer, **result.outputs)
+    atomic_write_bytes(output, buffer.getvalue())
+    console = _console(quiet_stdout=json_path == "-")
+    ratio = result.samples_per_s / single.samples_per_s if single.samples_per_s else float("nan")
+    console.print(
+        f"{result.n_samples} samples, {result.stages} stage process(es) x {result.threads_per_stage} thread(s), "
+        f"batch {result.batch_size}: {result.samples_per_s:,.1f} samples/s; one process: "
+        f"{single.samples_per_s:,.1f} samples/s ({ratio:.2f}x; compute {result.compute_s:.3f} s vs "
+        f"{single.compute_s:.3f} s, wall {result.wall_s:.3f} s incl. process start)"
+    )
+    console.print(f"wrote {output} ({', '.join(f'{k} {list(v.shape)}' for k, v in result.outputs.items())})")
+    _write_json(json_path, {"model": str(model), "inputs": str(inputs), "output": str(output), **result.to_dict(),
+                            "one_process_samples_per_s": single.samples_per_s, "speedup": ratio,
+                            "plan": plan.manifest()})
+
+
 # --------------------------------------------------------------------------- profile
 
 
@@ -447,7 +520,7 @@ def run(model, inputs, output, workers, threads_per_worker, batch_size, devices,
 @click.option("--json", "json_path", metavar="FILE", help="Also write the profile as JSON ('-' = stdout).")
 def profile_cmd(model, top, runs, warmup, threads, batch_size, inputs, dims, json_path, **kw):
     """onnxruntime's profiler on MODEL: time per op type and the top-N nodes, with their provider."""
-    from rich.table import Table
+    from onnxforge.cli._console import table as Table
 
     from onnxforge.runtime.profile import profile
 
@@ -503,7 +576,7 @@ def tune_runtime(model, batch_sizes, threads_text, max_latency_ms, latency_stat,
                  **kw):
     """Sweep batch sizes and thread counts; recommend the highest throughput within --max-latency-ms."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+    from onnxforge.cli._console import table as Table
 
     from onnxforge.runtime.tune import tune
 
@@ -526,10 +599,10 @@ def tune_runtime(model, batch_sizes, threads_text, max_latency_ms, latency_stat,
     rounds = 5 if repeat >= 5 else repeat
     per_round = max(1, repeat // rounds)
 
-    from rich.console import Console
+    from onnxforge.cli._console import console
 
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+                  TimeElapsedColumn(), console=console(stderr=True), transient=True) as bar:
         task = bar.add_task("tuning", total=None)
 
         def progress(done: int, total: int, label: str) -> None:

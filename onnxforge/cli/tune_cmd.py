@@ -48,13 +48,17 @@ from onnxforge.errors import PipelineSpecError
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size the latency is measured at.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="onnxruntime intra-op threads while timing (0: onnxruntime decides).")
-@click.option("--latency", "latency_mode", type=click.Choice(["bench", "size"]), default="bench", show_default=True,
-              help="bench: measured, interleaved with the original; size: serialized-size ratio (deterministic).")
+@click.option("--latency", "latency_mode", type=click.Choice(["bench", "cpu", "size"]), default="bench", show_default=True,
+              help="bench: measured, interleaved with the original; cpu: thread CPU time, one thread "
+                   "(steadier on a shared machine); size: serialized-size ratio (deterministic).")
 @click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="Also write one self-contained HTML page: Pareto plot and front, the chosen pipeline's "
+                   "per-pass table, per-layer quantization error, ops left float.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 def tune(model, calibration_data, eval_data, metric, max_drop, max_latency_ms, budget, output, space_path, strategy,
          sampler, jobs, executor, cache_dir, no_cache, out_dir, seed, batch_size, threads, latency_mode, target,
-         quiet):
+         report_path, quiet):
     """Search pass settings of MODEL for the accuracy-speed trade-off; write the chosen model.
 
     Evaluates up to BUDGET candidate pipelines (pruning ratio and criterion, int8/dynamic
@@ -62,9 +66,9 @@ def tune(model, calibration_data, eval_data, metric, max_drop, max_latency_ms, b
     vs metric, and writes the fastest candidate within --max-drop to --output, with the pipeline
     that rebuilds it (onnxforge optimize MODEL --config <stem>.onnxforge.toml).
     """
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from onnxforge.cli._console import console as make_console
     from onnxforge.tune import report
     from onnxforge.tune.evaluate import EvalSettings
     from onnxforge.tune.runner import tune as run_tune
@@ -76,7 +80,7 @@ def tune(model, calibration_data, eval_data, metric, max_drop, max_latency_ms, b
         raise PipelineSpecError("--jobs must be at least 1")
     settings = EvalSettings(metric=metric, max_drop=max_drop, latency=latency_mode, batch_size=batch_size,
                             threads=threads or None, target=target)
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(stderr=True, quiet=quiet)
     progress = Progress(TextColumn("[bold]tune[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[best]}"), console=console, transient=False, disable=quiet)
     task = progress.add_task("tune", total=budget, best="")
@@ -94,7 +98,9 @@ def tune(model, calibration_data, eval_data, metric, max_drop, max_latency_ms, b
                            max_latency_ms=max_latency_ms, out_dir=out_dir, on_result=on_result)
     result = outcome.result
     if not quiet:
-        report.render(result, outcome.base, metric, Console())
+        report.render(result, outcome.base, metric, make_console())
+    if report_path:  # also when nothing met --max-drop or the run was interrupted: the page shows why
+        _tune_html(report_path, model, outcome, metric, calibration_data, seed, target)
     if result.interrupted:
         click.echo(f"onnxforge: interrupted; finished results are in {outcome.json} and the cache: "
                    "run the same command again to resume", err=True)
@@ -108,7 +114,8 @@ def tune(model, calibration_data, eval_data, metric, max_drop, max_latency_ms, b
     if not quiet:
         console.print(f"chosen: latency ratio {c.latency_ratio:.3f}, {metric} {c.metric:.4g} (drop {c.drop:.3g}), "
                       f"size ratio {c.size_ratio:.3f}")
-        console.print(f"wrote {outcome.output}, {outcome.config}, {outcome.plot}, {outcome.json}")
+        console.print(f"wrote {outcome.output}, {outcome.config}, {outcome.plot}, {outcome.json}"
+                      + (f", {report_path}" if report_path else ""))
         if outcome.reproduced is False:
             console.print("[yellow]warning: the rebuilt model differs from the evaluated one "
                           "(a pass is not deterministic)[/yellow]")
@@ -128,17 +135,75 @@ def tune(model, calibration_data, eval_data, metric, max_drop, max_latency_ms, b
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=pathlib.Path("."),
               show_default=True, help="Where sensitivity.png and sensitivity.json go.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="Also write one self-contained HTML page: sensitivity plot and table, and (with calibration "
+                   "data) the per-layer quantization error of int8 everywhere and the ops left float.")
 @click.option("-q", "--quiet", is_flag=True)
 def sensitivity(model, calibration_data, eval_data, metric, ratio, criterion, quantize_options, what, out_dir, seed,
-                quiet):
+                report_path, quiet):
     """Per-layer accuracy impact of pruning each prunable layer alone and quantizing each node alone."""
-    from rich.console import Console
-
+    from onnxforge.cli._console import console as make_console
     from onnxforge.tune.sensitivity import render, run_sensitivity
 
     result = run_sensitivity(model, eval_data=eval_data, calibration_data=calibration_data, metric=metric,
                              ratio=ratio, criterion=criterion, quantize_options=quantize_options, what=what,
                              out_dir=out_dir, seed=seed)
+    if report_path:
+        _sensitivity_html(report_path, model, result, calibration_data, quantize_options, what, seed)
     if not quiet:
-        render(result, Console())
-        Console(stderr=True).print(f"wrote {result['plot']}, {result['json']}")
+        render(result, make_console())
+        make_console(stderr=True).print(f"wrote {result['plot']}, {result['json']}"
+                                        + (f", {report_path}" if report_path else ""))
+
+
+def _quant_details(model, pipeline: str, calibration_data, seed: int, target: str = "cpu"):
+    """Rerun ``pipeline`` for its per-pass report, SQNR per quantized layer and the ops left float."""
+    import warnings
+
+    from onnxforge.report import collect
+    from onnxforge.runtime.data import CalibrationData
+
+    report, float_bytes, final = collect.rerun(model, pipeline, calibration=calibration_data, seed=seed,
+                                               target=target)
+    if not any(r.name.startswith("quantize") for r in report.records):
+        return report, None, "", None
+    if calibration_data is not None:
+        from onnxforge.runtime import data as cd
+
+        data, note = cd.load(calibration_data, final), "Inputs: up to 16 samples of the calibration data."
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data, note = CalibrationData.synthetic(final, 8), "Inputs: 8 random samples (no calibration data given)."
+    return report, collect.quant_error(report, float_bytes, final, data), note, collect.float_ops(report)
+
+
+def _tune_html(path, model, outcome, metric, calibration_data, seed, target) -> None:
+    from onnxforge.report.html import tune_page
+
+    result = outcome.result
+    chosen_report = sqnr = floats = None
+    note = ""
+    if result.chosen is not None:
+        chosen_report, sqnr, note, floats = _quant_details(model, result.chosen.pipeline, calibration_data, seed,
+                                                           target)
+    png = outcome.plot.read_bytes() if outcome.plot and pathlib.Path(outcome.plot).exists() else None
+    tune_page(result, model=str(model), metric=metric, base=outcome.base, plot_png=png, chosen_report=chosen_report,
+              sqnr=sqnr, sqnr_note=note, floats=floats).write(path)
+
+
+def _sensitivity_html(path, model, result, calibration_data, quantize_options, what, seed) -> None:
+    from onnxforge.report.html import sensitivity_page
+
+    sqnr = floats = None
+    note = ""
+    notes = []
+    if calibration_data is not None and what in ("both", "quantize"):
+        q = f"quantize-int8({quantize_options})" if quantize_options else "quantize-int8"
+        pipeline = f"{result['base']},{q}" if result.get("base") else q
+        _report, sqnr, note, floats = _quant_details(model, pipeline, calibration_data, seed)
+        note = f"Every weighted layer int8 at once ({q}). " + note
+    elif what != "prune":
+        notes.append("per-layer quantization error needs --calibration-data")
+    png = pathlib.Path(result["plot"]).read_bytes() if result.get("plot") else None
+    sensitivity_page(result, plot_png=png, sqnr=sqnr, sqnr_note=note, floats=floats, notes=notes).write(path)

@@ -13,8 +13,13 @@ FLOPs count multiply-accumulates of the compute-heavy ops, times two:
 * MatMul (and MatMulInteger, QLinearMatMul): ``prod(output) * K``; Gemm: ``M * N * K``;
   com.microsoft MatMulNBits: ``prod(A[:-1]) * N * K``.
 
-Biases, activations and elementwise ops are not counted. Symbolic dimensions (a dynamic batch)
-count as 1 (``symbolic_dims_as_one``); when a needed shape is unknown the node is left out and
+Biases, activations and elementwise ops are not counted. ``dim_values`` (``inspect --dim
+height=320``) gives symbolic input dimensions a size: the shapes of every value are then re-derived
+by ONNX shape inference from those sizes, so a detector with symbolic H/W is counted at the size it
+runs at. Shape arithmetic that ONNX's data propagation does not follow (TorchScript's ``chunk``:
+``Shape -> Gather -> Div -> Slice``) is folded into constants on a private copy between rounds of
+shape inference, so the shapes after it are known too. Symbolic dimensions left without a size count
+as 1 (``symbolic_dims_as_one``); when a needed shape is unknown the node is left out and
 ``flops_exact`` is False.
 """
 
@@ -34,7 +39,7 @@ from onnx_ir import serde
 from onnxforge.ir.graph import all_graphs, iter_tensors
 from onnxforge.ir.io import SOURCE_PATH_KEY
 
-__all__ = ["ModelSummary", "TensorInfo", "quick_stats", "summarize"]
+__all__ = ["ModelSummary", "TensorInfo", "quick_stats", "summarize", "symbolic_names"]
 
 Dim = int | str | None
 
@@ -88,6 +93,8 @@ class ModelSummary:
     flops_by_op: dict[str, int]
     symbolic_dims_as_one: bool
     flops_unknown_nodes: list[str] = dataclasses.field(default_factory=list)
+    dim_values: dict[str, int] = dataclasses.field(default_factory=dict)
+    symbolic_counted: list[str] = dataclasses.field(default_factory=list)  # dim names counted as 1
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, plus :func:`quick_stats`' keys (``nodes``, ``params``) for easy diffs."""
@@ -102,7 +109,11 @@ class ModelSummary:
         from rich.markup import escape
         from rich.table import Table
 
-        console = console or Console()
+        if console is None:
+            import sys
+
+            # Not a terminal: no window to fit, so do not cut cells to 80 columns.
+            console = Console(width=None if sys.stdout.isatty() else 200)
         overview = Table(title=title, show_header=False)
         overview.add_column("key", style="bold")
         overview.add_column("value")
@@ -124,8 +135,23 @@ class ModelSummary:
         notes = []
         if not self.flops_exact:
             notes.append(f"lower bound: {len(self.flops_unknown_nodes)} node(s) with unknown shapes")
+        if self.dim_values:
+            notes.append("with " + ", ".join(f"{k}={v}" for k, v in self.dim_values.items()))
         if self.symbolic_dims_as_one:
-            notes.append("symbolic dims counted as 1")
+            # A symbolic batch (leading axis) at 1 is a per-sample count; a symbolic H/W at 1 is wrong.
+            sizes = list(dict.fromkeys(d for info in self.inputs for axis, d in enumerate(info.shape or [])
+                                       if axis > 0 and isinstance(d, str)))
+            input_dims = {d for info in self.inputs for d in info.shape or [] if isinstance(d, str)}
+            derived = [n for n in self.symbolic_counted if n not in input_dims]
+            if sizes:
+                notes.append("symbolic dims counted as 1: give sizes with "
+                             + " ".join(f"--dim {n}=N" for n in sizes))
+            elif derived and self.dim_values:
+                notes.append(f"lower bound: shape inference could not derive {len(derived)} dim(s) from these "
+                             "sizes (counted as 1)")
+            else:
+                notes.append("symbolic batch counted as 1: per sample")
+            # (derived dims without sizes given are unk__N names from a symbolic batch: also per sample)
         rows.append(("FLOPs (est.)", flops + (f" ({'; '.join(notes)})" if notes else "")))
         for key, value in rows:
             overview.add_row(key, escape(value))
@@ -264,7 +290,129 @@ def _dims_from_proto(type_proto: onnx.TypeProto) -> list[Dim] | None:
     return dims
 
 
-def _inferred_shapes(model: ir.Model) -> dict[str, list[Dim]]:
+def symbolic_names(inputs: Sequence[TensorInfo]) -> list[str]:
+    """The symbolic dimension names of the graph inputs, in order of appearance."""
+    names: dict[str, None] = {}
+    for info in inputs:
+        for d in info.shape or []:
+            if isinstance(d, str):
+                names[d] = None
+    return list(names)
+
+
+def _fix_input_dims(proto: onnx.ModelProto, dim_values: dict[str, int]) -> None:
+    """Give the symbolic input dims their sizes (1 for those not named, as they are counted) and forget
+    every derived shape, so that shape inference recomputes them all from the inputs (a stale "s0//2"
+    would otherwise win)."""
+    graph = proto.graph
+    for vi in graph.input:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param"):
+                    d.dim_value = dim_values.get(d.dim_param, 1)  # clears dim_param (a oneof)
+    del graph.value_info[:]
+    for vi in graph.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+
+
+# Shape arithmetic (TorchScript's chunk/upsample: Shape -> Gather -> Div -> Unsqueeze -> Slice ends) that
+# ONNX's data propagation does not follow (it stops at Div): with every input size fixed these are
+# constants, folded here on the summary's private copy so that shape inference can go on past them.
+_SHAPE_MATH = {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Add", "Sub", "Mul", "Div",
+               "Identity", "Floor", "Ceil", "Constant"}
+_MAX_FOLDED = 64  # elements: shape vectors, not weights
+
+
+def _shape_math(node: onnx.NodeProto, ins: list, static: dict[str, list[Dim]]):
+    """numpy value of one shape-arithmetic node, or None."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op == "Constant":
+        if "value" in attrs:
+            return numpy_helper.to_array(attrs["value"])
+        for key, dtype in (("value_int", np.int64), ("value_ints", np.int64), ("value_float", np.float32),
+                           ("value_floats", np.float32)):
+            if key in attrs:
+                return np.asarray(attrs[key], dtype)
+        return None
+    if op == "Shape":
+        dims = static.get(node.input[0])
+        if dims is None or not all(isinstance(d, int) for d in dims):
+            return None
+        return np.asarray(dims, np.int64)[attrs.get("start", 0):attrs.get("end", len(dims)) or None]
+    if any(v is None for v in ins):
+        return None
+    if op == "Identity":
+        return ins[0]
+    if op == "Gather":
+        return np.take(ins[0], ins[1], axis=attrs.get("axis", 0))
+    if op == "Concat":
+        return np.concatenate(ins, axis=attrs.get("axis", 0))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = [int(a) for a in (ins[1] if len(ins) > 1 else attrs.get("axes", []))]
+        if op == "Squeeze":
+            return np.squeeze(ins[0], axis=tuple(axes) if axes else None)
+        out = ins[0]
+        rank = out.ndim + len(axes)
+        for a in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, a)
+        return out
+    if op == "Cast":
+        return ins[0].astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    if op == "Slice":
+        data, starts, ends = ins[0], ins[1], ins[2]
+        axes = ins[3] if len(ins) > 3 else range(len(starts))
+        steps = ins[4] if len(ins) > 4 else [1] * len(starts)
+        index = [slice(None)] * data.ndim
+        for a, b, e, st in zip(axes, starts, ends, steps):
+            index[int(a)] = slice(int(b), int(e), int(st))
+        return data[tuple(index)]
+    if op in ("Floor", "Ceil"):
+        return (np.floor if op == "Floor" else np.ceil)(ins[0])
+    a, b = ins[0], ins[1]
+    if op == "Div" and np.issubdtype(a.dtype, np.integer):
+        return np.trunc(a / b).astype(a.dtype)  # ONNX integer Div truncates
+    return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op](a, b).astype(a.dtype)
+
+
+def _infer_with_shape_folding(proto: onnx.ModelProto, max_rounds: int = 8) -> onnx.ModelProto:
+    """Shape inference, alternating with folding the main graph's shape arithmetic into constants."""
+    from onnx import numpy_helper
+
+    for _ in range(max_rounds):
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        graph = inferred.graph
+        static = {vi.name: _dims_from_proto(vi.type) for vi in list(graph.input) + list(graph.value_info)}
+        known = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+                 if math.prod(t.dims) <= _MAX_FOLDED and t.data_location != onnx.TensorProto.EXTERNAL}
+        folded = {}
+        for node in graph.node:
+            if node.op_type not in _SHAPE_MATH or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+                continue
+            if node.output[0] in known:
+                continue
+            try:
+                value = _shape_math(node, [known.get(i) if i else None for i in node.input], static)
+            except Exception:  # an op form this little evaluator does not know: leave it to inference
+                value = None
+            if value is not None and value.size <= _MAX_FOLDED:
+                known[node.output[0]] = folded[node.output[0]] = value
+        if not folded:
+            return inferred
+        keep = [n for n in graph.node if not (len(n.output) == 1 and n.output[0] in folded)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in folded.items())
+        del graph.value_info[:]
+        proto = inferred
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+
+
+def _inferred_shapes(model: ir.Model, dim_values: dict[str, int] | None = None) -> dict[str, list[Dim]]:
     """Shapes by value name from onnx's shape inference on a serialized copy (no data read).
 
     External tensors stay references in the copy, so a multi-GB model serializes cheaply.
@@ -272,7 +420,9 @@ def _inferred_shapes(model: ir.Model) -> dict[str, list[Dim]]:
     """
     try:
         proto = serde.serialize_model(model)
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        if dim_values:
+            _fix_input_dims(proto, dim_values)
+        inferred = _infer_with_shape_folding(proto)
     except Exception:
         return {}
     shapes: dict[str, list[Dim]] = {}
@@ -304,10 +454,17 @@ def _inferred_shapes(model: ir.Model) -> dict[str, list[Dim]]:
 class _ShapeLookup:
     """Shapes of values: the IR's own, completed by onnx shape inference when needed."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, dim_values: dict[str, int] | None = None) -> None:
         self._model = model
+        self._dim_values = dict(dim_values or {})
         self._inferred: dict[str, list[Dim]] | None = None
         self.used_symbolic = False
+        self.counted: dict[str, None] = {}  # symbolic dim names counted as 1, in order
+
+    def inferred(self) -> dict[str, list[Dim]]:
+        if self._inferred is None:
+            self._inferred = _inferred_shapes(self._model, self._dim_values)
+        return self._inferred
 
     def __call__(self, value: ir.Value | None) -> list[int] | None:
         if value is None:
@@ -315,12 +472,15 @@ class _ShapeLookup:
         dims: list[Dim] | None = None
         if value.const_value is not None:
             dims = list(value.const_value.shape.numpy())
+        elif self._dim_values and (value.name or "") in self.inferred():
+            # Sizes given: the shapes derived from them beat the model's symbolic annotations.
+            dims = list(self.inferred()[value.name or ""])
         elif value.shape is not None:
             dims = _dims_from_ir(value.shape)
+        if dims is not None and self._dim_values:
+            dims = [self._dim_values.get(d, d) if isinstance(d, str) else d for d in dims]
         if dims is None or any(d is None for d in dims):
-            if self._inferred is None:
-                self._inferred = _inferred_shapes(self._model)
-            inferred = self._inferred.get(value.name or "")
+            inferred = self.inferred().get(value.name or "")
             if inferred is not None and (dims is None or len(inferred) == len(dims)):
                 dims = inferred if dims is None else [a if a is not None else b for a, b in zip(dims, inferred)]
         if dims is None or any(d is None for d in dims):
@@ -329,6 +489,7 @@ class _ShapeLookup:
         for d in dims:
             if isinstance(d, str):
                 self.used_symbolic = True
+                self.counted[d] = None
                 out.append(1)
             else:
                 out.append(int(d))
@@ -431,13 +592,29 @@ def _file_size(model: ir.Model, path: str | os.PathLike | None) -> int | None:
     return size
 
 
-def summarize(model: ir.Model, *, path: str | os.PathLike | None = None) -> ModelSummary:
+def summarize(model: ir.Model, *, path: str | os.PathLike | None = None,
+              dim_values: dict[str, int] | None = None) -> ModelSummary:
     """Describe ``model``. ``path`` (or the path :func:`onnxforge.ir.load` recorded) gives the
-    file size, external data files included. Reads no tensor data."""
+    file size, external data files included. Reads no tensor data.
+
+    ``dim_values`` sizes symbolic input dimensions by name (FLOPs and the interface's shapes use
+    them); a name that is not a symbolic dimension of an input raises ``ValueError`` naming the
+    ones that are.
+    """
+    dim_values = dict(dim_values or {})
+    inputs = [_tensor_info(v) for v in model.graph.inputs]
+    if dim_values:
+        known = symbolic_names(inputs)
+        unknown_names = [k for k in dim_values if k not in known]
+        if unknown_names:
+            raise ValueError(
+                f"no symbolic input dimension named {', '.join(map(repr, unknown_names))}; "
+                f"the model's are: {', '.join(known) or '(none: every input dimension is fixed)'}"
+            )
     histogram: Counter[str] = Counter()
     flops_by_op: Counter[str] = Counter()
     unknown: list[str] = []
-    shape = _ShapeLookup(model)
+    shape = _ShapeLookup(model, dim_values)
     node_count = 0
     graphs = list(all_graphs(model))
     for graph in graphs:
@@ -454,12 +631,13 @@ def summarize(model: ir.Model, *, path: str | os.PathLike | None = None) -> Mode
                     flops_by_op[key] += 2 * macs
     params, nbytes, inits, external = _param_tensors(model)
     producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
-    return ModelSummary(
+    summary = ModelSummary(
         ir_version=model.ir_version,
         producer=producer,
         opset_imports=dict(sorted(model.opset_imports.items())),
-        inputs=[_tensor_info(v) for v in model.graph.inputs],
-        outputs=[_tensor_info(v) for v in model.graph.outputs],
+        inputs=[_sized(i, dim_values, None) for i in inputs],
+        outputs=[_sized(_tensor_info(v), dim_values, shape.inferred() if dim_values else None)
+                 for v in model.graph.outputs],
         op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
         node_count=node_count,
         graph_count=len(graphs),
@@ -474,7 +652,24 @@ def summarize(model: ir.Model, *, path: str | os.PathLike | None = None) -> Mode
         flops_by_op=dict(sorted(flops_by_op.items(), key=lambda kv: (-kv[1], kv[0]))),
         symbolic_dims_as_one=shape.used_symbolic,
         flops_unknown_nodes=unknown,
+        dim_values=dim_values,
+        symbolic_counted=list(shape.counted),
     )
+    if dim_values:  # input dims without a size ran as 1 in the shape inference (see _fix_input_dims)
+        not_given = [n for n in symbolic_names(inputs) if n not in dim_values]
+        summary.symbolic_counted = list(dict.fromkeys(not_given + summary.symbolic_counted))
+        summary.symbolic_dims_as_one = bool(summary.symbolic_counted)
+    return summary
+
+
+def _sized(info: TensorInfo, dim_values: dict[str, int], inferred: dict[str, list[Dim]] | None) -> TensorInfo:
+    """``info`` with the given sizes in place of their names (outputs: as shape inference derived them)."""
+    if not dim_values or info.shape is None:
+        return info
+    shape = info.shape
+    if inferred is not None and info.name in inferred and len(inferred[info.name]) == len(shape):
+        shape = [b if b is not None else a for a, b in zip(shape, inferred[info.name])]
+    return TensorInfo(info.name, info.dtype, [dim_values.get(d, d) if isinstance(d, str) else d for d in shape])
 
 
 def _human_bytes(n: int) -> str:

@@ -1,0 +1,1 @@
+"""Reports a person reads: one self-contained HTML page per ``optimize`` / ``tune`` / ``sensitivity`` run."""
