@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from onnxforge.api import export, optimize
+from onnxforge.distill import distill
 from onnxforge.errors import OnnxforgeError
 from onnxforge.ir.io import load, save
 from onnxforge.passes import Pass, PassContext, PassStats, available_passes, create_pass, register_pass
@@ -25,6 +26,7 @@ __all__ = [
     "Report",
     "available_passes",
     "create_pass",
+    "distill",
     "export",
     "load",
     "optimize",

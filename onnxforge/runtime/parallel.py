@@ -37,7 +37,7 @@ from onnxforge.runtime.providers import (
     provider_name,
 )
 
-__all__ = ["ParallelResult", "run_parallel", "split_shards"]
+__all__ = ["ParallelResult", "run_parallel", "run_ray", "split_shards"]
 
 _BARRIER_TIMEOUT_S = 600.0
 
@@ -327,4 +327,98 @@ def run_parallel(
     return ParallelResult(
         outputs, n_samples, workers, threads_per_worker, batch_size, time.perf_counter() - t_start, compute,
         [hi - lo for lo, hi in shards], [list(r[5]) for r in ordered], [list(r[6]) for r in ordered],
+    )
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _ray_shard(model_arg, arrays, batch_size, squeeze, providers, threads, provider_options, optimize):
+    """One shard as a Ray task: its own session, the same batches a local worker would run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True):
+        info = _session(model_arg, providers, threads, provider_options, optimize)
+    start = time.time()
+    outputs = _run_shard(info.session, arrays, batch_size, squeeze)
+    return outputs, start, time.time(), list(info.providers_used), list(info.fallbacks)
+
+
+def run_ray(
+    model: ModelLike,
+    data: Mapping[str, np.ndarray] | str | os.PathLike,
+    *,
+    workers: int = 2,
+    threads_per_worker: int | None = None,
+    batch_size: int = 1,
+    providers: Sequence[str] = ("cpu",),
+    provider_options: Any = None,
+    optimize: str | bool = "all",
+    devices: Sequence[int] | None = None,
+    address: str | None = None,
+) -> ParallelResult:
+    """:func:`run_parallel` on Ray: shard ``i`` is Ray task ``i`` (``num_cpus = threads_per_worker``).
+
+    The shards and batches are those of :func:`run_parallel`, so the outputs equal a local run's, in the
+    same order. Connects to ``address`` (a cluster, e.g. from ``RAY_ADDRESS``) or, when Ray is not
+    initialized yet, starts a local instance for the call and shuts it down afterwards. The model
+    travels as bytes (models with external data are refused). ``compute_s`` spans the first task's
+    start to the last task's end (wall clocks of the nodes; on a cluster they may differ slightly).
+    """
+    try:
+        import ray
+    except ImportError:
+        from onnxforge.errors import MissingDependencyError
+
+        raise MissingDependencyError("--executor ray needs Ray: pip install 'onnxforge[ray]'") from None
+    if devices:
+        raise ProviderError("the Ray executor runs on CPU; leave devices out")
+    if workers < 1:
+        raise ProviderError(f"workers must be >= 1, got {workers}")
+    if threads_per_worker is None:
+        threads_per_worker = 1
+    t_start = time.perf_counter()
+    model_ir = as_ir(model)
+    arrays = _load_arrays(data)
+    n_samples, squeeze = _plan(model_ir, arrays, batch_size)
+    from onnxforge.runtime._model import OrtSource
+
+    with OrtSource(model_ir) as src:
+        if not isinstance(src.arg, bytes):
+            raise UnsupportedModelError("the Ray executor needs a model without external data")
+        model_arg = src.arg
+    step = 1 if squeeze else batch_size
+    workers = min(workers, max(1, -(-n_samples // step)))
+    shards = split_shards(n_samples, workers, step)
+    options = normalize_provider_options(provider_options)
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, workers * max(1, threads_per_worker))
+        ray.init(**kwargs)
+        started = True
+    try:
+        task = ray.remote(_ray_shard).options(num_cpus=max(1, threads_per_worker))
+        model_ref = ray.put(model_arg)
+        refs = [task.remote(model_ref, {k: a[lo:hi] for k, a in arrays.items()}, batch_size, squeeze,
+                            tuple(providers), threads_per_worker, options, optimize) for lo, hi in shards]
+        try:
+            results = ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, OnnxforgeError):
+                raise cause from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    names = list(results[0][0])
+    outputs = {name: _join(name, [r[0][name] for r in results], squeeze=False) for name in names}
+    compute = max(r[2] for r in results) - min(r[1] for r in results)
+    return ParallelResult(
+        outputs, n_samples, workers, threads_per_worker, batch_size, time.perf_counter() - t_start, compute,
+        [hi - lo for lo, hi in shards], [r[3] for r in results], [r[4] for r in results],
     )
