@@ -20,13 +20,7 @@ MODEL = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.o
 def setup():
     if not MODEL.exists():
         pytest.skip("examples/digits_cnn.onnx is missing")
-    from onnxforge.runtime.data import CalibrationData
-
-    x_train, _, x_test, y_test = digits.load_digits_split()
-    model = ir.serde.deserialize_model(onnx.load(str(MODEL)))
-    name = model.graph.inputs[0].name
-    calib = CalibrationData.from_iterable([{name: x_train[i : i + 128]} for i in range(0, len(x_train), 128)])
-    return model, calib, x_test, y_test
+    return digits.bundled_model_and_data()
 
 
 def _copy(model):

@@ -38,13 +38,7 @@ def _copy(model: ir.Model) -> ir.Model:
 
 @pytest.fixture(scope="module")
 def setup():
-    from onnxforge.runtime.data import CalibrationData
-
-    x_train, _, x_test, y_test = digits.load_digits_split()
-    model = ir.serde.deserialize_model(onnx.load(str(MODEL)))
-    name = model.graph.inputs[0].name
-    calib = CalibrationData.from_iterable([{name: x_train[i : i + 128]} for i in range(0, len(x_train), 128)])
-    return model, calib, x_test, y_test
+    return digits.bundled_model_and_data()
 
 
 def _table(tmp_path, groups) -> str:

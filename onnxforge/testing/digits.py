@@ -121,3 +121,19 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch: int = 256, providers=No
     """Top-1 accuracy (0..1) of ``model`` run in onnxruntime on ``x`` against labels ``y``."""
     logits = predict(model, x, batch=batch, providers=providers)
     return float(np.mean(np.argmax(logits.reshape(len(logits), -1), axis=1) == np.asarray(y)))
+
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "examples" / "digits_cnn.onnx"
+
+
+def bundled_model_and_data(batch: int = 128):
+    """The bundled trained digits CNN (``examples/digits_cnn.onnx``) with its data: ``(model,
+    calibration, x_test, y_test)``, the calibration data being the training split in batches of
+    ``batch`` (a ``CalibrationData``). Shared by the pruning tests."""
+    from onnxforge.runtime.data import CalibrationData
+
+    x_train, _, x_test, y_test = load_digits_split()
+    model = ir.serde.deserialize_model(onnx.load(str(BUNDLED_MODEL)))
+    name = model.graph.inputs[0].name
+    calib = CalibrationData.from_iterable([{name: x_train[i : i + batch]} for i in range(0, len(x_train), batch)])
+    return model, calib, x_test, y_test
