@@ -114,3 +114,35 @@ def test_reshape_materialized_in_an_opset12_model_has_no_allowzero():
     assert reshapes and all("allowzero" not in n.attributes for n in reshapes)
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
     assert_outputs_close(original, model, {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)})
+
+
+def test_a_stale_declared_output_shape_is_not_materialized():
+    """ddddocr's recognizer declares ``[1, seqlen]`` for a ``(T, 1, C)`` Reshape output; onnxscript's
+    materialize rule wrote the declared shape as the constant and changed the output. The computed
+    shape has 3 entries, the declaration 2 dims: refused."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxforge.passes.manager import Pipeline
+    from onnxforge.testing.numerics import assert_outputs_close, copy_model
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["d0"], axis=0),
+        helper.make_node("Unsqueeze", ["d0", "axes"], ["d0u"]),
+        helper.make_node("Concat", ["d0u", "one", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seqlen"])],  # stale, as exported
+        [helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("one", TensorProto.INT64, [1], [1]), helper.make_tensor("minus1", TensorProto.INT64, [1], [-1])],
+    )
+    original = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    model = copy_model(original)
+    Pipeline("simplify").run(model)
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)}
+    assert_outputs_close(original, model, feeds, rtol=0, atol=0)

@@ -19,14 +19,66 @@ All are exact in IEEE arithmetic. Lossless. Fusions (BatchNorm, Pad, Relu/Clip, 
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter.pattern import RewriteRuleSet
 from onnxscript.rewriter.rules import common as rules
+from onnxscript.rewriter.rules.common import _materialize_reshape_shape
 
 from onnxforge.ir.graph import all_nodes, const_value, make_initializer
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.fold import apply_rules
 from onnxforge.passes.registry import register_pass
+
+class MaterializeReshapeShape(_materialize_reshape_shape.MaterializeReshapeShape):  # same name: same stats key
+    """onnxscript's rule writes the Reshape's *declared* output shape as a constant. A declared shape
+    is not checked by onnxruntime and can be stale: ddddocr's recognizer declares ``[1, seqlen]`` for
+    a ``(T, 1, 8210)`` output, and the rule turned it into a different reshape (a lossless pass that
+    changed the output). Materialize only when the computed shape's length is known and equals the
+    declared rank, and a fully known input size agrees with the declared dims."""
+
+    def check(self, context, data, shape):
+        result = super().check(context, data, shape)
+        if not result:
+            return result
+        declared = list(context.output_values[0].shape)
+        if _vector_length(shape) != len(declared):
+            return result.fail("the computed shape's length is unknown or differs from the declared rank")
+        if data.shape is not None and all(isinstance(d, int) for d in data.shape):
+            known = [d for d in declared if isinstance(d, int)]
+            total, prod = int(np.prod(list(data.shape))), int(np.prod(known)) if known else 1
+            if (len(known) == len(declared) and prod != total) or (prod == 0 or total % prod):
+                return result.fail("the declared output shape does not hold the input's elements")
+        return result
+
+
+def _vector_length(value, depth: int = 0) -> int | None:
+    """Length of a 1-D int64 shape vector, from its annotation, its constant value, or the Concat /
+    Unsqueeze(scalar) / Shape / Gather chain exporters build it with; None when unknown."""
+    if value is None or depth > 8:
+        return None
+    if value.shape is not None and len(value.shape) == 1 and isinstance(value.shape[0], int):
+        return value.shape[0]
+    array = const_value(value)
+    if array is not None:
+        return int(array.size) if array.ndim <= 1 else None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Concat":
+        parts = [_vector_length(v, depth + 1) for v in node.inputs]
+        return None if any(p is None for p in parts) else sum(parts)
+    if node.op_type == "Unsqueeze" and node.inputs[0] is not None:
+        src = node.inputs[0]
+        scalar = (src.shape is not None and len(src.shape) == 0) or (
+            src.producer() is not None and src.producer().op_type == "Gather"
+            and const_value(src.producer().inputs[1]) is not None
+            and const_value(src.producer().inputs[1]).ndim == 0)
+        return 1 if scalar else None
+    if node.op_type == "Cast":
+        return _vector_length(node.inputs[0], depth + 1)
+    return None
+
 
 # onnxscript's canonicalization rules, by their public names (the order of its rule sets).
 CANONICALIZATION_RULES = (
@@ -42,7 +94,7 @@ CANONICALIZATION_RULES = (
     rules.cast_constant_of_shape_without_value_rule,
     rules.collapse_slice_rule,
     rules.collapse_slice2_rule,
-    rules.materialize_reshape_shape_rule,
+    MaterializeReshapeShape.rule(),
     # onnxscript's basic_optimization_rules()
     rules.cast_cast_rule,
     rules.no_op_cast_rule,
