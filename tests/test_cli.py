@@ -22,6 +22,24 @@ import onnxforge
 from onnxforge.testing import numerics
 
 
+# A plugin pass that claims to be lossless and is not: --verify must name it.
+BREAK_WEIGHTS_PLUGIN = textwrap.dedent('''
+    import numpy as np, onnx_ir as ir
+    from onnxforge.passes import Pass, register_pass
+
+    @register_pass("break-weights")
+    class BreakWeights(Pass):
+        """Claims to be lossless, is not."""
+        def run(self, model, stats):
+            for v in model.graph.initializers.values():
+                a = v.const_value.numpy()
+                if a.dtype == np.float32 and a.ndim == 4:
+                    v.const_value = ir.tensor(a * np.float32(1.1), name=v.name)
+                    return True
+            return False
+''')
+
+
 def cli(*args, cwd=None, env=None):
     """A real ``python -m onnxforge`` subprocess."""
     full_env = dict(os.environ, **(env or {}))
@@ -123,21 +141,7 @@ def test_optimize_with_pass_list_and_config(convbn_path, tmp_path):
 
 def test_verify_names_breaking_pass_from_cli(convbn_path, tmp_path):
     plugin = tmp_path / "bad_pass.py"
-    plugin.write_text(textwrap.dedent('''
-        import numpy as np, onnx_ir as ir
-        from onnxforge.passes import Pass, register_pass
-
-        @register_pass("break-weights")
-        class BreakWeights(Pass):
-            """Claims to be lossless, is not."""
-            def run(self, model, stats):
-                for v in model.graph.initializers.values():
-                    a = v.const_value.numpy()
-                    if a.dtype == np.float32 and a.ndim == 4:
-                        v.const_value = ir.tensor(a * np.float32(1.1), name=v.name)
-                        return True
-                return False
-    '''))
+    plugin.write_text(BREAK_WEIGHTS_PLUGIN)
     proc = cli("--plugin", plugin, "optimize", convbn_path, "-o", tmp_path / "x.onnx", "--verify",
                "--passes", "fold-batchnorm,break-weights,remove-unused", "--reproducer-dir", tmp_path / "repro")
     assert_one_line_error(proc, "pass 'break-weights' changed the outputs beyond tolerance", code=4)
@@ -258,21 +262,7 @@ def test_optimize_json_on_failure_carries_the_exit_code(convbn_path, tmp_path):
     assert r.stderr.strip().startswith("onnxforge: error: unknown pass")
 
     plugin = tmp_path / "bad_pass.py"
-    plugin.write_text(textwrap.dedent('''
-        import numpy as np, onnx_ir as ir
-        from onnxforge.passes import Pass, register_pass
-
-        @register_pass("break-weights")
-        class BreakWeights(Pass):
-            """Claims to be lossless, is not."""
-            def run(self, model, stats):
-                for v in model.graph.initializers.values():
-                    a = v.const_value.numpy()
-                    if a.dtype == np.float32 and a.ndim == 4:
-                        v.const_value = ir.tensor(a * np.float32(1.1), name=v.name)
-                        return True
-                return False
-    '''))
+    plugin.write_text(BREAK_WEIGHTS_PLUGIN)
     r = run("--plugin", plugin, "optimize", convbn_path, "-o", tmp_path / "x.onnx", "--verify", "--json",
                "--passes", "fold-batchnorm,break-weights")
     assert r.returncode == 4, r.stderr
