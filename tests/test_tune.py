@@ -152,9 +152,16 @@ def test_tune_digits_meets_budget_reproduces_and_resumes(digits_files):
     assert report["evaluations"] == 6 and report["cache_hits"] == 0
     chosen = report["chosen"]
     assert chosen is not None and chosen["drop"] <= 1.0
-    # int8 is as accurate as float on digits (7-bit weights where uint8 x int8 would saturate), so
-    # it dominates the unquantized pipelines: the front is int8 plus the pruned+int8 points
-    assert len(report["front"]) >= 2, report["front"]
+    # The front comes from timed latencies here, so its size is noise; what must hold is that the
+    # chosen pipeline is on it and that no point of the front dominates another. (The deterministic
+    # front size is checked with --latency size in test_jobs_2_gives_the_same_front_as_jobs_1.)
+    assert chosen["pipeline"] in report["front"], report["front"]
+    by = {c["pipeline"]: c for c in report["candidates"]}
+    front = [by[p] for p in report["front"]]
+    for a in front:
+        for b in front:
+            assert a is b or not (a["latency_ratio"] <= b["latency_ratio"] and a["drop"] <= b["drop"]
+                                  and (a["latency_ratio"], a["drop"]) != (b["latency_ratio"], b["drop"]))
     assert (out / "pareto.png").stat().st_size > 1000
     assert report["reproduced"] is True
 
