@@ -22,14 +22,15 @@ onnxruntime (ORT_DISABLE_ALL, a child process per model) on a few random inputs,
 
     .venv/bin/python bench/bench_scale.py                    # 1 and 4 GB
     .venv/bin/python bench/bench_scale.py --sizes 1 --pipelines O1 --keep /tmp/scale
-    .venv/bin/python bench/bench_scale.py --sizes 28,52      # needs the disk (2.3 x size free)
+    .venv/bin/python bench/bench_scale.py --sizes 28 --pipelines O1,int4
+    .venv/bin/python bench/bench_scale.py --sizes 52 --pipelines int4 --scale-every 16 --check-layers
 
-Sizes whose model and output do not fit on the disk, or that lack ~2 GiB + 8 of their largest tensors
-of free RAM, are skipped with a message. The machine may be shared: the numbers are single runs
+Disk: the model, plus the spill file of ``fold-affine``'s folded weights (one model's bytes when every
+layer has a scale; ``--scale-every K`` puts the scale on every K-th layer only), plus the output. Pipelines
+that do not fit on the disk, and sizes that lack ~2 GiB + 8 of their largest tensors of free RAM, are
+skipped with a message. ``--check-layers`` checks the output layer by layer (see :func:`check_layers`)
+where the original is too large for onnxruntime. The machine may be shared: the numbers are single runs
 (minutes each), so treat time differences under ~2x as noise; memory is not affected by load.
-
-``--patch-fold`` measures the one-line change proposed for ``onnxforge/passes/fold.py`` (its folded
-weights handed to ``onnxforge.ir.io.spill``), applied as a monkeypatch in the child only.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ PIPELINES = {
 }
 
 
-def build_mlp(folder: Path, layers: int, dim: int, batch: int = 4, seed: int = 0) -> Path:
-    """Write ``folder/mlp.onnx`` + ``mlp.onnx.data``; one layer's weight in memory at a time."""
+def build_mlp(folder: Path, layers: int, dim: int, batch: int = 4, seed: int = 0, scale_every: int = 1) -> Path:
+    """Write ``folder/mlp.onnx`` + ``mlp.onnx.data``; one layer's weight in memory at a time.
+
+    Every ``scale_every``-th layer (0: none) has the foldable ``Mul(scale)``; the others are MatMul -> Relu.
+    """
     import onnx_ir as ir
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,15 +87,18 @@ def build_mlp(folder: Path, layers: int, dim: int, batch: int = 4, seed: int = 0
             del w
             wv = ir.Value(name=f"w{i}", shape=ir.Shape([dim, dim]), type=ir.TensorType(ir.DataType.FLOAT),
                           const_value=tensor)
-            scale = np.array(rng.uniform(0.9, 1.1), np.float32)
-            sv = ir.Value(name=f"s{i}", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
-                          const_value=ir.tensor(scale, name=f"s{i}"))
             graph.register_initializer(wv)
-            graph.register_initializer(sv)
             mm = ir.node("MatMul", [h, wv], name=f"mm{i}")
-            mul = ir.node("Mul", [mm.outputs[0], sv], name=f"mul{i}")
-            relu = ir.node("Relu", [mul.outputs[0]], name=f"relu{i}")
-            for n, suffix in ((mm, "mm"), (mul, "mul"), (relu, "relu")):
+            chain = [(mm, "mm")]
+            if scale_every and i % scale_every == 0:
+                scale = np.array(rng.uniform(0.9, 1.1), np.float32)
+                sv = ir.Value(name=f"s{i}", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                              const_value=ir.tensor(scale, name=f"s{i}"))
+                graph.register_initializer(sv)
+                chain.append((ir.node("Mul", [mm.outputs[0], sv], name=f"mul{i}"), "mul"))
+            relu = ir.node("Relu", [chain[-1][0].outputs[0]], name=f"relu{i}")
+            chain.append((relu, "relu"))
+            for n, suffix in chain:
                 out = n.outputs[0]
                 out.name = f"{suffix}{i}_out"
                 out.shape, out.type = ir.Shape([batch, dim]), ir.TensorType(ir.DataType.FLOAT)
@@ -106,24 +113,10 @@ def build_mlp(folder: Path, layers: int, dim: int, batch: int = 4, seed: int = 0
     return folder / "mlp.onnx"
 
 
-# --patch-fold: measure the one-line change proposed for onnxforge/passes/fold.py (its rewrite() builds
-# the folded weight with ir.tensor(new_w); wrapping it in onnxforge.ir.io.spill(...) streams it). Applied
-# here by monkeypatching the module's `ir` in the child, so the figures can be compared before the
-# change is made; fold.py itself is not modified.
-_PATCH_FOLD = """
-import types, onnx_ir as ir
-from onnxforge.ir import io
-import onnxforge.passes.fold as fold
-proxy = types.SimpleNamespace(**{k: getattr(ir, k) for k in dir(ir) if not k.startswith('__')})
-proxy.tensor = lambda *a, **k: io.spill(ir.tensor(*a, **k))
-fold.ir = proxy
-"""
-
-
-def run_optimize(model: Path, out: Path, pipeline: str, extra: list[str], patch_fold: bool = False) -> dict:
+def run_optimize(model: Path, out: Path, pipeline: str, extra: list[str]) -> dict:
     """``onnxforge optimize`` in a child; wall time, child's peak RSS, per-pass memory from the report."""
     report = out.with_suffix(".report.json")
-    entry = ["-c", (_PATCH_FOLD if patch_fold else "") + "from onnxforge.cli import main; main()"]
+    entry = ["-c", "from onnxforge.cli import main; main()"]
     cmd = [sys.executable, *entry, "optimize", str(model), "-o", str(out), "--passes", pipeline,
            "--report", str(report), "-q", *extra]
     t0 = time.perf_counter()
@@ -208,6 +201,67 @@ def compare(original: Path, optimized: Path, work: Path, dim: int, samples: int 
     return {"ok": worst <= 1e-4, "max_rel": worst}
 
 
+_PROBE = r"""
+import sys, numpy as np, onnx, onnxruntime as ort
+from onnx import TensorProto, helper
+src, dst, inputs, out, layers, dim = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+m = onnx.load(src, load_external_data=False)  # the weights stay in their files (same folder)
+have = {o.name for o in m.graph.output}
+for i in range(layers - 1):
+    if f"relu{i}_out" not in have:
+        m.graph.output.append(helper.make_tensor_value_info(f"relu{i}_out", TensorProto.FLOAT, None))
+onnx.save(m, dst)
+so = ort.SessionOptions(); so.intra_op_num_threads = 2
+s = ort.InferenceSession(dst, so, providers=["CPUExecutionProvider"])
+x = np.load(inputs)
+names = [o.name for o in s.get_outputs()]
+got = s.run(None, {"x": x})
+np.savez(out, **dict(zip(names, got)))
+"""
+
+
+def check_layers(original: Path, optimized: Path, work: Path, layers: int, dim: int, batch: int = 4) -> dict:
+    """Layer-by-layer check for models whose original does not fit in onnxruntime.
+
+    The optimized model runs in onnxruntime (a child) with every layer's output exposed; the reference
+    of layer i is computed here in numpy, ``relu((h_{i-1} @ W_i) * s_i)``, from the optimized model's own
+    ``h_{i-1}`` and the original's ``W_i`` read from its memory-mapped data file (one layer at a time).
+    Reports the largest and median relative L2 error of one layer, and the end-to-end relative error
+    against the float reference chained through all layers.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(original, load_external_data=False)
+    scales = {t.name: float(numpy_helper.to_array(t)) for t in proto.graph.initializer if t.name.startswith("s")}
+    weights = np.memmap(original.parent / "mlp.onnx.data", dtype=np.float32, mode="r", shape=(layers, dim, dim))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((batch, dim), dtype=np.float32)
+    np.save(work / "probe_x.npy", x)
+    subprocess.run([sys.executable, "-c", _PROBE, str(optimized), str(work / "probe.onnx"), str(work / "probe_x.npy"),
+                    str(work / "probe.npz"), str(layers), str(dim)], check=True, cwd=ROOT)
+    errs = []
+    with np.load(work / "probe.npz") as z:
+        got = {k: z[k] for k in z.files}
+    h_prev, h_ref = x.astype(np.float64), x.astype(np.float64)
+    for i in range(layers):
+        w = np.asarray(weights[i], dtype=np.float64)
+        s = scales.get(f"s{i}", 1.0)
+        ref_local = np.maximum((h_prev @ w) * s, 0.0)
+        h_ref = np.maximum((h_ref @ w) * s, 0.0)
+        out = got["y" if i == layers - 1 else f"relu{i}_out"].astype(np.float64)
+        errs.append(float(np.linalg.norm(out - ref_local) / max(np.linalg.norm(ref_local), 1e-30)))
+        h_prev = out
+    end = float(np.linalg.norm(h_prev - h_ref) / max(np.linalg.norm(h_ref), 1e-30))
+    return {"layers": layers, "max_layer_rel": max(errs), "median_layer_rel": float(np.median(errs)),
+            "end_to_end_rel": end}
+
+
+#: Disk the disk check reserves beyond the model and the folded weights, as a fraction of the model's
+#: bytes: a new weight is written twice (the spill file while the pipeline runs, then the output).
+OUT_FRACTION = {"O1": 1.0, "int4": 2 * 0.16, "fp16": 2 * 0.5, "dynamic-int8": 2 * 0.26}
+
+
 def _gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 1e9:.2f}"
 
@@ -219,8 +273,11 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one, removed)")
     ap.add_argument("--extra", default="", help="extra arguments for optimize, e.g. '--no-spill'")
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--patch-fold", action="store_true",
-                    help="measure with the proposed one-line streaming change to fold.py (monkeypatched)")
+    ap.add_argument("--scale-every", type=int, default=1,
+                    help="a foldable Mul(scale) on every K-th layer (0: none); fold-affine's new weights go "
+                         "to a spill file beside the output, so K=1 needs another model's bytes of disk")
+    ap.add_argument("--check-layers", action="store_true",
+                    help="check the outputs layer by layer (for sizes whose original does not fit in onnxruntime)")
     args = ap.parse_args()
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -234,8 +291,15 @@ def main() -> None:
             layers, dim = SIZES[size]
             model_bytes = layers * dim * dim * 4
             free = shutil.disk_usage(work_root).free
-            if free < 2.3 * model_bytes:
-                print(f"skip {size} GB: needs {2.3 * model_bytes / 1e9:.0f} GB of disk, {free / 1e9:.0f} GB free")
+            folded = model_bytes * (1 / args.scale_every if args.scale_every else 0)  # the spill file
+            keys = args.pipelines.split(",")
+            fits = [k for k in keys if free >= model_bytes + folded + OUT_FRACTION[k] * model_bytes + 2e9]
+            for k in keys:
+                if k not in fits:
+                    need = model_bytes + folded + OUT_FRACTION[k] * model_bytes + 2e9
+                    print(f"skip {size} GB {k}: needs {need / 1e9:.0f} GB of disk (model, spilled folded weights, "
+                          f"output, 2 GB), {free / 1e9:.0f} GB free")
+            if not fits:
                 continue
             available = _mem_available()
             need = 2 * 2**30 + 8 * dim * dim * 4  # streaming: a few of the largest tensors, + headroom
@@ -244,23 +308,26 @@ def main() -> None:
                 continue
             folder = work_root / f"mlp_{size}gb"
             t0 = time.perf_counter()
-            model = build_mlp(folder, layers, dim)
+            model = build_mlp(folder, layers, dim, scale_every=args.scale_every)
             print(f"built {model} ({layers} x {dim}x{dim}, {model_bytes / 2**30:.2f} GiB) "
                   f"in {time.perf_counter() - t0:.0f} s")
-            for key in args.pipelines.split(","):
+            for key in fits:
                 out_dir = folder / f"out_{key}"
                 shutil.rmtree(out_dir, ignore_errors=True)
                 out_dir.mkdir()
                 out = out_dir / "model.onnx"
-                r = run_optimize(model, out, PIPELINES[key], args.extra.split(), args.patch_fold)
-                r.update(size_gb=size, model_bytes=model_bytes, key=key, patch_fold=args.patch_fold,
+                r = run_optimize(model, out, PIPELINES[key], args.extra.split())
+                r.update(size_gb=size, model_bytes=model_bytes, key=key,
+                         scale_every=args.scale_every,
                          rss_ratio=r["peak_rss"] / model_bytes)
                 if r["rc"] == 0 and key == "O1" and size <= 4:
                     r["compare"] = compare(model, out, out_dir, dim)
+                if r["rc"] == 0 and args.check_layers:
+                    r["layers_check"] = check_layers(model, out, out_dir, layers, dim)
                 results.append(r)
                 print(f"  {key:13s} {r['seconds']:7.1f} s  peak RSS {_gb(r['peak_rss'])} GB "
                       f"({r['rss_ratio']:.2f}x model)  peak anon/pass {_gb(r.get('peak_anon_pass'))} GB  "
-                      f"{r.get('compare', '')} {r.get('error', '')}", flush=True)
+                      f"{r.get('compare', '')} {r.get('layers_check', '')} {r.get('error', '')}", flush=True)
                 if r["rc"] == 0:
                     worst = max(r["passes"], key=lambda p: p[2] or 0)
                     print(f"                highest pass: {worst[0]} peak RSS {_gb(worst[2])} GB")
@@ -272,14 +339,18 @@ def main() -> None:
             shutil.rmtree(work_root, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu, "results": results}, indent=2))
-    print("\n| model | pipeline | fold.py | time (s) | peak RSS (GB) | × model bytes | peak anon (GB) "
+    print("\n| model | pipeline | time (s) | peak RSS (GB) | × model bytes | peak anon (GB) "
           "| highest pass | O1 vs original |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         cmp = r.get("compare")
         cmp_text = "" if not cmp else (f"max rel {cmp['max_rel']:.1e}" if "max_rel" in cmp else cmp["detail"])
+        lc = r.get("layers_check")
+        if lc:
+            cmp_text += ("; " if cmp_text else "") + (f"per layer: max rel L2 {lc['max_layer_rel']:.1e}, median {lc['median_layer_rel']:.1e}; "
+                         f"end to end {lc['end_to_end_rel']:.1e}")
         top = max(r.get("passes") or [("-", 0, 0, 0)], key=lambda p: p[2] or 0)[0]
-        print(f"| {r['size_gb']} GB MLP | {r['pipeline']} | {'spill (patched)' if r['patch_fold'] else 'as is'} "
+        print(f"| {r['size_gb']} GB MLP | {r['pipeline']} "
               f"| {r['seconds']:.1f} | {_gb(r['peak_rss'])} | {r['rss_ratio']:.2f} | "
               f"{_gb(max(r['peak_anon_sampled'], r.get('peak_anon_pass') or 0))} | {top} | {cmp_text} |")
 
