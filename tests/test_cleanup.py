@@ -402,6 +402,88 @@ def test_dedup_initializers_non_contiguous_tensor():
     check_same(original, model)
 
 
+def test_dedup_initializers_string_and_bfloat16():
+    # ONNX's node tests, frozen (issue 13): string tensors have no ``tobytes`` and the buffer protocol
+    # knows no bfloat16, so hashing them crashed the pass. Equal ones merge; ["ab","c"] != ["a","bc"].
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxforge.testing import fuzz
+
+    s = lambda *v: np.asarray(v, dtype=object)  # noqa: E731
+    bf16 = helper.make_tensor("h1", TensorProto.BFLOAT16, [2], [1.5, -2.0])
+    inits = [numpy_helper.from_array(s("ab", "c"), "s1"), numpy_helper.from_array(s("ab", "c"), "s2"),
+             numpy_helper.from_array(s("a", "bc"), "s3"), bf16, helper.make_tensor("h2", TensorProto.BFLOAT16, [2], [1.5, -2.0])]
+    nodes = [helper.make_node("Identity", [n], [f"o_{n}"]) for n in ("s1", "s2", "s3")]
+    nodes += [helper.make_node("Cast", [n], [f"o_{n}"], to=TensorProto.FLOAT) for n in ("h1", "h2")]
+    outputs = [helper.make_tensor_value_info(f"o_s{i}", TensorProto.STRING, [2]) for i in (1, 2, 3)]
+    outputs += [helper.make_tensor_value_info(f"o_h{i}", TensorProto.FLOAT, [2]) for i in (1, 2)]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [], outputs, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model = ir.serde.deserialize_model(proto)
+    result = apply("dedup-initializers", model)
+    assert result.stats.counts["initializers_merged"] == 2  # s2 -> s1, h2 -> h1; s3 stays
+    assert sorted(model.graph.initializers) == ["h1", "s1", "s3"]
+    outcome = fuzz.check_model(proto, "dedup-initializers", [{}])
+    assert outcome.cause == "ok", outcome
+
+
+def _single_node_model(node, inputs, out_type, opset=18):
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in inputs.items()]
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info(node.output[0], out_type, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_fold_constants_keeps_random_ops():
+    # ONNX's node tests, frozen (issue 13): onnxscript's folder does not list Bernoulli as random, and
+    # evaluates a training-mode Dropout: one draw (one mask) was baked into the model.
+    from onnx import TensorProto, helper
+
+    p = np.full((4, 5), 0.5, np.float32)
+    cases = [
+        (helper.make_node("Bernoulli", ["p"], ["y"]), {"p": p}),
+        (helper.make_node("Dropout", ["x", "r", "t"], ["y"], seed=0),
+         {"x": p, "r": np.asarray(0.5, np.float32), "t": np.asarray(True)}),
+    ]
+    for node, inputs in cases:
+        model = ir.serde.deserialize_model(_single_node_model(node, inputs, TensorProto.FLOAT))
+        result = apply("fold-constants", model)
+        assert [n.op_type for n in model.graph] == [node.op_type]
+        assert any("random" in s.reason for s in result.stats.skipped)  # reported, not silent
+    # an inference-mode Dropout (training_mode a constant false) still folds
+    node = helper.make_node("Dropout", ["x", "r", "t"], ["y"])
+    model = ir.serde.deserialize_model(_single_node_model(
+        node, {"x": p, "r": np.asarray(0.5, np.float32), "t": np.asarray(False)}, TensorProto.FLOAT))
+    apply("fold-constants", model)
+    assert [n.op_type for n in model.graph] == []
+
+
+def test_fold_constants_castlike_no_saturate():
+    # onnxscript's folder rewrote CastLike(saturate=0) into a Cast without saturate: float8 overflow
+    # then saturated to 57344 instead of giving inf (ONNX's node test castlike_no_saturate_*).
+    from onnx import TensorProto, helper
+
+    from onnxforge.testing import fuzz
+
+    node = helper.make_node("CastLike", ["x", "like"], ["y"], saturate=0)
+    like = helper.make_tensor("like", TensorProto.FLOAT8E5M2, [0], [])
+    proto = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT8E5M2, [3])], initializer=[like]),
+        opset_imports=[helper.make_opsetid("", 19)])
+    model = ir.serde.deserialize_model(proto)
+    apply("fold-constants", model)
+    assert [n.op_type for n in model.graph] == ["CastLike"]
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.asarray([0.5, 1e6, -np.inf], np.float32)
+    expected = ReferenceEvaluator(proto).run(None, {"x": x})[0]
+    actual = ReferenceEvaluator(ir.serde.serialize_model(model)).run(None, {"x": x})[0]
+    assert fuzz.compare_values(expected, actual)[0] == "ok"  # inf stays inf
+
+
 def test_topo_sort_repairs_order():
     original = export("small_cnn", dynamo=True)
     model = copy(original)

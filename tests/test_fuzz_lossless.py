@@ -319,6 +319,94 @@ def test_fuzzer_can_fail():
     assert fuzz.compare_by_name([("n", _c(np.nan))], [("n", _c(1.0))])[0] == "value"
 
 
+def test_comparator_sequences_strings_optionals():
+    seq = [np.zeros(2, F32), np.ones(3, F32)]
+    assert fuzz.compare_values(seq, list(seq)) == ("ok", "")
+    assert fuzz.compare_values(seq, seq[:1])[0] == "shape"
+    assert fuzz.compare_values(seq, [seq[0], np.full(3, 2.0, F32)])[0] == "value"
+    assert fuzz.compare_values(None, None)[0] == "ok"
+    assert fuzz.compare_values(None, seq[0])[0] == "type"
+    s = np.asarray(["a", "b"], dtype=object)
+    assert fuzz.compare_values(s, s.copy())[0] == "ok"
+    assert fuzz.compare_values(s, np.asarray(["a", "c"], dtype=object))[0] == "value"
+
+
+# --------------------------------------------------------------------------- stale declared shapes
+
+
+def test_stale_annotations_are_wrong_and_kept_out_of_validity():
+    case = C(378, 18, 4, [("conv_bn", 605994112)], stale=244697910)
+    proto, feeds, _ = fuzz.build(case)
+    clean = fuzz.build(fuzz.Case(378, 18, 4, [("conv_bn", 605994112)]))[0]
+    assert len(proto.graph.value_info) > 0
+    assert not fuzz._full_check_passes(proto)  # the annotations contradict inference: really stale
+    assert fuzz._full_check_passes(clean)
+    expected = fuzz._run(fuzz._session(proto.SerializeToString()), feeds)
+    onnx.checker.check_model(fuzz.annotations_ignored(proto, expected), full_check=True)
+    assert fuzz.check_case(case, "O2").cause == "ok"
+    # about STALE_PROBABILITY of the random cases carry them
+    share = np.mean([fuzz.random_case(s).stale > 0 for s in range(200)])
+    assert 0.15 < share < 0.45
+
+
+def test_reconcile_declared_shapes():
+    from onnxforge.ir.shapes import reconcile_declared_shapes
+
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Relu", ["r"], ["y"]),
+             helper.make_node("Relu", ["x"], ["z"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2, 3]),
+         helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [5, 6])],  # static where N is symbolic
+        initializer=[onnx.numpy_helper.from_array(np.asarray([-1, 2, 3], np.int64), "shape")],
+        value_info=[helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["N", 6])],  # wrong rank
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    assert reconcile_declared_shapes(model) == 2
+    assert values["r"].shape.rank() == 3 and values["r"].shape[1:] == (2, 3)
+    assert str(values["z"].shape[0]) == "N" and values["z"].shape[1] == 6
+    assert str(model.graph.inputs[0].shape[0]) == "N"  # graph inputs are never changed
+    assert reconcile_declared_shapes(model) == 0  # idempotent
+
+
+def test_load_accepts_stale_annotations_and_keeps_input_shapes():
+    # A model onnxruntime runs, whose declared shapes are stale (value_info of the wrong rank, a graph
+    # output that is also the input declared [7]): load() refused it (strict shape inference), and
+    # onnx_ir gave the input the output's shape, so onnxruntime refused the feeds after any pass.
+    import onnxforge
+    from onnxforge.ir.io import load
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])]
+    proto, feeds = fuzz.make_model(nodes, {"x": (2, 3)}, ["y"], {})
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    proto.graph.value_info.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [5, 7, 1]))
+    proto.graph.output.append(helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [7]))
+    assert not fuzz._full_check_passes(proto)
+    model = load(proto.SerializeToString())
+    assert [str(d) for d in model.graph.inputs[0].shape] == ["N", "3"]
+    result = onnxforge.optimize(proto.SerializeToString(), "O2")
+    assert [str(d) for d in result.model.graph.inputs[0].shape] == ["N", "3"]
+    assert fuzz.check_model(proto, "O2", feeds[:1]).cause == "ok"
+    # a wrong element type is still refused (types are checked, only shapes are advisory)
+    proto.graph.value_info[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    with pytest.raises(onnxforge.errors.ModelLoadError, match="not a valid ONNX model"):
+        load(proto.SerializeToString())
+
+
+def test_fold_constants_keeps_graph_input_shape():
+    # Identity(x) with a stale (wrong) output annotation: onnxscript's folder merges an Identity's
+    # output shape into its input — the graph input — and onnxruntime then refused the feeds.
+    nodes = [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"])]
+    proto, feeds = fuzz.make_model(nodes, {"x": (2, 3)}, ["z"], {})
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # a symbolic batch
+    proto.graph.value_info.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, 3]))
+    for spec in ("fold-constants(shape_inference=false)", "fold-constants"):
+        model = _run(proto, spec)
+        assert [str(d) for d in model.graph.inputs[0].shape] == ["N", "3"], spec
+        assert fuzz.check_model(proto, spec, feeds[:1]).cause == "ok"
+
+
 # --------------------------------------------------------------------------- fold-constants
 
 
@@ -421,6 +509,14 @@ MINIMIZED = [
     ("O2", C(44, 12, 2, [("matmul", 94975135), ("identity", 18985045)])),
     # a MatMul weight from a Constant node (inside an If branch, where nothing lifts it): crashed
     ("fold-affine", C(615, 18, 3, [("binary", 340956711), ("if", 138480301)])),
+    # stale declared shapes (value_info / graph outputs): simplify trusted them (a Reshape no longer
+    # matching its data), fuse's onnxscript rules crashed on them
+    ("simplify", C(68, 16, 4, [("reshape", 959023772), ("affine_conv", 672420911)], stale=517219873)),
+    ("simplify", C(216, 13, 2, [("identity", 987560305), ("matmul", 148986775), ("reshape", 639733869)],
+                   stale=1049406650)),
+    ("fuse", C(5, 14, 2, [("if", 864365307), ("clip", 676708637), ("binary", 613304561)], stale=48613870)),
+    ("fuse", C(134, 17, 4, [("clip", 424334570), ("if", 403821751)], stale=708172179)),
+    ("fuse", C(378, 18, 4, [("conv_bn", 605994112)], stale=244697910)),
 ]
 
 

@@ -130,6 +130,7 @@ def load(
         model = serde.deserialize_model(proto)
     except Exception as exc:  # serde raises assorted errors on malformed graphs
         raise ModelLoadError(f"{origin} is not a valid ONNX model: {_one_line(exc)}") from exc
+    _keep_input_shapes(model, proto)
     _set_base_dir(model, folder)
     check_external_paths(model, folder)
     if load_external_data:
@@ -140,6 +141,16 @@ def load(
     if has_external_data(model, min_bytes=DEFAULT_TENSOR_THRESHOLD_BYTES + 1):
         model.meta[EXTERNAL_SOURCE_KEY] = True
     return model
+
+
+def _keep_input_shapes(model: ir.Model, proto: onnx.ModelProto) -> None:
+    """A graph input that is also a graph output is one value in onnx_ir, and the output's declared
+    shape (possibly stale) wins over the input's: give it back the input's, which is what the caller
+    feeds (onnxruntime would refuse the feeds otherwise)."""
+    outputs = {v.name for v in model.graph.outputs}
+    for value, vi in zip(model.graph.inputs, proto.graph.input):
+        if value.name in outputs and vi.type.HasField("tensor_type"):
+            value.shape = serde.deserialize_type_proto_for_shape(vi.type)
 
 
 def _read_model_file(path: Path) -> bytes:
@@ -561,12 +572,22 @@ def iter_tensor_chunks(tensor, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[
                 left -= n
                 yield view[:n]
         return
-    if tensor.dtype == ir.DataType.STRING or tensor.dtype.bitwidth < 8:
+    if tensor.dtype == ir.DataType.STRING:
+        # Strings have no byte layout (``tobytes`` refuses them): each element, length-prefixed,
+        # so that ["ab", "c"] and ["a", "bc"] differ.
+        data = memoryview(b"".join(len(s).to_bytes(8, "little") + s for s in _string_items(tensor)))
+    elif tensor.dtype.bitwidth < 8:
         data = memoryview(tensor.tobytes())  # small in practice; packing needs a copy anyway
     else:
-        data = memoryview(np.ascontiguousarray(tensor.numpy())).cast("B")
+        # a uint8 view, not ``memoryview.cast``: the buffer protocol knows no bfloat16 / float8
+        data = memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
     for start in range(0, len(data), chunk_bytes):
         yield data[start : start + chunk_bytes]
+
+
+def _string_items(tensor) -> list[bytes]:
+    items = tensor.string_data() if hasattr(tensor, "string_data") else tensor.numpy().reshape(-1).tolist()
+    return [s.encode() if isinstance(s, str) else bytes(s) for s in items]
 
 
 def tensor_digest(tensor) -> str:

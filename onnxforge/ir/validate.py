@@ -88,7 +88,7 @@ def check_proto(proto: onnx.ModelProto, *, full_check: bool = True) -> None:
 _MISSING_IO_SHAPE = "Field 'shape' of 'type' is required but missing"
 
 
-def _run_checker(proto: onnx.ModelProto, full_check: bool = True) -> None:
+def _run_checker(proto: onnx.ModelProto, full_check: bool = True, relax_shapes: bool = True) -> None:
     try:
         onnx.checker.check_model(proto, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -99,10 +99,51 @@ def _run_checker(proto: onnx.ModelProto, full_check: bool = True) -> None:
             filled = _with_inferred_io_types(proto)
             if filled is None:
                 return  # nothing to infer them from: the structural walk is the check
-            return _run_checker(filled, full_check)
+            return _run_checker(filled, full_check, relax_shapes)
+        if relax_shapes and isinstance(exc, onnx.shape_inference.InferenceError):
+            # Declared shapes (value_info, graph outputs) that contradict inference are stale
+            # exporter annotations: onnxruntime runs such models and the passes correct them
+            # (onnxforge.ir.shapes). The model is valid if it is without them (types stay checked).
+            try:
+                return _run_checker(_without_declared_shapes(proto), full_check, relax_shapes=False)
+            except MalformedModelError:
+                pass
         raise MalformedModelError(f"onnx.checker: {_one_line(exc)}") from None
     except Exception as exc:  # other C++ errors surface as RuntimeError / ValueError
         raise MalformedModelError(f"onnx.checker: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def _without_declared_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` without the shapes of its ``value_info`` entries (all graphs), and whose
+    main-graph outputs take the shapes inference gives them (where it gives none, the declared one
+    stays, for the checker to judge); element types are kept."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+
+    def strip(graph: onnx.GraphProto) -> None:
+        for vi in graph.value_info:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+        for node in graph.node:
+            for attr in node.attribute:
+                for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    strip(g)
+
+    strip(copy.graph)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(copy)
+    del probe.graph.output[:]  # (inference fills value_info, never the outputs' missing shapes)
+    try:
+        inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(probe).graph.value_info}
+    except Exception:
+        inferred = {}
+    inputs = {vi.name: vi for vi in copy.graph.input}
+    for vi in copy.graph.output:
+        got = inputs.get(vi.name) or inferred.get(vi.name)  # an input passed through: its own type
+        if vi.type.HasField("tensor_type") and got is not None and got.type.tensor_type.HasField("shape") \
+                and got.type.tensor_type.elem_type == vi.type.tensor_type.elem_type:
+            vi.type.tensor_type.shape.CopyFrom(got.type.tensor_type.shape)
+    return copy
 
 
 def _with_inferred_io_types(proto: onnx.ModelProto) -> onnx.ModelProto | None:

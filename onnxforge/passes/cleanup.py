@@ -26,10 +26,12 @@ import onnxscript.optimizer
 from onnxscript.rewriter.pattern import MatchResult, MatchStatus, RewriteRuleClassBase, RewriteRuleSet
 
 from onnxforge.errors import UnsupportedModelError
+from onnxforge.ir.infer import infer_shapes
 from onnxforge.ir.graph import (
     adopt_orphan_constants,
     all_graphs,
     all_nodes,
+    const_value,
     is_overridable,
     keep_interface,
     opset_version,
@@ -576,9 +578,7 @@ class ShapeInferencePass(Pass):
         propagate = log.propagate
         log.propagate = False
         try:
-            result = common.ShapeInferencePass(strict_mode=self.strict_mode, data_prop=self.data_prop)(
-                model
-            )
+            result = infer_shapes(model, strict_mode=self.strict_mode, data_prop=self.data_prop)
         finally:
             log.removeHandler(capture)
             log.propagate = propagate
@@ -607,6 +607,25 @@ def _shaped_values(model: ir.Model) -> int:
 # --------------------------------------------------------------------------- fold-constants
 
 
+# Random ops onnxscript's folder does not know as such (its list has RandomUniform/Normal(Like) and
+# Multinomial): folding would bake one draw into the model.
+_RANDOM = frozenset({"Bernoulli"})
+
+
+def _random(node: ir.Node) -> bool:
+    """Whether ``node`` draws random numbers: Bernoulli, or a Dropout whose ``training_mode`` is not
+    a constant false (a training-mode Dropout draws a mask on every run, even with a ``seed``: the
+    generator is the runtime's own)."""
+    if not _is_onnx(node):
+        return False
+    if node.op_type in _RANDOM:
+        return True
+    if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        mode = const_value(node.inputs[2])
+        return mode is None or bool(np.any(mode))
+    return False
+
+
 def _never_fold_quantization(node: ir.Node) -> bool | None:
     if node.op_type in _NEVER_FOLD and _is_onnx(node):
         return False
@@ -623,8 +642,9 @@ class FoldConstantsPass(Pass):
     result of more than ``output_size_limit`` elements is not stored. Quantize/DequantizeLinear are never
     folded, so that a quantized model survives later cleanup; ConstantOfShape is kept (it is smaller
     than its result); control flow and random ops are not folded. Nodes left unread by the folding are
-removed. Lossless: the same ops are evaluated
-    ahead of time in float32 by ONNX's reference implementation.
+removed. Declared shapes that ONNX shape inference contradicts (stale exporter annotations) are
+    corrected first (``onnxforge.ir.shapes``), so that no stale shape is folded into a constant.
+    Lossless: the same ops are evaluated ahead of time in float32 by ONNX's reference implementation.
     """
 
     def __init__(
@@ -641,8 +661,15 @@ removed. Lossless: the same ops are evaluated
         self.shape_inference = shape_inference
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
+        from onnxforge.ir.shapes import reconcile_declared_shapes
+
         before = node_count(model)
         kept_q = sum(1 for n in all_nodes(model) if n.op_type in _NEVER_FOLD)
+        # The folder evaluates Shape/Size from declared shapes and merges inferred shapes *under*
+        # them: a stale annotation would become a wrong constant. (shape_inference=false skips this.)
+        stale = reconcile_declared_shapes(model) if self.shape_inference else 0
+        if stale:
+            stats.count("stale_shapes_corrected", stale)
         with keep_interface(model.graph) as interface:
             modified = fold_constants(
                 model,
@@ -659,7 +686,7 @@ removed. Lossless: the same ops are evaluated
         stats.count("nodes_folded", max(0, before - node_count(model)))
         if kept_q:
             stats.count("quantization_nodes_kept", kept_q)
-        return modified
+        return modified or stale > 0
 
 
 _MAX_FOLD_RETRIES = 16
@@ -670,7 +697,9 @@ def fold_constants(model: ir.Model, stats: PassStats, should_fold=_never_fold_qu
 
     ``options``: ``shape_inference``, ``input_size_limit``, ``output_size_limit``. Nodes the folder
     cannot handle are left alone and reported instead of failing the model: SplitToSequence below
-    opset 18 (onnxscript folds it into Split with ``num_outputs``, an opset-18 attribute), and any
+    opset 18 (onnxscript folds it into Split with ``num_outputs``, an opset-18 attribute),
+    ``CastLike(saturate=0)`` (rewritten to a Cast that drops ``saturate``), random ops the folder does
+    not know as random (Bernoulli, training-mode Dropout: never folded), and any
     node an evaluator raises on (the folder stops at the first such node; its replacements so far
     are complete, so the node is hidden and folding resumes).
     """
@@ -682,6 +711,35 @@ def fold_constants(model: ir.Model, stats: PassStats, should_fold=_never_fold_qu
             if node.op_type == "SplitToSequence" and _is_onnx(node):
                 hide.append(node)
                 stats.skip(node, "SplitToSequence is not folded below opset 18 (the fold emits Split-18)")
+    for node in all_nodes(model):
+        saturate = node.attributes.get("saturate")
+        if node.op_type == "CastLike" and _is_onnx(node) and saturate is not None and saturate.as_int() == 0:
+            hide.append(node)
+            stats.skip(node, "CastLike(saturate=0) is not folded (onnxscript's folder rewrites it to a Cast "
+                             "without saturate, which saturates float8 overflow instead of giving inf/NaN)")
+    # The folder's Identity evaluator merges the output's shape into the input's ("backward
+    # inference"): a graph input would take a stale output annotation, and refuse its feeds.
+    inputs = [(v, v.shape) for g in all_graphs(model) for v in g.inputs]
+    try:
+        return _fold_constants(model, stats, _not_random(should_fold, stats), hide, options)
+    finally:
+        for value, shape in inputs:
+            if value.shape != shape:
+                value.shape = shape
+                stats.count("input_shapes_restored")
+
+
+def _not_random(should_fold, stats: PassStats):
+    def guarded(node: ir.Node) -> bool | None:
+        if _random(node):
+            stats.skip(node, f"{node.op_type} draws random numbers: folding would freeze one draw")
+            return False
+        return should_fold(node)
+
+    return guarded
+
+
+def _fold_constants(model: ir.Model, stats: PassStats, should_fold, hide: list, options: dict) -> bool:
     modified = False
     for _ in range(_MAX_FOLD_RETRIES):
         try:

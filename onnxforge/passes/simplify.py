@@ -124,6 +124,12 @@ class SimplifyPass(Pass):
     """
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
+        from onnxforge.ir.shapes import reconcile_declared_shapes
+
+        # The rules read Value.shape (a Reshape to the shape it has is a no-op): not a stale one.
+        stale = reconcile_declared_shapes(model)
+        if stale:
+            stats.count("stale_shapes_corrected", stale)
         before = sum(1 for _ in all_nodes(model))
         existing_constants = {id(n) for n in model.graph if n.op_type == "Constant"}
         applied = apply_rules(CANONICALIZATION_RULES, model, stats)
@@ -134,7 +140,7 @@ class SimplifyPass(Pass):
             _drop_allowzero_before_opset14(model, stats)
             ir.passes.common.RemoveUnusedNodesPass()(model)
             stats.count("nodes_removed", before - sum(1 for _ in all_nodes(model)))
-        return applied > 0
+        return applied > 0 or stale > 0
 
 
 def _drop_allowzero_before_opset14(model: ir.Model, stats: PassStats) -> None:

@@ -18,6 +18,7 @@ from onnxscript.rewriter.pattern import MatchingTracer, MatchStatus
 from onnxscript.rewriter.ort_fusions import shape_optimization
 
 from onnxforge.errors import PassFailedError, PassOptionError
+from onnxforge.ir.infer import infer_shapes
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.ir.graph import keep_interface
 from onnxforge.passes.cleanup import CsePass, apply_guarded, fold_constants, guard_rules
@@ -142,6 +143,12 @@ class FusePass(Pass):
         return modified or interface.fixes > 0
 
     def _run(self, model: ir.Model, stats: PassStats) -> bool:
+        from onnxforge.ir.shapes import reconcile_declared_shapes
+
+        # Rules check ranks and dims from Value.shape: correct stale declared shapes first.
+        stale = reconcile_declared_shapes(model)
+        if stale:
+            stats.count("stale_shapes_corrected", stale)
         target = self.context.target
         before = _histogram(model)
         prepared = _prepare(model, stats) if self.prepare else False
@@ -165,6 +172,7 @@ class FusePass(Pass):
             matches[rule.name] = n
             if n:
                 stats.count(rule.name, n)
+        prepared |= stale > 0
         if any(matches.values()):
             _fold_fused_weights(model)
             # Intermediate nodes left by rules with remove_nodes=False, then unused opsets.
@@ -210,13 +218,27 @@ _SEQUENCE_OPS = frozenset({"SplitToSequence", "SequenceConstruct", "SequenceEmpt
 
 
 def _infer_shapes(model: ir.Model) -> None:
-    """onnx_ir's shape inference, without the tensor types it gives sequence values."""
-    common_passes.ShapeInferencePass()(model)
+    """onnx_ir's shape inference, without the tensor types it gives sequence values (its merge sets
+    ``dtype``, which makes a tensor type of an untyped sequence or optional value)."""
+    infer_shapes(model)  # onnx_ir's pass, without keeping replaced weights referenced
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type in _SEQUENCE_OPS and node.domain in _STANDARD_DOMAINS:
+        if node.domain not in _STANDARD_DOMAINS:
+            continue
+        if node.op_type in _SEQUENCE_OPS:
             for value in node.outputs:
                 if isinstance(value.type, ir.TensorType):
                     value.type, value.shape = None, None
+        elif node.op_type in ("If", "Loop", "Scan"):
+            # The body's declared output type is the truth: If's outputs are the branches' outputs,
+            # Loop's and Scan's follow the body's outputs (after Loop's condition).
+            body = node.attributes.get("then_branch") or node.attributes.get("body")
+            if body is None:
+                continue
+            outs = list(body.as_graph().outputs)[1 if node.op_type == "Loop" else 0:]
+            for value, inner in zip(node.outputs, outs):
+                if isinstance(value.type, ir.TensorType) and inner.type is not None \
+                        and not isinstance(inner.type, ir.TensorType):
+                    value.type, value.shape = inner.type, None
 
 
 def _fold_fused_weights(model: ir.Model) -> None:
