@@ -32,6 +32,13 @@ time on the project's 2-core box at load 16), so the CPU-time ratio is the figur
 
 Coverage = share of the Conv/Gemm/MatMul-with-constant-weight layers whose weight a 50 % cut
 changes (ours: ``prune-channels(ratio=0.5)``; onnxsim: ``sparsity=0.5``).
+
+``--recover orientation,effnet`` (issue 12): prune 30 % of the FLOPs on measured latency, then
+``reconstruct``, ``distill`` (``--n-train`` generated unlabeled inputs, ``--epochs``) and
+``quantize-int8``; every stage's top-1 agreement with fp32 on ``--n-eval`` held-out inputs with a
+95 % Wilson interval, and its latency ratio (thread CPU time and wall p50, interleaved, ORT_ENABLE_ALL)::
+
+    .venv/bin/python bench/bench_prune.py --recover orientation --n-train 256 --n-eval 200 --epochs 3
 """
 
 from __future__ import annotations
@@ -299,6 +306,101 @@ def run_suite(models: list[str], rounds: int, flops_keep: float = 0.7, threads: 
     return rows
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion ``p`` observed on ``n`` samples."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def run_recover(models: list[str], rounds: int, *, flops_keep: float = 0.7, n_train: int = 384, n_eval: int = 200,
+                epochs: int = 3, criterion: str = "l1", save_dir: str | None = None, lr: float = 1e-4) -> list[dict]:
+    """prune (30 % of FLOPs, latency-aware) -> reconstruct -> distill -> int8 on suite models.
+
+    Distillation: the ``distill`` pass, teacher = the fp32 original, ``n_train`` generated *unlabeled*
+    calibration inputs (``case.calibration_feeds``); the metric is judged on ``n_eval`` held-out
+    ``case.eval_feeds`` (disjoint) with a 95 % Wilson interval. Latency: thread CPU time and wall
+    p50, ORT_ENABLE_ALL, 1 thread, batch 1, all variants interleaved.
+    """
+    import time
+
+    from onnxforge.ir.io import model_to_bytes
+    from onnxforge.passes.prune.latency import timed
+    from onnxforge.runtime.session import make_session
+    from onnxforge.testing.real_suite import load_case
+
+    rows = []
+    cache = os.path.join(os.path.dirname(__file__), "..", ".onnxforge-cache")
+    for name in models:
+        case = load_case(name)
+        base = ir.serde.deserialize_model(onnx.load(str(case.model_path)))
+        train = case.calibration_feeds(n_train)
+        held = case.eval_feeds(n_eval)
+        small = CalibrationData.from_iterable(train[:64])
+
+        def outputs(m: ir.Model) -> list[dict]:
+            sess = make_session(m, optimize="all").session
+            names = [o.name for o in sess.get_outputs()]
+            return [dict(zip(names, sess.run(None, f))) for f in held]
+
+        ref = outputs(base)
+        table_path = os.path.abspath(os.path.join(cache, f"latency-{name}.json"))
+        variants: dict[str, ir.Model] = {"unpruned": base}
+        seconds: dict[str, float] = {}
+        q = _copy(base)
+        create_pass("quantize-int8", {}, PassContext(calibration_data=small))(q)
+        variants["int8 only"] = q
+        m = _copy(base)
+        ctx = PassContext(calibration_data=small, reference_model=base)
+        t = time.perf_counter()
+        create_pass("prune-channels", {"target_latency": 1.0, "target_flops": flops_keep, "latency_table": table_path,
+                                       "criterion": criterion}, ctx)(m)
+        variants["pruned"] = _copy(m)
+        create_pass("reconstruct", {}, ctx)(m)
+        variants["pruned +rec"] = _copy(m)
+        seconds["pruned +rec"] = time.perf_counter() - t
+        t = time.perf_counter()
+        res = create_pass("distill", {"epochs": epochs, "max_samples": n_train, "lr": lr},
+                          PassContext(calibration_data=CalibrationData.from_iterable(train), reference_model=base))(m)
+        seconds["pruned +rec +distill"] = time.perf_counter() - t
+        print(f"{name}: distill {seconds['pruned +rec +distill']:.0f} s; {res.stats.notes}", file=sys.stderr, flush=True)
+        variants["pruned +rec +distill"] = _copy(m)
+        create_pass("quantize-int8", {}, PassContext(calibration_data=small, reference_model=base))(m)
+        variants["pruned +rec +distill +int8"] = m
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+            for label, v in variants.items():
+                ir.save(v, os.path.join(save_dir, f"{name}-{label.replace(' ', '').replace('+', '_')}.onnx"))
+        p0, f0 = _params(base), _flops(base)
+        blobs = {label: model_to_bytes(v) for label, v in variants.items()}
+        cpu = timed(blobs, held[0], rounds=rounds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wall = bench_interleaved(blobs, held[0], rounds=rounds, per_round=3, warmup=2, optimize="all", threads=1)
+        for label, v in variants.items():
+            metric = float(case.metric(ref, outputs(v)))
+            lo, hi = wilson(metric, n_eval)
+            row = {"model": name, "variant": label, "flops": _flops(v) / f0, "params": _params(v) / p0,
+                   "cpu_ratio": cpu[label] / cpu["unpruned"], "wall_ratio": wall[label].p50_ms / wall["unpruned"].p50_ms,
+                   "metric": metric, "ci95": [lo, hi], "n_eval": n_eval, "metric_name": case.metric_name,
+                   "build_s": seconds.get(label)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def recover_table(rows: list[dict]) -> str:
+    lines = ["| model | variant | FLOPs | params | latency ratio (CPU time) | ratio of wall p50 | top-1 agreement vs fp32 [95 % CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['flops']:.3f} | {r['params']:.3f} | **{r['cpu_ratio']:.3f}** | "
+                     f"{r['wall_ratio']:.3f} | **{r['metric']:.3f}** [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+                     f"(n={r['n_eval']}) |")
+    return "\n".join(lines)
+
+
 def _prune_copy(base: ir.Model, calib) -> ir.Model:
     m = _copy(base)
     create_pass("prune-channels", {"ratio": 0.5}, PassContext(calibration_data=calib))(m)
@@ -409,8 +511,27 @@ def main() -> None:
     ap.add_argument("--importance", default=None,
                     help="compare importance criteria on these models (digits_cnn and/or suite names)")
     ap.add_argument("--settings", default="ratio=0.5,target_latency=0.8", help="prune settings for --importance")
+    ap.add_argument("--recover", default=None,
+                    help="suite names: prune 30%% FLOPs -> reconstruct -> distill -> int8, metric on --n-eval held-out")
+    ap.add_argument("--n-train", type=int, default=384, help="--recover: unlabeled inputs to distill on")
+    ap.add_argument("--n-eval", type=int, default=200, help="--recover: held-out inputs to judge on")
+    ap.add_argument("--epochs", type=int, default=3, help="--recover: distill epochs")
+    ap.add_argument("--criterion", default="l1", help="--recover: prune-channels criterion")
+    ap.add_argument("--lr", type=float, default=1e-4, help="--recover: distill learning rate")
+    ap.add_argument("--save-dir", default=None, help="--recover: write every variant here")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    if args.recover:
+        rows = run_recover(args.recover.split(","), args.rounds, flops_keep=args.flops_keep, n_train=args.n_train,
+                           n_eval=args.n_eval, epochs=args.epochs, criterion=args.criterion, save_dir=args.save_dir,
+                           lr=args.lr)
+        cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+        print(f"\nmachine: {cpu}; {os.cpu_count()} cores (shared); {platform.python_version()}\n")
+        print(recover_table(rows))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.importance:
         rows = compare_importance(args.importance.split(","), args.settings.split(","))
         print(importance_table(rows))

@@ -142,7 +142,7 @@ def suite_metric(outputs, data, original) -> float:
     return 100.0 * float(case.metric(split(original), split(outputs)))
 
 
-def run_suite(name: str, n: int, budget: int, seed: int = 0) -> dict:
+def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None = None, n_calib: int = 16) -> dict:
     from onnxforge.runtime.bench import bench_interleaved
     from onnxforge.runtime.session import make_session
     from onnxforge.testing.real_suite import load_case
@@ -155,7 +155,7 @@ def run_suite(name: str, n: int, budget: int, seed: int = 0) -> dict:
     _SUITE_CASE["case"] = case
     os.environ["BENCH_TUNE_SUITE_CASE"] = name
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"bench_tune_{name}_"))
-    calib = case.calibration_feeds(16)
+    calib = case.calibration_feeds(n_calib)  # distill (--space) wants hundreds
     np.savez(tmp / "calib.npz", **{k: np.concatenate([f[k] for f in calib]) for k in calib[0]})
     feeds = case.eval_feeds(2 * n)
     seen, unseen = feeds[:n], feeds[n:]
@@ -164,7 +164,7 @@ def run_suite(name: str, n: int, budget: int, seed: int = 0) -> dict:
                             quick_samples=max(8, n // 2), latency="cpu")
     t0 = time.perf_counter()
     outcome = tune(case.model_path, eval_data=arrays, calibration_data=tmp / "calib.npz", settings=settings,
-                   budget=budget, seed=seed, cache_dir=REPO / ".onnxforge-cache" / "tune-suite",
+                   budget=budget, seed=seed, space=space, cache_dir=REPO / ".onnxforge-cache" / "tune-suite",
                    output=tmp / "tuned.onnx", out_dir=tmp)
     seconds = time.perf_counter() - t0
     chosen = outcome.result.chosen
@@ -212,6 +212,9 @@ def main() -> None:
     ap.add_argument("--suite", nargs="+", default=None, help="trained-model suite names: tune with the default space")
     ap.add_argument("--budget", type=int, default=12)
     ap.add_argument("--n", type=int, default=32, help="--suite: samples tuned on (as many more judge the result)")
+    ap.add_argument("--space", default=None, help="--suite: a space file instead of the default space "
+                    "(e.g. README's prune -> reconstruct -> distill -> int8 space)")
+    ap.add_argument("--n-calib", type=int, default=16, help="--suite: calibration inputs (distill: hundreds)")
     args = ap.parse_args()
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     if args.suite:
@@ -219,7 +222,7 @@ def main() -> None:
 
         print(f"# {cpu}, {os.cpu_count()} cores (shared), {platform.python_version()}; batch 1, threads 1")
         for name in args.suite:
-            r = run_suite(name, args.n, args.budget)
+            r = run_suite(name, args.n, args.budget, space=args.space, n_calib=args.n_calib)
             print(json.dumps(r), flush=True)
             short = (r["chosen"] or "-")[len(r["base"]):].lstrip(",") or "(base only)"
             print(f"| {name} | {short} | search {r['search_ratio']} drop {r['search_drop']} | unseen metric "

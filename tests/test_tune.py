@@ -318,3 +318,20 @@ def test_default_space_searches_target_latency_and_shares_its_table(tmp_path):
     assert table.startswith(str(tmp_path.resolve())) and table.endswith(".json")
     pipelines = {p for p in (space.pipeline(c) for c in space.grid()) if "prune-channels" in p}
     assert pipelines and all(f"latency_table={table}" in p for p in pipelines)
+
+
+def test_readme_distill_space_parses_and_stacks_prune_distill_int8():
+    """The README's opt-in space (prune -> reconstruct -> distill -> int8) is a valid space file."""
+    import re
+    import tomllib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if 'pass = "distill"' in b)
+    space = space_from_dict(tomllib.loads(block))
+    names = [s.name for s in space.slots]
+    assert names.index("prune-channels") < names.index("reconstruct") < names.index("distill") < names.index("quantize-int8")
+    pipelines = [space.pipeline(c) for c in space.grid()]
+    assert any("distill" in p and "quantize-int8" in p and "target_latency=0.6" in p for p in pipelines)
+    assert not any("distill" in p and "prune-channels" not in p for p in pipelines)
+    # distill is opt-in: not in the default space.
+    assert "distill" not in [s.name for s in default_space().slots]

@@ -341,6 +341,8 @@ def default_space(*, with_calibration: bool = True, base: str = "O1") -> Space:
     add("prune-channels", {"target_latency": Range(0.5, 0.9, 0.1), "criterion": Choice(tuple(criteria))},
         optional=True)
     add("reconstruct", {}, optional=True, requires="prune-channels", needs_data=True)
+    # Not ``distill``: minutes of torch training per candidate on a 224x224 CNN, and it did not win on
+    # the trained suite (BENCHMARKS.md, Pruning run 5); opt in with a space file (README, ``tune``).
     add("quantize-int8", {"calibration": Choice(("minmax", "percentile", "entropy")),
                           "per_channel": Choice((True, False))}, exclusive="quantize", needs_data=True)
     add("quantize-dynamic", {}, exclusive="quantize")

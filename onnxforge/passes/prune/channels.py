@@ -17,7 +17,8 @@ from onnxforge.passes.registry import register_pass
 
 logger = logging.getLogger(__name__)
 
-Criterion = Literal["l1", "l2", "bn-scale", "activation", "entropy", "reconstruction", "taylor", "random"]
+Criterion = Literal["l1", "l2", "bn-scale", "activation", "entropy", "reconstruction", "taylor", "random",
+                    "sensitivity"]
 
 
 @register_pass("prune-channels")
@@ -51,6 +52,9 @@ class PruneChannelsPass(Pass):
     session per width and group), ``layer`` times only the nodes the group's channels flow through
     (its region, in the real shapes) and scales by the whole model's time; ``auto`` picks ``model``
     when that is estimated to take under a minute.
+    ``criterion=sensitivity`` ranks channels by l1 within a group and weighs groups by their measured
+    output change per channel removed (:mod:`~onnxforge.passes.prune.group_sensitivity`, on the first
+    ``sensitivity_samples`` calibration feeds), for the global and latency-aware selections.
     ``protect`` lists node names or op types never touched; channels reaching a graph output
     (the output layer) are never pruned.
 
@@ -76,6 +80,7 @@ class PruneChannelsPass(Pass):
         latency_rounds: int = 10,
         latency_batch: int = 1,
         latency_scope: Literal["auto", "model", "layer"] = "auto",
+        sensitivity_samples: int = 8,
     ):
         super().__init__()
         if not 0.0 <= ratio < 1.0:
@@ -111,6 +116,9 @@ class PruneChannelsPass(Pass):
         self.latency_rounds = latency_rounds
         self.latency_batch = latency_batch
         self.latency_scope = latency_scope
+        if sensitivity_samples < 1:
+            raise ValueError(f"sensitivity_samples must be >= 1, got {sensitivity_samples}")
+        self.sensitivity_samples = sensitivity_samples
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         dep = analyze(model, self.protect)
@@ -123,13 +131,21 @@ class PruneChannelsPass(Pass):
         scores, notes = class_scores(dep, self.criterion, self.context, self.context.seed)
         for n in notes:
             stats.note(n)
+        weights = None
+        if self.criterion == "sensitivity":
+            if self.target_latency is None and self.target_flops is None and self.target_params is None:
+                # ``ratio`` cuts every group by the same share: there is nothing to weigh between groups.
+                stats.note("criterion sensitivity weighs groups only with target_flops/target_params/"
+                           "target_latency; with ratio every group is cut alike, in l1 order")
+            else:
+                weights = self._group_weights(model, dep, groups, scores, stats)
         costs = shrink.Costs(dep)
         if self.target_latency is not None:
             # Widths are already the measured, snapped ones: no rounding afterwards.
-            removed = self._select_latency(model, dep, groups, scores, costs, stats)
+            removed = self._select_latency(model, dep, groups, scores, costs, stats, weights)
         else:
             if self.target_flops is not None or self.target_params is not None:
-                removed = self._select_global(dep, groups, scores, costs, stats)
+                removed = self._select_global(dep, groups, scores, costs, stats, weights)
             else:
                 removed = {g.index: self._select_ratio(g, scores) for g in groups}
             removed = {k: self._round(groups[k], v, scores) for k, v in removed.items()}
@@ -192,14 +208,40 @@ class PruneChannelsPass(Pass):
         order = sorted(gone, key=lambda r: (scores.get(r, 0.0), r), reverse=True)
         return gone - set(order[:give_back])
 
+    def _group_weights(self, model: ir.Model, dep: Dependency, groups: list[Group], scores: dict[int, float],
+                       stats: PassStats) -> dict[int, float]:
+        """Measured loss per channel of each group (:mod:`.group_sensitivity`), floored at 1e-3 of the
+        median so that no group is free."""
+        from onnxforge.errors import CalibrationDataError
+        from onnxforge.passes.prune.group_sensitivity import group_weights
+
+        data = self.context.calibration_data
+        if data is None:
+            raise CalibrationDataError("prune-channels(criterion=sensitivity) needs calibration data: it measures "
+                                       "each group's effect on the outputs")
+        feeds = []
+        for feed in data:
+            feeds.append(feed)
+            if len(feeds) >= self.sensitivity_samples:
+                break
+        weights, raw = group_weights(model, dep, groups, scores, feeds,
+                                     providers=tuple(self.context.providers))
+        weights = {gi: max(w, 1e-3) for gi, w in weights.items()}
+        stats.details["group_sensitivity"] = {latency.group_key(groups[gi]): {"weight": weights[gi], "error": raw[gi]}
+                                              for gi in weights}
+        stats.count("groups_measured", len(weights))
+        return weights
+
     def _select_global(self, dep: Dependency, groups: list[Group], scores: dict[int, float],
-                       costs: shrink.Costs, stats: PassStats) -> dict[int, set[int]]:
+                       costs: shrink.Costs, stats: PassStats,
+                       weights: dict[int, float] | None = None) -> dict[int, set[int]]:
         candidates = []
         for g in groups:
             vals = [scores.get(r, 0.0) for r in g.all_classes.tolist()]
             mean = float(np.mean(vals)) if vals else 0.0
+            w = 1.0 if weights is None else weights.get(g.index, 1.0)
             for r in g.classes.tolist():
-                candidates.append((scores.get(r, 0.0) / mean if mean > 0 else 0.0, r, g.index))
+                candidates.append((w * scores.get(r, 0.0) / mean if mean > 0 else 0.0, r, g.index))
         candidates.sort()
         caps = {g.index: self._cap(g) for g in groups}
         taken = {g.index: 0 for g in groups}
@@ -234,7 +276,8 @@ class PruneChannelsPass(Pass):
         return chosen
 
     def _select_latency(self, model: ir.Model, dep: Dependency, groups: list[Group], scores: dict[int, float],
-                        costs: shrink.Costs, stats: PassStats) -> dict[int, set[int]]:
+                        costs: shrink.Costs, stats: PassStats,
+                        weights: dict[int, float] | None = None) -> dict[int, set[int]]:
         table = self._latency_table(model, dep, groups, stats)
         caps = {g.index: self._cap(g) for g in groups}
         flops_ok = None
@@ -246,7 +289,8 @@ class PruneChannelsPass(Pass):
                 gone = [r for rs in removed.values() for r in rs]
                 return costs.after(np.isin(roots, np.array(gone, dtype=np.int64)))[1] <= target
 
-        alloc = latency.allocate(groups, scores, table, self.target_latency, caps, flops_ok=flops_ok)
+        alloc = latency.allocate(groups, scores, table, self.target_latency, caps, flops_ok=flops_ok,
+                                 group_weight=weights)
         if not alloc.reached:
             stats.note(f"target_latency={self.target_latency} not reachable with the measured widths: "
                        f"predicted latency ratio {alloc.predicted:.3f}")

@@ -22,7 +22,10 @@ Criteria (``s_t(p)`` for output channel ``p`` of weight ``W``):
   of the least-squares error: cross terms between channels are left out), on the calibration data;
 * ``taylor``: ``sum |w * dL/dw|`` over the slice, from ``context.importance`` (per-parameter arrays
   keyed by initializer name; see :func:`taylor_importance_from_torch`);
-* ``random``: uniform scores from the context seed (a control).
+* ``random``: uniform scores from the context seed (a control);
+* ``sensitivity``: ``l1`` within a group, and between groups a measured weight per group (the
+  output change per channel when its lowest-l1 quarter is masked, :mod:`.group_sensitivity`),
+  applied by ``prune-channels`` after the per-group normalization.
 
 The default is ``l1``, chosen by comparison on trained weights (BENCHMARKS.md, Pruning run 4;
 ``bench/bench_prune.py --importance``): on the digits CNN, after ``reconstruct`` every criterion
@@ -47,7 +50,7 @@ from onnxforge.passes.prune.dependency import Dependency
 NORM_ROLES = ("out_weight", "dw_weight", "in_weight", "bn_scale")
 """Coupled tensors whose slice norms make up the ``l1`` / ``l2`` group importance."""
 
-CRITERIA = ("l1", "l2", "bn-scale", "activation", "entropy", "reconstruction", "taylor", "random")
+CRITERIA = ("l1", "l2", "bn-scale", "activation", "entropy", "reconstruction", "taylor", "random", "sensitivity")
 
 
 def _slice_reduce(arr: np.ndarray, axis: int, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -205,7 +208,7 @@ def class_scores(dep: Dependency, criterion: str, context: Any, seed: int = 0) -
     roots = dep.roots()
     notes: list[str] = []
     l1 = _norm_scores(dep, roots, NORM_ROLES, "l1")
-    if criterion == "l1":
+    if criterion in ("l1", "sensitivity"):  # sensitivity: l1 within a group, measured weights between groups
         return l1, notes
     if criterion == "l2":
         return _norm_scores(dep, roots, NORM_ROLES, "l2"), notes

@@ -411,11 +411,14 @@ def allocate(
     caps: Mapping[int, int],
     *,
     flops_ok: Callable[[dict[int, list[int]]], bool] | None = None,
+    group_weight: Mapping[int, float] | None = None,
 ) -> Allocation:
     """Greedy allocation: largest measured latency saved per unit of importance lost first.
 
     ``caps[g]``: most classes group ``g`` may lose. ``flops_ok(removed)`` (optional) must also hold
     at the end (a FLOPs target). Groups without a row in ``table`` are left at full width.
+    ``group_weight[g]`` (optional) scales the group-normalized scores of group ``g`` (a measured
+    loss per channel, :mod:`.group_sensitivity`); without it every group weighs 1 per channel.
     """
     state: dict[int, int] = {}
     order: dict[int, list[int]] = {}
@@ -428,7 +431,8 @@ def allocate(
         n = len(g.all_classes)
         vals = [scores.get(r, 0.0) for r in g.all_classes.tolist()]
         mean = float(np.mean(vals)) if vals else 0.0
-        norm[g.index] = {r: (scores.get(r, 0.0) / mean if mean > 0 else 0.0) for r in g.classes.tolist()}
+        weight = 1.0 if group_weight is None else float(group_weight.get(g.index, 1.0))
+        norm[g.index] = {r: (weight * scores.get(r, 0.0) / mean if mean > 0 else 0.0) for r in g.classes.tolist()}
         order[g.index] = sorted(g.classes.tolist(), key=lambda r: (scores.get(r, 0.0), r))
         lowest = n - caps.get(g.index, 0)
         options[g.index] = {w: r for w, r in monotone(row, n).items() if w >= lowest}
