@@ -78,6 +78,14 @@ ROWS: dict[str, Row] = {
     "O1": Row("O1"),
     "O2": Row("O2"),
     "O3": Row("O3"),
+    # issue 11 comparison (BENCHMARKS.md, Trained-model suite, run 4): all-int8 with round-to-nearest or
+    # GPTQ weights, and O3 as it was before weight_rounding=gptq
+    "int8-nearest": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true)"),
+    "int8-gptq": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq)"),
+    "O3-nearest": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,max_drop=0.01,latency_guard=true)"),
+    # O3 with GPTQ weights: the proposed O3 (the preset string lives in onnxforge/passes/spec.py)
+    "O3-gptq": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq,max_drop=0.01,"
+                   "latency_guard=true)"),
     "ort-int8-default": Row(ort_quant={}),
     "ort-int8-tuned": Row(ort_quant=ORT_TUNED),
     "prune30": Row(PRUNE30),
@@ -248,6 +256,33 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit // 3] + " … " + text[-(2 * limit) // 3 :]
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion ``k / n`` (top-1 agreement or accuracy)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def metric_interval(case, ref_out: list[dict], cand_out: list[dict], boots: int = 300) -> tuple[float, float]:
+    """95 % interval of ``case.metric``: Wilson for a per-sample agreement (classification, strings),
+    else a percentile bootstrap over samples (F1 pools boxes across samples)."""
+    import numpy as np
+
+    n = len(ref_out)
+    ref_d, cand_d = [case.decode(o) for o in ref_out], [case.decode(o) for o in cand_out]
+    if case.spec.task in ("classification", "ocr"):
+        return wilson(int(round(case.score(ref_d, cand_d) * n)), n)
+    rng = np.random.default_rng(0)
+    stats = []
+    for _ in range(boots):
+        idx = rng.integers(0, n, n)
+        stats.append(case.score([ref_d[i] for i in idx], [cand_d[i] for i in idx]))
+    return (float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5)))
+
+
 def _outputs(info, feeds: list[dict]) -> list[dict]:
     names = [o.name for o in info.session.get_outputs()]
     return [dict(zip(names, info.session.run(None, f))) for f in feeds]
@@ -264,6 +299,8 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
     shape = tuple(held[0][case.input_name].shape)
     ref_info = make_session(original, threads=threads[0], optimize="disable")
     ref_out = _outputs(ref_info, held)
+    labels = case.eval_labels(n_eval)
+    kinds = case.eval_kinds(n_eval)
     built: dict[str, bytes] = {}
     results: dict[str, dict[str, Any]] = {}
     for label in rows:
@@ -278,8 +315,22 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
             res["nodes"] = _node_count(data)
             res["size_mb"] = len(data) / 1e6
             info = make_session(data, threads=threads[0], optimize=row.optimize)
-            res["metric"] = case.metric(ref_out, _outputs(info, held))
+            cand_out = _outputs(info, held)
+            res["metric"] = case.metric(ref_out, cand_out)
+            res["metric_ci"] = metric_interval(case, ref_out, cand_out)
             res["metric_name"] = case.metric_name
+            res["n_eval"] = len(held)
+            if labels is not None:  # accuracy against the known label (orientation: the rotation applied)
+                res["accuracy"] = case.accuracy(cand_out, labels)
+                res["accuracy_ci"] = wilson(int(round(res["accuracy"] * len(labels))), len(labels))
+            if kinds is not None:  # per kind of sample (orientation: document pages vs photos)
+                res["by_kind"] = {}
+                for k in sorted(set(kinds)):
+                    idx = [i for i, kk in enumerate(kinds) if kk == k]
+                    sub = {"n": len(idx), "metric": case.metric([ref_out[i] for i in idx], [cand_out[i] for i in idx])}
+                    if labels is not None:
+                        sub["accuracy"] = case.accuracy([cand_out[i] for i in idx], [labels[i] for i in idx])
+                    res["by_kind"][k] = sub
         except Exception as exc:  # report in the row's cells, go on with the others
             res["error"] = _one_line(exc)
             built.pop(label, None)
@@ -287,8 +338,13 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
             if os.environ.get("BENCH_REAL_TRACEBACK"):
                 traceback.print_exc()
             continue
+        acc = f", accuracy {res['accuracy']:.4f}" if "accuracy" in res else ""
+        for k, sub in res.get("by_kind", {}).items():
+            acc += f"; {k} (n={sub['n']}): {case.metric_name} {sub['metric']:.4f}" + (
+                f", accuracy {sub['accuracy']:.4f}" if "accuracy" in sub else "")
         print(f"  {name}/{label}: built in {res['build_s']:.1f}s, {res['nodes']} nodes, "
-              f"{res['size_mb']:.2f} MB, {case.metric_name} {res['metric']:.4f}", flush=True)
+              f"{res['size_mb']:.2f} MB, {case.metric_name} {res['metric']:.4f} "
+              f"[{res['metric_ci'][0]:.3f}, {res['metric_ci'][1]:.3f}]{acc}", flush=True)
     base_flops: tuple[int | None, bool] = (None, False)
     with contextlib.suppress(Exception):
         base_flops = model_macs(original, case.input_name, shape)
@@ -323,6 +379,126 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
     return out_rows
 
 
+# --------------------------------------------------------------------------- diagnosis (--diagnose)
+
+
+def diagnose(name: str, n_calib: int, n_eval: int) -> list[dict]:
+    """Where int8 loses the metric: weights vs activations, and which kind of layer.
+
+    All variants quantize every weighted node of the O2 model as ``quantize-int8(calibration=sqnr)``
+    would. ``weights only``: the float model with each weight replaced by its int8 value
+    (dequantized), biases corrected as ``bias_correction`` does; ``activations only``: the QDQ model
+    with float weights, run at ORT_DISABLE_ALL (onnxruntime's ORT_ENABLE_ALL miscomputes a QDQ graph
+    whose Conv reads a float weight: EfficientNet-Lite0's top-1 agreement 0.55 there, 1.00 simulated);
+    ``all`` fused (ORT_ENABLE_ALL) and simulated. Weights-only per layer kind: depthwise convs,
+    1x1 convs, other convs, Gemm/MatMul.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    from onnxforge.api import optimize
+    from onnxforge.ir.graph import const_value
+    from onnxforge.passes import PassContext, create_pass
+    from onnxforge.passes.base import PassStats
+    from onnxforge.passes.quantize.analysis import select
+    from onnxforge.passes.quantize.bias_correction import bias_correction
+    from onnxforge.passes.quantize.gptq import gptq_rounding
+    from onnxforge.passes.quantize.qmath import dequantize, quantize_weight
+
+    case = load_case(name)
+    calib, held = case.calibration_feeds(n_calib), case.eval_feeds(n_eval)
+    ref_out = _outputs(make_session(case.model_path.read_bytes(), threads=1, optimize="disable"), held)
+    o2 = optimize(onnx.load(str(case.model_path)), "O2").model
+    p = create_pass("quantize-int8", {"calibration": "sqnr"}, PassContext(calibration_data=calib))
+    stats = PassStats()
+    qc = p.prepare(o2, stats)
+    chosen = select(o2, qc.analysis, set(), target=qc.target)
+    infos = qc.analysis.infos
+    rows: list[dict] = []
+
+    def record(label: str, model_or_bytes, optimize: str = "all") -> None:
+        data = model_or_bytes if isinstance(model_or_bytes, bytes) else ir.serde.serialize_model(model_or_bytes).SerializeToString()
+        out = _outputs(make_session(data, threads=1, optimize=optimize), held)
+        r = {"model": name, "variant": label, "metric": case.metric(ref_out, out),
+             "metric_ci": metric_interval(case, ref_out, out), "n_eval": len(held)}
+        labels = case.eval_labels(len(held))
+        if labels is not None:
+            r["accuracy"] = case.accuracy(out, labels)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    gptq = gptq_rounding(qc, chosen, PassStats())
+    bc_nearest = bias_correction(qc, chosen, PassStats())
+    qc.weight_rounding = gptq
+    bc_gptq = bias_correction(qc, chosen, PassStats())
+
+    def weights_only(keep, use_gptq: bool, correct: bool = True):
+        m = qc.fresh()
+        nodes = list(m.graph)
+        for i in sorted(chosen):
+            info = infos[i]
+            if info.role != "weighted" or not keep(nodes[i]):
+                continue
+            wv = nodes[i].inputs[info.weight_input]
+            w = const_value(wv)
+            if use_gptq and wv.name in gptq:
+                wq = gptq[wv.name][0]
+            else:
+                q, qp = quantize_weight(w, info.weight_axis)
+                wq = dequantize(q, qp)
+            wv.const_value = ir.tensor(np.asarray(wq, np.float32), name=wv.name)
+            if correct and info.bias_input is not None:
+                bv = nodes[i].inputs[info.bias_input]
+                d = (bc_gptq if use_gptq else bc_nearest).get(bv.name)
+                if d is not None:
+                    bv.const_value = ir.tensor((const_value(bv) + d).astype(np.float32), name=bv.name)
+        return m
+
+    def group(n) -> int:
+        a = n.attributes.get("group")
+        return int(a.value) if a is not None else 1
+
+    def kind(n) -> str:
+        if n.op_type != "Conv":
+            return "fc"
+        if group(n) > 1:
+            return "depthwise/grouped"
+        return "1x1" if tuple(const_value(n.inputs[1]).shape[2:]) == (1, 1) else "kxk"
+
+    qc.weight_rounding = {}
+    qc.bias_delta = bc_nearest
+    full = qc.build(set(chosen))
+    record("all int8, nearest + bias correction", full)
+    record("all int8, nearest + bias correction, simulated", full, "disable")
+    qc.weight_rounding, qc.bias_delta = gptq, bc_gptq
+    record("all int8, gptq + bias correction", qc.build(set(chosen)))
+    # activations only: the int8 model's weight/bias DequantizeLinear replaced by the float tensors
+    qc.weight_rounding, qc.bias_delta = {}, {}
+    acts = qc.build(set(chosen))
+    fresh_nodes = {n.name: n for n in qc.fresh().graph}
+    for node in list(acts.graph):
+        info = next((infos[i] for i in chosen if infos[i].name == node.name and infos[i].role == "weighted"), None)
+        if info is None:
+            continue
+        for j in (info.weight_input, info.bias_input):
+            if j is None or j >= len(node.inputs):
+                continue
+            orig = const_value(fresh_nodes[node.name].inputs[j])
+            v = ir.Value(name=f"{node.name}_float_{j}", shape=ir.Shape(orig.shape),
+                         type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(orig))
+            acts.graph.register_initializer(v)
+            node.replace_input_with(j, v)
+    ir.passes.common.RemoveUnusedNodesPass()(acts)
+    record("activations only (float weights), simulated", acts, "disable")
+    record("weights only, nearest", weights_only(lambda n: True, False, correct=False))
+    record("weights only, nearest + bias correction", weights_only(lambda n: True, False))
+    record("weights only, gptq + bias correction", weights_only(lambda n: True, True))
+    for k in ("depthwise/grouped", "1x1", "kxk", "fc"):
+        record(f"weights only, nearest + bias correction, {k} layers only",
+               weights_only(lambda n, k=k: kind(n) == k, False))
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | row | thr | p50 ms | × fp32 | × ort-all | metric vs fp32 | nodes | MB | GOP/s | % peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -332,12 +508,21 @@ def markdown(rows: list[dict]) -> str:
             continue
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
         metric = f"{r['metric']:.3f} ({r['metric_name']})" if "metric" in r else ""
+        if r.get("metric_ci"):
+            metric += f" [{r['metric_ci'][0]:.3f}, {r['metric_ci'][1]:.3f}]"
+        if r.get("accuracy") is not None:
+            metric += f"; accuracy {r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]"
+        for k, sub in (r.get("by_kind") or {}).items():
+            metric += f"; {k}s ({sub['n']}): {sub['metric']:.3f}" + (
+                f", acc {sub['accuracy']:.3f}" if "accuracy" in sub else "")
         pct = f"{100 * r['peak_frac']:.1f}% {'int8' if r.get('int8') else 'fp32'}" if r.get("peak_frac") else ""
         lines.append(f"| {r['model']} | {r['row']} | {r['threads']} | {f('p50_ms', '{:.2f}')} | {f('vs_fp32', '{:.2f}')} | "
                      f"{f('vs_ort_all', '{:.2f}')} | {metric} | {r.get('nodes', '')} | {f('size_mb', '{:.2f}')} | "
                      f"{'' if r.get('flops_exact', True) else '≥'}{f('gops', '{:.1f}')} | {pct} |")
     lines.append("\n× fp32 / × ort-all: p50 ratio to the original at ORT_DISABLE_ALL / ORT_ENABLE_ALL in the same "
-                 "interleaved run (below 1: faster). ≥: some ops' FLOPs unknown (recurrent/custom), a lower bound.")
+                 "interleaved run (below 1: faster). ≥: some ops' FLOPs unknown (recurrent/custom), a lower bound. "
+                 "[a, b]: 95 % interval of the metric (Wilson for agreement/accuracy, bootstrap over samples for F1); "
+                 "accuracy: against the true label where the case knows it (orientation).")
     return "\n".join(lines)
 
 
@@ -353,7 +538,24 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write all rows as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a table for BENCHMARKS.md")
     ap.add_argument("--from-json", default=None, help="only print the table of a saved --json run")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="where int8 loses the metric (weights vs activations, layer kinds) instead of the rows")
     args = ap.parse_args()
+    if args.diagnose:
+        logging.disable(logging.WARNING)
+        warnings.simplefilter("ignore")
+        diag: list[dict] = []
+        for name in args.models.split(","):
+            diag += diagnose(name, args.calib, args.eval)
+        print("\n| model | variant | metric vs fp32 [95 % interval] | accuracy |\n|---|---|---|---|")
+        for r in diag:
+            acc = f"{r['accuracy']:.3f}" if "accuracy" in r else ""
+            print(f"| {r['model']} | {r['variant']} | {r['metric']:.3f} [{r['metric_ci'][0]:.3f}, "
+                  f"{r['metric_ci'][1]:.3f}] | {acc} |")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(diag, fh, indent=1, default=str)
+        return
     if args.from_json:
         with open(args.from_json) as fh:
             print(markdown(json.load(fh)))

@@ -105,3 +105,38 @@ def test_latency_guard_reports_and_is_consistent(outlier_mlp):
         assert q_nodes == 0
         assert any("latency guard" in s for s in r.stats.notes + [s.reason for s in r.stats.skipped])
         assert all("latency guard" in why for why in r.stats.details["kept_float"].values())
+
+
+def test_expected_flips_is_smooth_and_in_top1_units():
+    from onnxforge.passes.quantize.fallback import expected_flips, is_classifier
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 10)) * 3.0
+    ref = [[logits[i : i + 1]] for i in range(64)]
+    assert is_classifier(ref)
+    assert not is_classifier([[np.zeros((1, 8, 85), np.float32)]])  # a detector's map
+    assert expected_flips(ref, ref) == 0.0
+    noise = rng.normal(size=logits.shape)
+    drops = [expected_flips(ref, [[logits[i : i + 1] + e * noise[i : i + 1]] for i in range(64)])
+             for e in (0.01, 0.1, 1.0, 100.0)]
+    assert drops == sorted(drops) and drops[0] < 0.01 and 0.5 < drops[-1] <= 1.0, drops
+    # same order of magnitude as the realised flip rate on many samples
+    big = rng.normal(size=(4000, 10)) * 3.0
+    err = 0.5 * rng.normal(size=big.shape)
+    realised = float(np.mean(big.argmax(1) != (big + err).argmax(1)))
+    predicted = expected_flips([[big]], [[big + err]])
+    assert 0.5 * realised <= predicted <= 2.0 * realised, (predicted, realised)
+    # a softmax output is compared in log space: the same logits give the same estimate
+    soft = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+    assert np.isclose(expected_flips([[soft(big)]], [[soft(big + err)]]), predicted, rtol=1e-6)
+
+
+def test_max_drop_on_a_classifier_uses_expected_flips(outlier_mlp):
+    model, calib, names = outlier_mlp
+    r = _q(model, calib, max_drop=0.01)
+    fb = r.stats.details["fallback"]
+    assert fb["measure"] == "expected top-1 flips" and fb["samples"] == len(calib)
+    from onnxforge.passes.quantize.fallback import expected_flips
+
+    ref = run_outputs(model, calib, optimize=False)
+    assert expected_flips(ref, run_outputs(r.model, calib)) <= 0.01  # measured independently

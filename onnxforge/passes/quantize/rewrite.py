@@ -205,7 +205,13 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
         if key not in w_cache:
             wv = const_value(w)
             qmax = WEIGHT_QMAX_REDUCED if key in reduced else WEIGHT_QMAX
-            wq, wqp = quantize_weight(wv, axis, floors.get(key), qmax)
+            floor = floors.get(key)
+            fitted = plan.weight_scales.get(w.name)
+            if fitted is not None and axis is not None and np.shape(fitted) == (wv.shape[axis],):
+                # the weight is already on the grid of this scale (.gptq): keep it, so the integers are
+                # the fitted ones (a larger floor from the bias would re-round it, still correct)
+                floor = fitted if floor is None else np.maximum(floor, fitted)
+            wq, wqp = quantize_weight(wv, axis, floor, qmax)
             if key in reduced and stats:
                 stats.count("weights_7bit")
                 stats.note(f"{node.name}: 7-bit weights (its uint8 input's zero point is high; 8-bit would "
