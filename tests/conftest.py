@@ -52,6 +52,25 @@ def digits():
 
 
 @pytest.fixture(scope="session")
+def trained_digits():
+    """The trained digits CNN exported by torch (BatchNorm left in), 8 calibration batches of 32 training
+    images, and the test split: ``model`` (do not modify: copy it), ``calib``, ``x``, ``y``, ``name`` (input),
+    ``acc`` (fp32 test accuracy)."""
+    import torch
+
+    from onnxforge.testing import digits as dg
+    from onnxforge.testing import zoo
+
+    x_train, _, x_test, y_test = dg.load_digits_split()
+    module = dg.train_digits_cnn(seed=0)
+    model = zoo.export_model(module, (torch.from_numpy(x_test[:1]),))
+    name = model.graph.inputs[0].name
+    calib = [{name: x_train[i : i + 32]} for i in range(0, 256, 32)]
+    return {"model": model, "calib": calib, "x": x_test, "y": y_test, "name": name,
+            "acc": dg.accuracy(model, x_test, y_test)}
+
+
+@pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     """Path of the bundled demo model, ``examples/digits_cnn.onnx`` (input ``input``, 10 logits)."""
     path = REPO / "examples" / "digits_cnn.onnx"

@@ -339,8 +339,8 @@ def test_stale_annotations_are_wrong_and_kept_out_of_validity():
     proto, feeds, _ = fuzz.build(case)
     clean = fuzz.build(fuzz.Case(378, 18, 4, [("conv_bn", 605994112)]))[0]
     assert len(proto.graph.value_info) > 0
-    assert not fuzz._full_check_passes(proto)  # the annotations contradict inference: really stale
-    assert fuzz._full_check_passes(clean)
+    assert not fuzz.full_check_passes(proto)  # the annotations contradict inference: really stale
+    assert fuzz.full_check_passes(clean)
     expected = fuzz._run(fuzz._session(proto.SerializeToString()), feeds)
     onnx.checker.check_model(fuzz.annotations_ignored(proto, expected), full_check=True)
     assert fuzz.check_case(case, "O2").cause == "ok"
@@ -382,7 +382,7 @@ def test_load_accepts_stale_annotations_and_keeps_input_shapes():
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     proto.graph.value_info.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [5, 7, 1]))
     proto.graph.output.append(helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [7]))
-    assert not fuzz._full_check_passes(proto)
+    assert not fuzz.full_check_passes(proto)
     model = load(proto.SerializeToString())
     assert [str(d) for d in model.graph.inputs[0].shape] == ["N", "3"]
     result = onnxforge.optimize(proto.SerializeToString(), "O2")

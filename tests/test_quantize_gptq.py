@@ -13,20 +13,10 @@ from onnxforge.passes.quantize.calibrate import run_outputs
 from onnxforge.passes.quantize.gptq import _Layer, gptq_round, objective
 
 
-@pytest.fixture(scope="module")
-def digits():
-    import torch
-
-    from onnxforge.testing import digits as dg
-    from onnxforge.testing import zoo
-
-    x_train, _, x_test, y_test = dg.load_digits_split()
-    module = dg.train_digits_cnn(seed=0)
-    model = zoo.export_model(module, (torch.from_numpy(x_test[:1]),))
-    name = model.graph.inputs[0].name
-    calib = [{name: x_train[i : i + 32]} for i in range(0, 256, 32)]
-    return {"model": model, "calib": calib, "x": x_test, "y": y_test, "name": name,
-            "acc": dg.accuracy(model, x_test, y_test)}
+@pytest.fixture
+def digits(trained_digits):
+    """The trained digits CNN and its data (tests/conftest.py)."""
+    return trained_digits
 
 
 def _copy(model: ir.Model) -> ir.Model:

@@ -876,7 +876,7 @@ def check_model(proto: onnx.ModelProto, spec: str, feeds: list[dict[str, np.ndar
     try:
         reference = _session(data)
         expected = [_run(reference, f) for f in feeds]
-        strict = _full_check_passes(proto)
+        strict = full_check_passes(proto)
         if not strict:
             onnx.checker.check_model(annotations_ignored(proto, expected[0]), full_check=True)
     except Exception as e:  # the generator made something onnxruntime rejects: not the passes' fault
@@ -904,7 +904,8 @@ def check_model(proto: onnx.ModelProto, spec: str, feeds: list[dict[str, np.ndar
     return Outcome("ok")
 
 
-def _full_check_passes(proto: onnx.ModelProto) -> bool:
+def full_check_passes(proto: onnx.ModelProto) -> bool:
+    """Whether ``onnx.checker`` with ``full_check`` (shape inference included) accepts ``proto``."""
     try:
         onnx.checker.check_model(proto, full_check=True)
         return True

@@ -235,7 +235,7 @@ def check(case, spec: str, variant: str = "inputs", target: str = "cpu") -> Node
     try:
         onnx.checker.check_model(result, full_check=True)
     except Exception as e:
-        if _valid(candidate):  # the candidate passed the checker: we made it invalid
+        if fuzz.full_check_passes(candidate):  # the candidate passed the checker: we made it invalid
             return out("broken", "invalid", runner, f"{type(e).__name__}: {str(e)[:300]}")
     if not runner:
         return out("not-runnable", "", runner, "neither onnxruntime nor the reference evaluator runs the original")
@@ -270,14 +270,6 @@ def check(case, spec: str, variant: str = "inputs", target: str = "cpu") -> Node
         return out("upstream", "runtime-differs-from-onnx", runner,
                    f"{runner} gives {detail} for the original; the optimized model matches ONNX's expected outputs")
     return out("broken", cause, runner, detail)
-
-
-def _valid(proto: onnx.ModelProto) -> bool:
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-        return True
-    except Exception:
-        return False
 
 
 def _run_with(proto: onnx.ModelProto, feeds: dict[str, object], runner: str):

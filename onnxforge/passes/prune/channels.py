@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Literal
@@ -219,11 +220,7 @@ class PruneChannelsPass(Pass):
         if data is None:
             raise CalibrationDataError("prune-channels(criterion=sensitivity) needs calibration data: it measures "
                                        "each group's effect on the outputs")
-        feeds = []
-        for feed in data:
-            feeds.append(feed)
-            if len(feeds) >= self.sensitivity_samples:
-                break
+        feeds = list(itertools.islice(data, self.sensitivity_samples))
         weights, raw = group_weights(model, dep, groups, scores, feeds,
                                      providers=tuple(self.context.providers))
         weights = {gi: max(w, 1e-3) for gi, w in weights.items()}

@@ -21,6 +21,7 @@ the pipeline's verifier reports the fidelity.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -71,11 +72,7 @@ class DistillPass(Pass):
         if data is None:
             raise CalibrationDataError("distill needs calibration data (PassContext.calibration_data): "
                                        "hundreds of unlabeled inputs")
-        feeds = []
-        for feed in data:
-            feeds.append(feed)
-            if len(feeds) >= self.max_samples:
-                break
+        feeds = list(itertools.islice(data, self.max_samples))
         config = KDConfig(epochs=self.epochs, lr=self.lr, temperature=self.temperature, batch_size=self.batch_size,
                           val_fraction=self.val_fraction, patience=self.patience, seed=self.context.seed,
                           threads=self.threads or None)
