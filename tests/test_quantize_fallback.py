@@ -251,3 +251,23 @@ def test_search_float_set_in_context_beats_a_misleading_ranking():
 
 def _float_convs(model):
     return [n.name for n in model.graph if n.op_type == "Conv" and n.inputs[1].producer() is None]
+
+
+def test_max_drop_with_a_metric_against_the_float_model(outlier_mlp):
+    """A three-parameter metric gets the float model's outputs: agreement with it, no labels needed."""
+    model, calib, names = outlier_mlp
+    seen = []
+
+    def agreement(outputs, feeds, float_outputs):
+        seen.append(len(float_outputs))
+        return float(np.mean([np.mean(o[0].argmax(1) == f[0].argmax(1)) for o, f in zip(outputs, float_outputs)]))
+
+    model2 = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    ctx = PassContext(calibration_data=calib, options={"metric": agreement})
+    r = create_pass("quantize-int8", {"max_drop": 0.0}, ctx)(model2)
+    fb = r.stats.details["fallback"]
+    assert fb["measure"] == "metric" and seen and set(seen) == {len(calib)}
+    assert fb["drop_all_int8"] > 0.0 and fb["drop_final"] == 0.0 and names[0] in fb["kept_float"], fb
+    ref = run_outputs(model, calib, optimize=False)
+    out = run_outputs(r.model, calib)
+    assert agreement(out, calib, ref) == 1.0  # measured independently

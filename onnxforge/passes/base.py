@@ -158,7 +158,7 @@ class PassContext:
 CONTEXT_OPTION_KEYS: dict[str, str] = {
     "num_samples": "cap on calibration samples used by data-driven passes",
     "eval_data": "evaluation data (CalibrationData) for accuracy-aware passes",
-    "metric": "callable(outputs, data) -> float, higher is better",
+    "metric": "callable(outputs, data[, float_outputs]) -> float, higher is better",
     "decisions": "path of quantize-int8's decision record (its own `decisions` option wins)",
 }
 

@@ -7,7 +7,9 @@ Accuracy fallback (``max_drop``): the drop of a model is measured on the calibra
 ``_BUDGET_FEEDS``; node sensitivities on the first ``_SENSITIVITY_FEEDS``) as
 
 * ``metric(float) - metric(int8)`` when the context has ``options['metric']``
-  (``metric(outputs_per_feed, feeds) -> float``, higher is better) and ``options['eval_data']``;
+  (``metric(outputs_per_feed, feeds) -> float``, higher is better; a third positional parameter gets
+  the float model's outputs on the same feeds, for a metric that scores agreement with it, such as
+  detections' F1) and optionally ``options['eval_data']`` (else the calibration feeds);
 * for a classifier (every float output is ``(N, C)`` class scores, ``C >= 2``): the **expected top-1
   flip rate** (:func:`expected_flips`). Per sample, with ``z`` the float scores (log-probabilities
   when the output is a softmax), ``c`` its top class, ``m_j = z_c - z_j`` its margins and
@@ -154,17 +156,35 @@ def output_error(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -> f
     return float(np.mean(errs)) if errs else 0.0
 
 
+def _positional_arity(fn) -> int:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 3
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
 class _Scorer:
     def __init__(self, pass_, qc, n_feeds: int | None = None):
         self.qc = qc
         self.feeds = _eval_feeds(pass_, qc)[:n_feeds]
         self.metric = pass_.context.options.get("metric")
         self.ref = cal.run_outputs(qc.float_bytes, self.feeds, optimize=False)
-        self.ref_metric = self.metric(self.ref, self.feeds) if self.metric else None
+        self.ref_metric = self._metric(self.ref) if self.metric else None
         self.measure = ("metric" if self.metric else
                         "expected top-1 flips" if is_classifier(self.ref) else "1 - cosine")
         self.cache: dict[frozenset, float] = {}
         self.errors: dict[frozenset, float] = {}
+
+    def _metric(self, outs: list[list[np.ndarray]]) -> float:
+        """The user's metric; with three positional parameters it also gets the float outputs."""
+        if _positional_arity(self.metric) >= 3:
+            return float(self.metric(outs, self.feeds, self.ref))
+        return float(self.metric(outs, self.feeds))
 
     def _measure(self, chosen: set[int]) -> None:
         """Build ``chosen`` once and record both measures (the budget's and the ranking's)."""
@@ -175,7 +195,7 @@ class _Scorer:
         outs = cal.run_outputs(self.qc.build(set(chosen)), self.feeds, optimize=True)
         self.errors[key] = output_error(self.ref, outs)
         if self.metric:
-            self.cache[key] = float(self.ref_metric - self.metric(outs, self.feeds))
+            self.cache[key] = float(self.ref_metric - self._metric(outs))
         elif self.measure == "expected top-1 flips":
             self.cache[key] = expected_flips(self.ref, outs)
         else:
