@@ -381,3 +381,38 @@ def test_o3_with_a_decision_record_rebuilds_byte_identical(tmp_path):
         assert record.exists()
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_optimize_metric_sets_the_int8_budget_in_task_units(tmp_path, monkeypatch):
+    """``--metric module:function`` (three parameters: scored against the float model) replaces
+    max_drop's proxy; a wrong spec is one clear line and exit 2."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from onnxforge.cli import main
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    data = np.load(repo / "examples" / "digits_data.npz")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=data["input"][:64])
+    (tmp_path / "h6_task_metric.py").write_text(
+        "import numpy as np\n"
+        "calls = []\n"
+        "def agreement(outputs, data, float_outputs):\n"
+        "    calls.append(sorted(outputs))\n"
+        "    (a,), (b,) = outputs.values(), float_outputs.values()\n"
+        "    return float(np.mean(a.argmax(1) == b.argmax(1)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    args = ["optimize", str(repo / "examples" / "digits_cnn.onnx"), "-o", str(out), "--passes",
+            "O1,quantize-int8(max_drop=0.0)", "--calibration-data", str(calib), "--report", str(report), "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--metric", "h6_task_metric:agreement"])
+    assert result.exit_code == 0, result.output
+    rec = next(r for r in json.loads(report.read_text())["passes"] if r["name"] == "quantize-int8")
+    fb = rec["stats"]["details"]["fallback"]
+    assert fb["measure"] == "metric" and fb["drop_final"] <= 0.0, fb
+    import h6_task_metric
+
+    assert h6_task_metric.calls  # the user's function ran, with the outputs by name
+    bad = CliRunner().invoke(main, [*args, "--metric", "no_such_module_h6:f"])
+    assert bad.exit_code == 2 and "cannot import" in bad.output

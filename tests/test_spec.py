@@ -115,6 +115,7 @@ def test_config_written_back_reads_the_same(tmp_path):
         seed=3,
         num_samples=32,
         providers=["cuda", "cpu"],
+        metric="my_metrics:f1",
     )
     path = tmp_path / "saved.toml"
     path.write_text(config_to_toml(config))
@@ -122,6 +123,7 @@ def test_config_written_back_reads_the_same(tmp_path):
     assert again.passes == config.passes
     assert (again.verify, again.seed, again.target, again.num_samples) == (True, 3, "cpu", 32)
     assert again.providers == ["cuda", "cpu"]
+    assert again.metric == "my_metrics:f1"
 
 
 def test_config_providers_reach_the_passes(tmp_path):

@@ -46,8 +46,12 @@ from onnxforge.errors import CalibrationDataError, PipelineSpecError
               help="quantize-int8's decision record (JSON): written with what was measured when the file "
                    "does not exist, replayed without measuring when it does, so the same command rebuilds "
                    "byte-identical output (e.g. --preset O3 in CI).")
+@click.option("--metric", "metric", metavar="MODULE:FUNCTION", default=None,
+              help="quantize-int8's max_drop as a drop of this task metric on the calibration data instead of its "
+                   "proxy: function(outputs, data[, float_outputs]) -> float, higher is better (as for tune).")
 def optimize(model, output, passes_text, preset, config_path, target, calibration_data, verify, fixed_point,
-             explain, report_path, as_json, bench, external_data, reproducer_dir, seed, quiet, max_memory=None, decisions=None):
+             explain, report_path, as_json, bench, external_data, reproducer_dir, seed, quiet, max_memory=None, decisions=None,
+             metric=None):
     """Run a pass pipeline over MODEL and write the result (default pipeline: preset O1, lossless)."""
     from onnxforge.errors import OnnxforgeError
 
@@ -60,7 +64,7 @@ def optimize(model, output, passes_text, preset, config_path, target, calibratio
             report, output = _optimize(model, output, passes_text, preset, config_path, target, calibration_data,
                                        verify, fixed_point, explain, report_path, as_json, bench, external_data,
                                        reproducer_dir, seed, quiet, done, max_memory=max_memory,
-                                       decisions=decisions)
+                                       decisions=decisions, metric=metric)
     except OnnxforgeError as e:
         page = report_path is not None and report_path.suffix.lower() in (".html", ".htm") and bool(done)
         if page:
@@ -78,7 +82,7 @@ def optimize(model, output, passes_text, preset, config_path, target, calibratio
 
 def _optimize(model, output, passes_text, preset, config_path, target, calibration_data, verify, fixed_point,
               explain, report_path, as_json, bench, external_data, reproducer_dir, seed, quiet, done,
-              max_memory=None, decisions=None):
+              max_memory=None, decisions=None, metric=None):
     from onnxforge.cli._console import console as make_console
     from onnxforge.ir.io import load, save
     from onnxforge.passes.manager import Pipeline
@@ -104,6 +108,8 @@ def _optimize(model, output, passes_text, preset, config_path, target, calibrati
         config.fixed_point = fixed_point
     if seed is not None:
         config.seed = seed
+    if metric:
+        config.metric = metric
 
     output = output or model.with_name(model.stem + ".opt.onnx")
     if output.resolve() == model.resolve():
@@ -126,6 +132,10 @@ def _optimize(model, output, passes_text, preset, config_path, target, calibrati
     context = config.context(data, explain=explain)
     if decisions is not None:
         context.options["decisions"] = str(decisions)
+    if config.metric:
+        from onnxforge.passes.quantize.task_metric import TaskMetric
+
+        context.options["metric"] = TaskMetric(config.metric, [v.name for v in ir_model.graph.outputs])
     snapshot = None
     if html_report:
         from onnxforge.report.collect import FloatSnapshot

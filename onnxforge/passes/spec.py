@@ -69,6 +69,7 @@ CONFIG_KEYS = {
     "providers",
     "num_samples",
     "seed",
+    "metric",
 }
 
 
@@ -99,6 +100,7 @@ class PipelineConfig:
     providers: list[str] | None = None
     num_samples: int | None = None
     seed: int = 0
+    metric: str | None = None  # quantize-int8's max_drop in this task metric (module:function)
     source: str | None = None
 
     def pipeline_string(self) -> str:
@@ -347,6 +349,7 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> PipelineCon
         providers=providers,
         num_samples=typed("num_samples", int, None),
         seed=typed("seed", int, 0),
+        metric=typed("metric", str, None),
         source=where,
     )
 
@@ -366,6 +369,8 @@ def config_to_toml(config: PipelineConfig) -> str:
         lines.append(f"seed = {config.seed}")
     if config.num_samples:
         lines.append(f"num_samples = {config.num_samples}")
+    if config.metric:
+        lines.append(f"metric = {_toml_value(config.metric)}")
     if config.max_iterations != 4:
         lines.append(f"max_iterations = {config.max_iterations}")
     for spec in config.passes:

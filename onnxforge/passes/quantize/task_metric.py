@@ -1,0 +1,45 @@
+"""A user's task metric as ``quantize-int8``'s accuracy budget, from the CLI or a config file.
+
+``onnxforge optimize ... --metric module:function`` (or ``metric = "module:function"`` in the config)
+makes ``max_drop`` a drop of *that* metric on the calibration data instead of its proxy (expected top-1
+flips, ``1 - cosine``). The function is the one ``onnxforge tune --metric`` takes:
+``function(outputs, data) -> float`` or ``function(outputs, data, float_outputs) -> float``, higher is
+better, with ``outputs`` / ``float_outputs`` as ``{output name: array}`` (samples concatenated on
+axis 0) and ``data`` the calibration arrays by input name. The three-parameter form scores
+agreement with the float model (detections' F1, decoded strings) and needs no labels. ``max_drop`` is
+in the function's unit: ``max_drop=0.01`` is one point of an F1 in ``[0, 1]``.
+
+:class:`TaskMetric` adapts it to the pass's ``metric(outputs_per_feed, feeds, float_outputs_per_feed)``
+(:mod:`.fallback`), pairing outputs with their names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from onnxforge.errors import PipelineSpecError
+
+
+class TaskMetric:
+    """``metric(outputs_per_feed, feeds, float_outputs_per_feed) -> float`` over named, concatenated arrays."""
+
+    def __init__(self, spec: str, output_names: Sequence[str]):
+        from onnxforge.tune.evaluate import resolve_metric
+
+        if ":" not in spec:
+            raise PipelineSpecError(f"--metric {spec!r}: give module:function (higher is better), called as "
+                                    "function(outputs, data[, float_outputs]) with arrays by name")
+        self.spec = spec
+        self.metric = resolve_metric(spec)
+        self.names = list(output_names)
+
+    def _named(self, per_feed: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+        if any(len(outs) != len(self.names) for outs in per_feed):
+            raise PipelineSpecError(f"--metric {self.spec!r}: the model must keep its {len(self.names)} outputs")
+        return {name: np.concatenate([np.asarray(outs[j]) for outs in per_feed]) for j, name in enumerate(self.names)}
+
+    def __call__(self, outputs_per_feed, feeds, float_outputs_per_feed) -> float:
+        data = {k: np.concatenate([np.asarray(f[k]) for f in feeds]) for k in feeds[0]} if feeds else {}
+        return float(self.metric.fn(self._named(outputs_per_feed), self._named(float_outputs_per_feed), data))
