@@ -290,7 +290,8 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     def subset(kept: list[int]) -> set[int]:
         return select(model, qc.analysis, set(kept), target=qc.target) & chosen
 
-    kept, steps, how = search_float_set(order, lambda k: scorer.drop(subset(k)), lambda k: scorer.error(subset(k)),
+    # in-context errors on the ranking's few samples (a choice among candidates), the budget on all of them
+    kept, steps, how = search_float_set(order, lambda k: scorer.drop(subset(k)), lambda k: ranker.error(subset(k)),
                                         budget)
     stats.details["fallback"]["search"] = how
     final = subset(kept)
