@@ -13,6 +13,8 @@ interleaved re-timing of the two pipelines side by side (chosen / grid best; 1.0
     python bench/bench_tune.py                      # digits CNN and mobilenetv2_style
     python bench/bench_tune.py --models digits --seeds 0 1 2
     python bench/bench_tune.py --suite orientation effnet --budget 12   # trained models, task metric
+    cd bench && ../.venv/bin/python bench_tune.py --suite det layout --budget 4 --space tune_int8_space.toml
+        # mixed-precision int8: quantize-int8(max_drop=...) measured in the suite's metric (Tune run 4)
 
 ``--suite``: ``onnxforge tune`` with the *default* space (target_latency, criterion, reconstruct,
 int8 / dynamic, fuse), ``--max-drop 1`` point of the suite's task metric against the fp32 model
@@ -170,10 +172,22 @@ def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None =
     chosen = outcome.result.chosen
     row = {"model": name, "budget": budget, "seconds": seconds, "n": n,
            "chosen": chosen.pipeline if chosen else None, "search_ratio": chosen.latency_ratio if chosen else None,
-           "search_drop": chosen.drop if chosen else None, "base": outcome.base,
-           "front": [(c.pipeline, c.latency_ratio, c.drop) for c in outcome.result.candidates if c.ok]}
+           "search_drop": chosen.drop if chosen else None, "base": outcome.base, "reproduced": outcome.reproduced,
+           "front": [(c.pipeline, c.latency_ratio, c.drop) for c in outcome.result.candidates if c.ok],
+           "candidates": [{"pipeline": c.pipeline[len(outcome.base):].lstrip(","), "status": c.status,
+                           "ratio": c.latency_ratio, "drop": c.drop, "build_s": round(c.build_s, 1),
+                           "eval_s": round(c.eval_s, 1), "cached": c.cached}
+                          for c in outcome.result.candidates]}
     if chosen is None or outcome.output is None:
         return row
+    record = outcome.output.with_name(outcome.output.stem + ".quantize-decisions.json")
+    if record.exists():  # a mixed-precision int8 choice: what the pass measured with tune's metric
+        import json
+
+        fb = json.loads(record.read_text()).get("measurements", {}).get("fallback", {})
+        row["fallback"] = {k: fb.get(k) for k in ("measure", "budget", "samples", "drop_all_int8", "drop_final",
+                                                  "search", "builds")}
+        row["fallback"]["kept_float"] = len(fb.get("kept_float", []))
     orig = make_session(str(case.model_path), optimize="all", threads=1)
     tuned = make_session(str(outcome.output), optimize="all", threads=1)
 

@@ -2,6 +2,8 @@
 
 - :mod:`.space`: the search space (defaults, or a TOML file) and candidates as pipeline strings;
 - :mod:`.evaluate`: build a candidate, score it on evaluation data, time it against the original;
+- :mod:`.budget`: tune's own metric and search data handed to a budgeted ``quantize-int8``
+  (mixed-precision int8 candidates), and the decision records that replay them;
 - :mod:`.cache`: results on disk, keyed by model, pipeline, data and settings (resume for free);
 - :mod:`.search`: grid or Optuna (TPE / NSGA-II, multi-objective, constrained), parallel workers,
   the Pareto front and the choice;

@@ -88,6 +88,8 @@ class EvalSpec:
     settings: EvalSettings
     calibration: Any = None  # a path (str) to .npz / folder, or a dict of arrays, or None
     model_path: str | None = None
+    # where budgeted quantize-int8 candidates write their decision records (see .budget); None: none
+    decisions_dir: str | None = None
 
 
 @dataclasses.dataclass
@@ -292,20 +294,28 @@ class Evaluator:
 
     def build_model(self, pipeline: str):
         """The candidate as an ``onnx_ir.Model`` (see :meth:`build`)."""
+        return self.build_result(pipeline).model
+
+    def build_result(self, pipeline: str):
+        """The :class:`~onnxforge.passes.manager.PipelineResult` of building the candidate (model and
+        per-pass report)."""
         from onnxforge.ir.io import load
         from onnxforge.passes.base import PassContext
         from onnxforge.passes.manager import Pipeline
         from onnxforge.passes.spec import parse_pipeline
+        from onnxforge.tune.budget import context_options
 
         model = load(self.model_bytes)
         s = self.settings
-        options = {"num_samples": s.num_samples} if s.num_samples else {}
+        specs = parse_pipeline(pipeline)
+        options: dict[str, Any] = {"num_samples": s.num_samples} if s.num_samples else {}
+        # quantize-int8(max_drop=...) measures tune's own metric on the search data (see .budget)
+        options.update(context_options(self, specs, pipeline))
         context = PassContext(target=s.target, calibration_data=self.calibration(model), seed=s.seed,
                               options=options)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = Pipeline(parse_pipeline(pipeline), context=context).run(model)
-        return result.model
+            return Pipeline(specs, context=context).run(model)
 
     # --- scoring --------------------------------------------------------------------------------
 

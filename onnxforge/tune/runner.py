@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import shutil
+import tempfile
 from typing import Callable
 
 from onnxforge.errors import PipelineSpecError
@@ -79,13 +81,36 @@ def tune(
     elif space is not None:
         the_space = load_space(space)
     else:
-        the_space = default_space(with_calibration=calib is not None)
+        the_space = default_space(with_calibration=calib is not None, max_drop=settings.max_drop)
     if not the_space.slots:
         raise PipelineSpecError("the search space has no passes (see the notes: passes not registered?)")
     if cache_dir:
         _share_latency_table(the_space, pathlib.Path(cache_dir), sha256(model_bytes))
-    spec = EvalSpec(model_bytes, eval_arrays, settings, calibration=calib, model_path=str(model_path))
+    # budgeted quantize-int8 candidates record their measured decisions here (replayed on rebuild)
+    scratch = None
+    if cache_dir:
+        decisions_dir = str((pathlib.Path(cache_dir) / "decisions").resolve())
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="onnxforge-tune-")
+        decisions_dir = scratch.name
+    spec = EvalSpec(model_bytes, eval_arrays, settings, calibration=calib, model_path=str(model_path),
+                    decisions_dir=decisions_dir)
+    try:
+        return _search_and_write(spec, the_space, cache_dir, calib, settings, model_path, output, out_dir,
+                                 strategy=strategy, sampler=sampler, budget=budget, seed=seed, jobs=jobs,
+                                 executor=executor, max_latency_ms=max_latency_ms, refine=refine,
+                                 on_result=on_result, write=write)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _search_and_write(spec: EvalSpec, the_space: Space, cache_dir, calib: str | None, settings: EvalSettings,
+                      model_path: pathlib.Path, output, out_dir, *, strategy: str, sampler: str, budget: int,
+                      seed: int, jobs: int, executor: str, max_latency_ms: float | None, refine: int,
+                      on_result, write: bool) -> TuneOutcome:
     evaluator = Evaluator(spec)
+    eval_arrays = spec.eval_arrays
     data_hash = sha256((hash_source(calib) + hash_arrays(eval_arrays)).encode())
     cache = Cache(cache_dir, evaluator.model_sha256, data_hash, settings.key()) if cache_dir else None
     tuner = Tuner(the_space, spec, cache=cache, strategy=strategy, sampler=sampler, budget=budget, seed=seed,
@@ -136,11 +161,22 @@ def _write_chosen(evaluator: Evaluator, chosen: Candidate, out_path: pathlib.Pat
     from onnxforge.atomic import atomic_write_bytes
     from onnxforge.ir.io import model_to_bytes, save
     from onnxforge.passes.spec import PipelineConfig, config_to_toml, parse_pipeline
+    from onnxforge.tune.budget import budgeted, record_path
 
     if out_path.resolve() == model_path.resolve():
         raise PipelineSpecError("output path is the input path; onnxforge never overwrites its input")
     model = evaluator.build_model(chosen.pipeline)
     reproduced = sha256(model_to_bytes(model)) == chosen.model_sha256
+    specs = parse_pipeline(chosen.pipeline)
+    if budgeted(specs) and evaluator.spec.decisions_dir:
+        # the config replays the decisions measured with tune's metric (optimize has no metric)
+        record = record_path(evaluator.spec.decisions_dir, evaluator, chosen.pipeline)
+        if record.exists():
+            copy = out_path.with_name(out_path.stem + ".quantize-decisions.json")
+            shutil.copyfile(record, copy)
+            for s in specs:
+                if s.name == "quantize-int8" and s.options.get("max_drop") is not None and "decisions" not in s.options:
+                    s.options["decisions"] = str(copy.resolve())
     if not reproduced:
         warnings.warn(f"rebuilding the chosen pipeline gave different bytes than during the search: "
                       f"some pass is not deterministic ({chosen.pipeline})", RuntimeWarning, stacklevel=3)
@@ -152,7 +188,7 @@ def _write_chosen(evaluator: Evaluator, chosen: Candidate, out_path: pathlib.Pat
             calib_rel = os.path.relpath(calib, config_file.resolve().parent)
         except ValueError:  # another drive (Windows)
             calib_rel = calib
-    config = PipelineConfig(passes=parse_pipeline(chosen.pipeline), target=settings.target,
+    config = PipelineConfig(passes=specs, target=settings.target,
                             calibration_data=calib_rel, seed=settings.seed)
     text = (f"# written by onnxforge tune for {model_path.name}: reproduce with\n"
             f"#   onnxforge optimize {model_path.name} --config {config_file.name} -o {out_path.name}\n"

@@ -145,7 +145,8 @@ class Space:
         for s in self.enabled(params):
             options = {key: (params[f"{s.name}.{key}"] if isinstance(v, (Choice, Range)) else v)
                        for key, v in s.options.items()}
-            specs.append(PassSpec(s.name, options))
+            # None is the pass's default (e.g. max_drop: no accuracy budget): left out of the string
+            specs.append(PassSpec(s.name, {k: v for k, v in options.items() if v is not None}))
         if not specs:
             return ""
         return format_pipeline(specs)
@@ -293,9 +294,11 @@ def _available_base(preset: str, passes: dict[str, type], notes: list[str]) -> s
     return format_pipeline([s for s in specs if s.name in passes])
 
 
-def default_space(*, with_calibration: bool = True, base: str = "O1") -> Space:
+def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: float | None = None) -> Space:
     """The default space: ``prune-channels`` (target_latency 0.5..0.9, criterion), ``reconstruct``,
-    ``quantize-int8`` (calibration method, per-channel) or ``quantize-dynamic``, ``fuse`` on/off.
+    ``quantize-int8`` (calibration method, per-channel, weight rounding and, given tune's ``max_drop``, all-int8 or
+    mixed precision: ``max_drop`` = half of tune's, measured in tune's own metric, see
+    :mod:`onnxforge.tune.budget`) or ``quantize-dynamic``, ``fuse`` on/off.
 
     A pass missing from the registry is left out, with a note; so is an option it does not have, and
     a choice its annotation does not allow. Without calibration data the data-driven passes and
@@ -343,8 +346,17 @@ def default_space(*, with_calibration: bool = True, base: str = "O1") -> Space:
     add("reconstruct", {}, optional=True, requires="prune-channels", needs_data=True)
     # Not ``distill``: minutes of torch training per candidate on a 224x224 CNN, and it did not win on
     # the trained suite (BENCHMARKS.md, Pruning run 5); opt in with a space file (README, ``tune``).
-    add("quantize-int8", {"calibration": Choice(("minmax", "percentile", "entropy")),
-                          "per_channel": Choice((True, False))}, exclusive="quantize", needs_data=True)
+    # GPTQ rounding: on the trained YOLOX detector it let the budget keep 8 convs float instead of 52
+    # (CPU-time ratio 0.56 vs 0.87, BENCHMARKS.md Tune run 4). Not latency_guard: it kept every int8
+    # region there and costs interleaved timing per candidate; opt in with a space file.
+    int8: dict[str, Any] = {"calibration": Choice(("minmax", "percentile", "entropy")),
+                            "per_channel": Choice((True, False)), "weight_rounding": Choice(("nearest", "gptq"))}
+    if max_drop is not None:
+        from onnxforge.tune.budget import pass_budget
+
+        # all-int8 (None) or mixed precision: the pass keeps float the nodes tune's metric needs
+        int8["max_drop"] = Choice((None, pass_budget(max_drop)))
+    add("quantize-int8", int8, exclusive="quantize", needs_data=True)
     add("quantize-dynamic", {}, exclusive="quantize")
     return space
 
@@ -434,6 +446,8 @@ def _parse_dim(name: str, key: str, raw: Any, ann: Any, where: str, coerce) -> A
     if isinstance(raw, list):
         if not raw:
             raise PipelineSpecError(f"{where}: {name}.{key}: empty list of choices")
-        values = tuple(coerce(name, key, v, ann) for v in raw)
+        # TOML has no null: "none" is the pass's default for an optional option (max_drop = ["none", 0.5])
+        optional = type(None) in typing.get_args(ann)
+        values = tuple(None if optional and v == "none" else coerce(name, key, v, ann) for v in raw)
         return Choice(values) if len(values) > 1 else values[0]
     return coerce(name, key, raw, ann)
