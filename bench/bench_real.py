@@ -63,6 +63,9 @@ class Row:
     spec: str | None = None
     ort_quant: dict[str, Any] | None = None
     optimize: str = "all"  # onnxruntime graph optimization level of the timed session
+    # quantize-int8's max_drop measured in the case's task metric on the calibration feeds
+    # (PassContext options "metric" and "eval_data", see task_metric) instead of its built-in proxy
+    task_metric: bool = False
 
 
 # onnxruntime's hand-tuned static quantization (the issue's anchor): QDQ, Conv only, U8S8,
@@ -86,6 +89,13 @@ ROWS: dict[str, Row] = {
     # O3 with GPTQ weights: the proposed O3 (the preset string lives in onnxforge/passes/spec.py)
     "O3-gptq": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq,max_drop=0.01,"
                    "latency_guard=true)"),
+    # O3's budget in the task's own unit: max_drop=0.01 = 1 point of the case's metric (F1 @ IoU 0.5,
+    # top-1 or string agreement) vs the fp32 model on the calibration feeds (BENCHMARKS.md, Trained-model
+    # suite, run 5)
+    "O3-taskmetric": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq,max_drop=0.01,"
+                         "latency_guard=true)", task_metric=True),
+    "O3-taskmetric-nearest": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,max_drop=0.01,"
+                                 "latency_guard=true)", task_metric=True),
     "ort-int8-default": Row(ort_quant={}),
     "ort-int8-tuned": Row(ort_quant=ORT_TUNED),
     "prune30": Row(PRUNE30),
@@ -195,13 +205,53 @@ def _opset_at_least(model_bytes: bytes, opset: int) -> bytes:
         return model_bytes
 
 
-def build_row(row: Row, model_bytes: bytes, calib: list[dict]) -> bytes:
+def task_metric(case, model_bytes: bytes):
+    """``metric(outputs_per_feed, feeds) -> float`` for quantize-int8's ``max_drop`` (PassContext option
+    ``metric``): ``case.metric`` (1.0 = the same task results) of the candidate's outputs against the
+    fp32 model ``model_bytes`` (ORT_DISABLE_ALL) on the same feeds. The pass calls it on its float
+    model's outputs too (its reference), so it compares with the original itself, not with its first
+    call; the reference outputs are cached by the feed's input bytes. Outputs are matched by position
+    to the original's output names (the pipelines here keep the graph outputs in order)."""
+    import hashlib
+
+    import numpy as np
+
+    ref_info = make_session(model_bytes, threads=1, optimize="disable")
+    names = [o.name for o in ref_info.session.get_outputs()]
+    inputs = [i.name for i in ref_info.session.get_inputs()]
+    cache: dict[bytes, dict] = {}
+
+    def reference(feed) -> dict:
+        h = hashlib.sha1()
+        for k in inputs:
+            h.update(np.ascontiguousarray(feed[k]).tobytes())
+        key = h.digest()
+        if key not in cache:
+            cache[key] = dict(zip(names, ref_info.session.run(None, {k: feed[k] for k in inputs})))
+        return cache[key]
+
+    def metric(outputs, feeds) -> float:
+        outputs, feeds = list(outputs), list(feeds)
+        if any(len(o) != len(names) for o in outputs):
+            raise ValueError(f"task metric: the candidate has {len(outputs[0])} outputs, the original {len(names)}")
+        return float(case.metric([reference(f) for f in feeds], [dict(zip(names, o)) for o in outputs]))
+
+    return metric
+
+
+def build_row(row: Row, model_bytes: bytes, calib: list[dict], case=None) -> bytes:
     from onnxforge.api import optimize
     from onnxforge.ir.io import model_to_bytes
+    from onnxforge.passes import PassContext
 
     out = model_bytes
     if row.spec:
-        result = optimize(onnx.load_from_string(out), row.spec, calibration_data=calib)
+        context = None
+        if row.task_metric:
+            if case is None:
+                raise ValueError("a task_metric row needs the case (its metric)")
+            context = PassContext(options={"metric": task_metric(case, model_bytes), "eval_data": calib})
+        result = optimize(onnx.load_from_string(out), row.spec, calibration_data=calib, context=context)
         out = model_to_bytes(result.model)
     if row.ort_quant is not None:
         out = _ort_quantize(out, calib, row.ort_quant)
@@ -309,7 +359,7 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
         results[label] = res
         try:
             t0 = time.perf_counter()
-            data = original if row.spec is None and row.ort_quant is None else build_row(row, original, calib)
+            data = original if row.spec is None and row.ort_quant is None else build_row(row, original, calib, case)
             res["build_s"] = time.perf_counter() - t0
             built[label] = data
             res["nodes"] = _node_count(data)
@@ -530,6 +580,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(SUITE))
     ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--row", action="append", default=[], metavar="LABEL=SPEC",
+                    help="an extra row: an onnxforge pipeline string under a label (repeatable; add the label "
+                         "to --rows, or it is appended); prefix the spec with 'taskmetric:' for a task_metric row")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=3)
     ap.add_argument("--threads", default="1", help="intra-op thread counts to time, e.g. 1,2")
@@ -561,6 +614,14 @@ def main() -> None:
             print(markdown(json.load(fh)))
         return
     rows = args.rows.split(",")
+    for extra in args.row:
+        label, sep, spec = extra.partition("=")
+        if not sep or not label or not spec:
+            ap.error(f"--row {extra!r}: expected LABEL=SPEC")
+        tm = spec.startswith("taskmetric:")
+        ROWS[label] = Row(spec.removeprefix("taskmetric:"), task_metric=tm)
+        if label not in rows:
+            rows.append(label)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
