@@ -179,16 +179,8 @@ def _max_abs(cand, orig, data) -> float:
     return float(compare(orig, cand).max_abs)
 
 
-def _positional_arity(fn: Callable[..., Any]) -> int:
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 2
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return 3
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+# one definition for tune's metrics and quantize-int8's max_drop metric (a third parameter: the reference outputs)
+from onnxforge.passes.quantize.fallback import _positional_arity  # noqa: E402
 
 
 def resolve_metric(name: str) -> Metric:
