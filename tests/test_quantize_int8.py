@@ -322,3 +322,36 @@ def test_calibration_progress_bar_only_on_a_tty(monkeypatch):
     wrapped = cal.with_progress(data, 2, "calibrating")
     assert wrapped is not data
     assert list(wrapped) == data
+
+
+def _ort_optimized(model_bytes: bytes, tmp_path, disabled=()):
+    so = ort.SessionOptions()  # level 1 runs the transformer; higher levels rename the fused nodes
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / f"opt{len(disabled)}.onnx")
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+    return sess, onnx.load(so.optimized_model_filepath)
+
+
+def test_node_kept_float_stays_float_in_onnxruntime(digits, tmp_path):
+    # onnxruntime's WeightBiasQuantization quantizes the float weight of a Conv/Gemm that reads a per-tensor
+    # DequantizeLinear and feeds a QuantizeLinear (per tensor, asymmetric): a node kept float must not match
+    model = digits["model"]
+    excluded = [n.name for n in model.graph if n.op_type == "Conv"][1]
+    r = quantize(model, digits["calib"], exclude=[excluded])
+    kept = next(n for n in r.model.graph if n.name == excluded)
+    dq = kept.inputs[0].producer()
+    assert dq is not None and dq.op_type == "DequantizeLinear"  # it reads int8 data: the case that matters
+    assert kept.inputs[1].producer() is None and r.stats.counts["float_nodes_shielded"] >= 1
+    data = ir.serde.serialize_model(r.model).SerializeToString()
+    sess, optimized = _ort_optimized(data, tmp_path)
+    node = next(n for n in optimized.graph.node if n.name == excluded)
+    producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
+    assert producers.get(node.input[1]) != "DequantizeLinear", "onnxruntime quantized the float weight"
+    # same numbers as a session that runs without the transformer, and the dequantized input is unchanged
+    ref, _ = _ort_optimized(data, tmp_path, ["WeightBiasQuantization"])
+    x = {sess.get_inputs()[0].name: digits["x"][:64]}
+    np.testing.assert_array_equal(sess.run(None, x)[0], ref.run(None, x)[0])
+    sim = ort.SessionOptions()
+    sim.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(data, sim, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, x)[0], plain.run(None, x)[0], atol=0.05, rtol=0.05)

@@ -250,11 +250,54 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
             node.replace_input_with(info.bias_input, dq.outputs[0])
             if stats:
                 stats.count("biases_int32")
+    # 3b. a weighted node left float stays float at run time (see _keep_float)
+    for idx, node in enumerate(nodes):
+        if idx not in plan.chosen and node.graph is graph:
+            if _keep_float(node, b) and stats:
+                stats.count("float_nodes_shielded")
     # 4. drop float initializers nobody reads any more
     for name, v in list(graph.initializers.items()):
         if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
             del graph.initializers[name]
     graph.sort()
+
+
+def _keep_float(node: ir.Node, b: _Builder) -> bool:
+    """Read a float Conv/ConvTranspose/Gemm's input through a per-axis DequantizeLinear; True if changed.
+
+    onnxruntime's ``WeightBiasQuantization`` (graph level 1, on in every session that optimizes)
+    takes a Conv/ConvTranspose/Gemm whose input comes from a per-tensor DequantizeLinear and whose
+    output leads to a QuantizeLinear, and quantizes its **float** weight itself: per tensor,
+    asymmetric int8. A node that ``max_drop``, the latency guard or ``exclude`` kept float ran as a
+    worse int8 node than the one it replaced (rapid/YOLOX ``Conv_44`` kept float: per-tensor int8
+    weights at run time; depthwise convs, whose channels differ by orders of magnitude, broke).
+    The transformer needs a scalar input scale, so the float node's own DQ (one per reading node,
+    step 2) gets its scale and zero point repeated along the channel axis: the same values, per axis.
+    """
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
+        return False
+    parts = _dq_parts(node.inputs[0])
+    w = const_value(node.inputs[1])
+    if parts is None or w is None or len(node.inputs[0].uses()) != 1:
+        return False
+    dq, scale, zp = parts
+    if node.op_type == "Gemm":
+        trans_a = node.attributes.get("transA")
+        trans_b = node.attributes.get("transB")
+        axis = 0 if trans_a is not None and int(trans_a.value) else 1
+        channels = w.shape[1] if trans_b is not None and int(trans_b.value) else w.shape[0]
+    else:
+        axis = 1
+        group = node.attributes.get("group")
+        g = int(group.value) if group is not None else 1
+        channels = w.shape[0] if node.op_type == "ConvTranspose" else w.shape[1] * g
+    name = dq.outputs[0].name or "float_input"
+    s = b.init(name + "_per_axis_scale", np.full((channels,), float(scale.reshape(-1)[0]), np.float32))
+    z = b.init(name + "_per_axis_zero_point", np.full((channels,), zp.reshape(-1)[0], zp.dtype))
+    dq.replace_input_with(1, s)
+    dq.replace_input_with(2, z)
+    dq.attributes["axis"] = ir.AttrInt64("axis", axis)
+    return True
 
 
 def _dq_parts(v: ir.Value | None) -> tuple[ir.Node, np.ndarray, np.ndarray] | None:
