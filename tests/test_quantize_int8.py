@@ -355,3 +355,31 @@ def test_node_kept_float_stays_float_in_onnxruntime(digits, tmp_path):
     sim.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(data, sim, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, x)[0], plain.run(None, x)[0], atol=0.05, rtol=0.05)
+
+
+def test_gemm_kept_float_stays_float_in_onnxruntime(tmp_path):
+    # the same transformer takes Gemm (through a Relu to the QuantizeLinear): an exported MLP, middle layer kept float
+    import torch
+
+    from onnxforge.testing import zoo
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 4)).eval()
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    model = zoo.export_model(mlp, (torch.from_numpy(x[:1]),))
+    name = model.graph.inputs[0].name
+    gemms = [n.name for n in model.graph if n.op_type in ("Gemm", "MatMul")]
+    assert len(gemms) == 3
+    r = quantize(model, [{name: x[i : i + 16]} for i in range(0, 64, 16)], exclude=[gemms[1]])
+    kept = next(n for n in r.model.graph if n.name == gemms[1])
+    if kept.op_type != "Gemm":
+        pytest.skip(f"the exporter wrote {kept.op_type}, which the transformer does not take")
+    assert kept.inputs[0].producer().op_type == "DequantizeLinear" and r.stats.counts["float_nodes_shielded"] >= 1
+    data = ir.serde.serialize_model(r.model).SerializeToString()
+    sess, optimized = _ort_optimized(data, tmp_path)
+    node = next(n for n in optimized.graph.node if n.name == gemms[1])
+    producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
+    assert producers.get(node.input[1]) != "DequantizeLinear", "onnxruntime quantized the float weight"
+    ref, _ = _ort_optimized(data, tmp_path, ["WeightBiasQuantization"])
+    np.testing.assert_array_equal(sess.run(None, {name: x})[0], ref.run(None, {name: x})[0])
