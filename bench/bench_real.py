@@ -432,14 +432,40 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
 # --------------------------------------------------------------------------- diagnosis (--diagnose)
 
 
+def activations_only(qc, chosen: set[int]):
+    """The QDQ model of ``qc.build(chosen)`` with every quantized weight and bias back to its float
+    tensor: only the activations are int8 (run it at ORT_DISABLE_ALL, see :func:`diagnose`)."""
+    import onnx_ir as ir
+
+    from onnxforge.ir.graph import const_value
+
+    infos = qc.analysis.infos
+    acts = qc.build(set(chosen))
+    fresh_nodes = {n.name: n for n in qc.fresh().graph}
+    weighted = {infos[i].name: infos[i] for i in chosen if infos[i].role == "weighted"}
+    for node in list(acts.graph):
+        info = weighted.get(node.name)
+        for j in (info.weight_input, info.bias_input) if info is not None else ():
+            if j is None or j >= len(node.inputs):
+                continue
+            orig = const_value(fresh_nodes[node.name].inputs[j])
+            v = ir.Value(name=f"{node.name}_float_{j}", shape=ir.Shape(orig.shape),
+                         type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(orig))
+            acts.graph.register_initializer(v)
+            node.replace_input_with(j, v)
+    ir.passes.common.RemoveUnusedNodesPass()(acts)
+    return acts
+
+
 def diagnose(name: str, n_calib: int, n_eval: int) -> list[dict]:
     """Where int8 loses the metric: weights vs activations, and which kind of layer.
 
     All variants quantize every weighted node of the O2 model as ``quantize-int8(calibration=sqnr)``
     would. ``weights only``: the float model with each weight replaced by its int8 value
     (dequantized), biases corrected as ``bias_correction`` does; ``activations only``: the QDQ model
-    with float weights, run at ORT_DISABLE_ALL (onnxruntime's ORT_ENABLE_ALL miscomputes a QDQ graph
-    whose Conv reads a float weight: EfficientNet-Lite0's top-1 agreement 0.55 there, 1.00 simulated);
+    with float weights, run at ORT_DISABLE_ALL (above it, onnxruntime's ``WeightBiasQuantization``
+    quantizes a float weight between a DequantizeLinear and a QuantizeLinear per tensor:
+    EfficientNet-Lite0's top-1 agreement 0.55 there, 1.00 simulated);
     ``all`` fused (ORT_ENABLE_ALL) and simulated. Weights-only per layer kind: depthwise convs,
     1x1 convs, other convs, Gemm/MatMul.
     """
@@ -522,24 +548,8 @@ def diagnose(name: str, n_calib: int, n_eval: int) -> list[dict]:
     record("all int8, nearest + bias correction, simulated", full, "disable")
     qc.weight_rounding, qc.bias_delta = gptq, bc_gptq
     record("all int8, gptq + bias correction", qc.build(set(chosen)))
-    # activations only: the int8 model's weight/bias DequantizeLinear replaced by the float tensors
     qc.weight_rounding, qc.bias_delta = {}, {}
-    acts = qc.build(set(chosen))
-    fresh_nodes = {n.name: n for n in qc.fresh().graph}
-    for node in list(acts.graph):
-        info = next((infos[i] for i in chosen if infos[i].name == node.name and infos[i].role == "weighted"), None)
-        if info is None:
-            continue
-        for j in (info.weight_input, info.bias_input):
-            if j is None or j >= len(node.inputs):
-                continue
-            orig = const_value(fresh_nodes[node.name].inputs[j])
-            v = ir.Value(name=f"{node.name}_float_{j}", shape=ir.Shape(orig.shape),
-                         type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(orig))
-            acts.graph.register_initializer(v)
-            node.replace_input_with(j, v)
-    ir.passes.common.RemoveUnusedNodesPass()(acts)
-    record("activations only (float weights), simulated", acts, "disable")
+    record("activations only (float weights), simulated", activations_only(qc, chosen), "disable")
     record("weights only, nearest", weights_only(lambda n: True, False, correct=False))
     record("weights only, nearest + bias correction", weights_only(lambda n: True, False))
     record("weights only, gptq + bias correction", weights_only(lambda n: True, True))

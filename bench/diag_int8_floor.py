@@ -62,28 +62,13 @@ def sweep(s, n_eval: int) -> None:
 
 
 def split(s, n_eval: int) -> None:
-    import onnx_ir as ir
-
-    from onnxforge.ir.graph import const_value
+    from bench_real import activations_only
 
     feeds, ref = s.held[:n_eval], s.ref_held[:n_eval]
     print(f"all int8, simulated: F1 {_f1(s, s.chosen, feeds, ref, 'disable'):.4f}", flush=True)
     saved, s.qc.bias_delta = s.qc.bias_delta, {}
-    acts = s.qc.build(set(s.chosen))
+    acts = activations_only(s.qc, s.chosen)
     s.qc.bias_delta = saved
-    fresh = {n.name: n for n in s.qc.fresh().graph}
-    weighted = {s.infos[i].name: s.infos[i] for i in s.chosen if s.infos[i].role == "weighted"}
-    for node in list(acts.graph):  # weights and biases back to the float tensors
-        info = weighted.get(node.name)
-        for j in (info.weight_input, info.bias_input) if info is not None else ():
-            if j is None or j >= len(node.inputs):
-                continue
-            orig = const_value(fresh[node.name].inputs[j])
-            v = ir.Value(name=f"{node.name}_float_{j}", shape=ir.Shape(orig.shape),
-                         type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(orig))
-            acts.graph.register_initializer(v)
-            node.replace_input_with(j, v)
-    ir.passes.common.RemoveUnusedNodesPass()(acts)
     print(f"activations only (float weights), simulated: F1 {_f1(s, None, feeds, ref, 'disable', acts):.4f}",
           flush=True)
 
