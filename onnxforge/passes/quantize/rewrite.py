@@ -250,9 +250,10 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
             node.replace_input_with(info.bias_input, dq.outputs[0])
             if stats:
                 stats.count("biases_int32")
-    # 3b. a weighted node left float stays float at run time (see _keep_float)
+    # 3b. a weighted node left float stays float at run time (see _keep_float). Only for onnxruntime's
+    # integer kernels: TensorRT takes per-tensor activation Q/DQ only, and reads float layers itself.
     for idx, node in enumerate(nodes):
-        if idx not in plan.chosen and node.graph is graph:
+        if idx not in plan.chosen and node.graph is graph and plan.int32_bias:
             if _keep_float(node, b) and stats:
                 stats.count("float_nodes_shielded")
     # 4. drop float initializers nobody reads any more
