@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxforge.ir.graph import const_value, unique_name
+from onnxforge.ir.graph import const_value, opset_version, unique_name
 from onnxforge.passes.base import PassStats
 from onnxforge.passes.quantize.analysis import Analysis
 from onnxforge.passes.quantize.plan import Plan
@@ -251,9 +251,11 @@ def apply_plan(model: ir.Model, plan: Plan, qparams: dict[str, QParams], *, anal
             if stats:
                 stats.count("biases_int32")
     # 3b. a weighted node left float stays float at run time (see _keep_float). Only for onnxruntime's
-    # integer kernels: TensorRT takes per-tensor activation Q/DQ only, and reads float layers itself.
+    # integer kernels (TensorRT takes per-tensor activation Q/DQ only, and reads float layers itself),
+    # and from opset 13, where DequantizeLinear has an axis.
+    shield = plan.int32_bias and (opset_version(model) or 0) >= 13
     for idx, node in enumerate(nodes):
-        if idx not in plan.chosen and node.graph is graph and plan.int32_bias:
+        if idx not in plan.chosen and node.graph is graph and shield:
             if _keep_float(node, b) and stats:
                 stats.count("float_nodes_shielded")
     # 4. drop float initializers nobody reads any more
