@@ -36,9 +36,7 @@ import diag_int8_layers as diag  # noqa: E402
 
 
 def _setup(model: str, n_eval: int, n_select: int, options: dict | None = None):
-    if options is not None:
-        diag.INT8_OPTIONS = options
-    return diag.Setup(model, 32, n_eval + n_select, 8)
+    return diag.Setup(model, 32, n_eval + n_select, 8, options=options)
 
 
 def _f1(s, chosen, feeds, ref, optimize: str = "all", model=None) -> float:

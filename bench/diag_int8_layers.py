@@ -89,7 +89,8 @@ def proxies(case, name: str, out_names: list[str], ref: list[list[np.ndarray]],
 class Setup:
     """The case, its O2 model, one QuantContext (sqnr calibration + bias correction) and the references."""
 
-    def __init__(self, name: str, n_calib: int, n_held: int, n_proxy: int, rounding: str = "nearest"):
+    def __init__(self, name: str, n_calib: int, n_held: int, n_proxy: int, rounding: str = "nearest",
+                 options: dict | None = None):
         from onnxforge.api import optimize
         from onnxforge.passes import PassContext, create_pass
         from onnxforge.passes.base import PassStats
@@ -112,14 +113,15 @@ class Setup:
         import onnx_ir as ir
 
         key = hashlib.sha1(ir.serde.serialize_model(self.o2).SerializeToString())
-        key.update(repr((sorted(INT8_OPTIONS.items()), n_calib, rounding)).encode())
+        options = dict(INT8_OPTIONS if options is None else options)
+        key.update(repr((sorted(options.items()), n_calib, rounding)).encode())
         cache = os.path.join(tempfile.gettempdir(), f"diag_int8_{name}_{key.hexdigest()[:12]}.pkl")
         qc = None
         if os.path.exists(cache):
             with open(cache, "rb") as fh:
                 qc = pickle.load(fh)
         if qc is None:
-            p = create_pass("quantize-int8", dict(INT8_OPTIONS), PassContext(calibration_data=self.calib))
+            p = create_pass("quantize-int8", options, PassContext(calibration_data=self.calib))
             qc = p.prepare(self.o2, PassStats())
             chosen = select(self.o2, qc.analysis, set(), target=qc.target)
             if rounding == "gptq":
