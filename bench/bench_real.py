@@ -66,6 +66,9 @@ class Row:
     # quantize-int8's max_drop measured in the case's task metric on the calibration feeds
     # (PassContext options "metric" and "eval_data", see task_metric) instead of its built-in proxy
     task_metric: bool = False
+    # calibration-split feeds given to the pipeline when more than --calib: a QAT row (``distill`` after
+    # ``quantize-int8``) trains on them while quantize-int8(num_samples=...) calibrates on the first ones
+    n_data: int = 0
 
 
 # onnxruntime's hand-tuned static quantization (the issue's anchor): QDQ, Conv only, U8S8,
@@ -96,6 +99,11 @@ ROWS: dict[str, Row] = {
                          "latency_guard=true)", task_metric=True),
     "O3-taskmetric-nearest": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,max_drop=0.01,"
                                  "latency_guard=true)", task_metric=True),
+    # quantization-aware distillation (issue 11): the int8-nearest model (calibrated on the first 32
+    # feeds), its int8 weights trained on their grid against the fp32 model on 384 unlabeled feeds
+    # (standardised-output MSE; onnxforge.distill.fake_quant)
+    "int8-qat": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,num_samples=32),"
+                    "distill(loss=mse,epochs=3,lr=1e-5,batch_size=8,max_samples=384,threads=2)", n_data=384),
     "ort-int8-default": Row(ort_quant={}),
     "ort-int8-tuned": Row(ort_quant=ORT_TUNED),
     "prune30": Row(PRUNE30),
@@ -359,7 +367,8 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
         results[label] = res
         try:
             t0 = time.perf_counter()
-            data = original if row.spec is None and row.ort_quant is None else build_row(row, original, calib, case)
+            row_calib = case.calibration_feeds(row.n_data) if row.n_data > len(calib) else calib
+            data = original if row.spec is None and row.ort_quant is None else build_row(row, original, row_calib, case)
             res["build_s"] = time.perf_counter() - t0
             built[label] = data
             res["nodes"] = _node_count(data)

@@ -12,6 +12,14 @@ What the loss compares: for a graph output produced by ``Softmax`` over the last
 else the output itself. Both models must have a value of that name (a pruned or re-fitted student
 keeps the teacher's names). Float outputs only; every other output is left out of the loss.
 
+With ``KDConfig(loss="mse")`` (outputs that are not logits: box regressions, heat maps) the loss is
+the mean squared error of the *standardised* outputs: each channel of the last axis shifted and
+divided by the teacher's mean and standard deviation over the data, so that a box coordinate in
+pixels and a probability weigh alike.
+
+A quantized (QDQ) student is trained quantization-aware: its rounding steps are simulated and its
+int8 weights trained on their grid (:mod:`onnxforge.distill.fake_quant`).
+
 Inputs are stacked along axis 0 (the batch axis): the student must accept a batch larger than one
 (exported models with a dynamic batch do); a model whose batch is fixed at 1 trains sample by
 sample (slow, but correct).
@@ -102,6 +110,14 @@ def distill_graph(
         raise UnsupportedModelError(f"distill: the teacher has no value named {missing}; "
                                     f"distill a student derived from this teacher (names kept)")
     teacher_out = [torch.from_numpy(np.concatenate(got[t], axis=0)) for t in targets]
+    standardise = [(None, None)] * len(targets)
+    if config.loss == "mse":  # per channel of the last axis, from the teacher's values over the data
+        standardise = []
+        for i, t in enumerate(teacher_out):
+            flat = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+            mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+            standardise.append((mean, std))
+            teacher_out[i] = ((t.reshape(-1, flat.shape[-1]) - mean) / std).reshape(t.shape)
     inputs = _stack(feeds, module.input_names)
     n = len(inputs[0])
     fixed_batch = [v.shape[0] for v in student.graph.inputs if v.name in module.input_names and v.shape is not None
@@ -123,7 +139,7 @@ def distill_graph(
 
         def forward(self, *args):
             _, values = self.graph(*args[:-1], extra=targets)
-            return tuple(values)
+            return tuple(v if mean is None else (v - mean) / std for v, (mean, std) in zip(values, standardise))
 
     class Teacher(torch.nn.Module):
         """The teacher's cached values, looked up by sample index."""

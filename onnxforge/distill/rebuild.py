@@ -60,7 +60,8 @@ def student_weights(student: ir.Model) -> dict[str, np.ndarray]:
     if bad:
         raise UnsupportedModelError(
             f"distill: the student has quantized ops ({', '.join(bad)}); distill the float (pruned) model "
-            f"and quantize afterwards (--then \"quantize-int8\")"
+            f"and quantize afterwards (--then \"quantize-int8\"), or train the int8 model itself with the "
+            f"distill pass (--passes \"quantize-int8,distill(loss=mse)\")"
         )
     out: dict[str, np.ndarray] = {}
     for node in student.graph:

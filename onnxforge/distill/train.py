@@ -3,6 +3,7 @@
 Loss per batch (Hinton et al. 2015, FitNets-style feature term optional)::
 
     L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T))          soft targets, last axis
+                                                                    (``loss="mse"``: mean((s - t)^2))
       + (1 - alpha) * CE(s, y)                                      only when labels are given
       + beta * sum_l MSE(A_l(f_s,l), f_t,l)                         feature matching (``features``)
 
@@ -44,8 +45,11 @@ class KDConfig:
     patience: int = 5
     seed: int = 0
     threads: int | None = None
+    loss: str = "kl"  # "kl": soft targets over the last axis (logits); "mse": outputs that are not logits
 
     def __post_init__(self):
+        if self.loss not in ("kl", "mse"):
+            raise ValueError(f"loss must be kl or mse, got {self.loss!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.temperature <= 0:
@@ -177,7 +181,10 @@ def train_kd(student, teacher, inputs: Sequence[np.ndarray], labels: np.ndarray 
             with torch.no_grad():
                 t_out = _outputs(teacher(*batch), torch)
             s_out = _outputs(student(*batch), torch)
-            loss = sum(_kd_term(s, t, config.temperature, torch) for s, t in zip(s_out, t_out))
+            if config.loss == "mse":
+                loss = sum(F.mse_loss(s, t) for s, t in zip(s_out, t_out) if s.is_floating_point())
+            else:
+                loss = sum(_kd_term(s, t, config.temperature, torch) for s, t in zip(s_out, t_out))
             loss = config.alpha * loss if y is not None else loss
             if y is not None and config.alpha < 1.0:
                 loss = loss + (1.0 - config.alpha) * F.cross_entropy(s_out[0].reshape(len(idx), -1), y[idx])
@@ -207,8 +214,13 @@ def train_kd(student, teacher, inputs: Sequence[np.ndarray], labels: np.ndarray 
             student.eval()
             stats = EpochStats(epoch, running / count, math.nan, None, math.nan)
             if n_val:
-                with torch.no_grad():
-                    v_loss, s_logits, t_logits = loss_on(val_idx, False)
+                with torch.no_grad():  # in batches: the whole held-back set at once can exhaust memory
+                    parts = [loss_on(val_idx[lo : lo + config.batch_size], False)
+                             for lo in range(0, n_val, config.batch_size)]
+                    sizes = [len(val_idx[lo : lo + config.batch_size]) for lo in range(0, n_val, config.batch_size)]
+                    v_loss = sum(float(p[0]) * k for p, k in zip(parts, sizes)) / n_val
+                    s_logits = torch.cat([p[1].reshape(k, -1) for p, k in zip(parts, sizes)])
+                    t_logits = torch.cat([p[2].reshape(k, -1) for p, k in zip(parts, sizes)])
                 s_top = s_logits.reshape(n_val, -1).argmax(1)
                 stats.val_loss = float(v_loss)
                 stats.val_agreement = float((s_top == t_logits.reshape(n_val, -1).argmax(1)).float().mean())

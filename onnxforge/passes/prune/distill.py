@@ -8,10 +8,16 @@ from the ONNX graph itself (:mod:`onnxforge.distill.graph_kd`; no torch module o
     min_W  T^2 * KL( softmax(t(x) / T) || softmax(s_W(x) / T) ),  averaged over the inputs x
 
 with ``t`` the teacher's logits (the input of a final ``Softmax``, else the output), ``s_W`` the
-student's, AdamW with a cosine schedule, ``val_fraction`` of the inputs held back to pick the best
+student's (``loss="mse"``: the mean squared error of the standardised outputs instead, for outputs
+that are not logits, e.g. a detector's boxes and scores), AdamW with a cosine schedule, ``val_fraction`` of the inputs held back to pick the best
 epoch. Only weights move (Conv/Gemm/MatMul weights and biases, BatchNorm scale and shift);
 BatchNorm statistics, the graph and every name stay as they are, so quantization and the rest of
 the pipeline see the same structure.
+
+After ``quantize-int8`` it is quantization-aware training: the student's rounding steps are
+simulated in float with a straight-through gradient and its int8 weights are trained on their grid
+(same scales, new integers; :mod:`onnxforge.distill.fake_quant`), so ``quantize-int8,distill``
+recovers accuracy the rounding lost without changing the quantized graph.
 
 Needs ``context.reference_model`` (the pipeline sets it: the model before the first lossy pass) and
 ``context.calibration_data`` (hundreds to thousands of inputs; ``max_samples`` caps how many are used).
@@ -42,8 +48,11 @@ class DistillPass(Pass):
     tolerance = math.inf
 
     def __init__(self, epochs: int = 3, lr: float = 1e-4, temperature: float = 2.0, batch_size: int = 32,
-                 max_samples: int = 1024, val_fraction: float = 0.1, patience: int = 3, threads: int = 1):
+                 max_samples: int = 1024, val_fraction: float = 0.1, patience: int = 3, threads: int = 1,
+                 loss: str = "kl"):
         super().__init__()
+        if loss not in ("kl", "mse"):
+            raise ValueError(f"loss must be kl or mse, got {loss!r}")
         if epochs < 1 or batch_size < 1 or max_samples < 2 or patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1, max_samples >= 2")
         if not lr > 0 or not temperature > 0:
@@ -60,6 +69,7 @@ class DistillPass(Pass):
         self.val_fraction = val_fraction
         self.patience = patience
         self.threads = threads
+        self.loss = loss
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         from onnxforge.distill.graph_kd import distill_graph
@@ -75,7 +85,7 @@ class DistillPass(Pass):
         feeds = list(itertools.islice(data, self.max_samples))
         config = KDConfig(epochs=self.epochs, lr=self.lr, temperature=self.temperature, batch_size=self.batch_size,
                           val_fraction=self.val_fraction, patience=self.patience, seed=self.context.seed,
-                          threads=self.threads or None)
+                          threads=self.threads or None, loss=self.loss)
         result = distill_graph(teacher, model, feeds, config)
         trained = result.model.graph.initializers
         changed = 0
@@ -93,7 +103,7 @@ class DistillPass(Pass):
             val_agreement=[h.val_agreement for h in history], val_loss=[h.val_loss for h in history],
             train_loss=[h.train_loss for h in history],
         )
-        if history and not math.isnan(history[-1].val_agreement):
+        if history and self.loss == "kl" and not math.isnan(history[-1].val_agreement):
             best = history[result.train.best_epoch - 1]
             stats.note(f"best epoch {result.train.best_epoch}: top-1 agreement with the teacher on the "
                        f"{result.train.n_val} held-back inputs {best.val_agreement:.3f}")
