@@ -103,7 +103,10 @@ ROWS: dict[str, Row] = {
     # feeds), its int8 weights trained on their grid against the fp32 model on 384 unlabeled feeds
     # (standardised-output MSE; onnxforge.distill.fake_quant)
     "int8-qat": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,num_samples=32),"
-                    "distill(loss=mse,epochs=3,lr=1e-5,batch_size=8,max_samples=384,threads=2)", n_data=384),
+                    "distill(loss=mse,epochs=3,batch_size=8,max_samples=384,threads=2)", n_data=384),
+    # the same from GPTQ weights, for classifiers (soft-target KL on the logits), on 768 feeds
+    "int8-gptq-qat": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq,num_samples=32),"
+                         "distill(epochs=4,batch_size=16,max_samples=768,threads=2)", n_data=768),
     "ort-int8-default": Row(ort_quant={}),
     "ort-int8-tuned": Row(ort_quant=ORT_TUNED),
     "prune30": Row(PRUNE30),

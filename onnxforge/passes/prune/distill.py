@@ -17,7 +17,9 @@ the pipeline see the same structure.
 After ``quantize-int8`` it is quantization-aware training: the student's rounding steps are
 simulated in float with a straight-through gradient and its int8 weights are trained on their grid
 (same scales, new integers; :mod:`onnxforge.distill.fake_quant`), so ``quantize-int8,distill``
-recovers accuracy the rounding lost without changing the quantized graph.
+recovers accuracy the rounding lost without changing the quantized graph. Its default ``lr`` is then
+1e-5 instead of 1e-4 (Adam moves each weight by about ``lr`` per step, and an int8 weight's grid step
+is often ~1e-3).
 
 Needs ``context.reference_model`` (the pipeline sets it: the model before the first lossy pass) and
 ``context.calibration_data`` (hundreds to thousands of inputs; ``max_samples`` caps how many are used).
@@ -40,6 +42,10 @@ from onnxforge.passes.registry import register_pass
 logger = logging.getLogger(__name__)
 
 
+FLOAT_LR = 1e-4  # the default lr of a float student
+QAT_LR = 1e-5    # ... and of a quantized one
+
+
 @register_pass("distill")
 class DistillPass(Pass):
     """Knowledge-distillation fine-tuning of the weights to the teacher (unlabeled data). Lossy."""
@@ -47,7 +53,7 @@ class DistillPass(Pass):
     lossless = False
     tolerance = math.inf
 
-    def __init__(self, epochs: int = 3, lr: float = 1e-4, temperature: float = 2.0, batch_size: int = 32,
+    def __init__(self, epochs: int = 3, lr: float | None = None, temperature: float = 2.0, batch_size: int = 32,
                  max_samples: int = 1024, val_fraction: float = 0.1, patience: int = 3, threads: int = 1,
                  loss: str = "kl"):
         super().__init__()
@@ -55,7 +61,7 @@ class DistillPass(Pass):
             raise ValueError(f"loss must be kl or mse, got {loss!r}")
         if epochs < 1 or batch_size < 1 or max_samples < 2 or patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1, max_samples >= 2")
-        if not lr > 0 or not temperature > 0:
+        if (lr is not None and not lr > 0) or not temperature > 0:
             raise ValueError(f"lr and temperature must be > 0, got {lr}, {temperature}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -83,7 +89,11 @@ class DistillPass(Pass):
             raise CalibrationDataError("distill needs calibration data (PassContext.calibration_data): "
                                        "hundreds of unlabeled inputs")
         feeds = list(itertools.islice(data, self.max_samples))
-        config = KDConfig(epochs=self.epochs, lr=self.lr, temperature=self.temperature, batch_size=self.batch_size,
+        quantized = any(n.op_type == "QuantizeLinear" for n in model.graph)
+        # Adam moves every weight by about lr a step: 1e-4 re-rounds most int8 weights at once
+        # (EfficientNet-Lite0's loss rose 30x); 1e-5 moves them a grid step in tens of steps
+        lr = self.lr if self.lr is not None else (QAT_LR if quantized else FLOAT_LR)
+        config = KDConfig(epochs=self.epochs, lr=lr, temperature=self.temperature, batch_size=self.batch_size,
                           val_fraction=self.val_fraction, patience=self.patience, seed=self.context.seed,
                           threads=self.threads or None, loss=self.loss)
         result = distill_graph(teacher, model, feeds, config)
@@ -99,6 +109,7 @@ class DistillPass(Pass):
         stats.count("tensors_trained", changed)
         stats.details.update(
             targets=result.targets, best_epoch=result.train.best_epoch, epochs_run=len(history),
+            quantization_aware=quantized, lr=lr,
             runner_check_rel_error=result.check_error,
             val_agreement=[h.val_agreement for h in history], val_loss=[h.val_loss for h in history],
             train_loss=[h.train_loss for h in history],
