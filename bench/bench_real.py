@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,7 @@ ROWS: dict[str, Row] = {
     # feeds), its int8 weights trained on their grid against the fp32 model on 384 unlabeled feeds
     # (standardised-output MSE; onnxforge.distill.fake_quant)
     "int8-qat": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,num_samples=32),"
-                    "distill(loss=mse,epochs=3,batch_size=8,max_samples=384,threads=2)", n_data=384),
+                    "distill(loss=mse,epochs=2,batch_size=8,max_samples=192,threads=2)", n_data=192),
     # the same from GPTQ weights, for classifiers (soft-target KL on the logits), on 768 feeds
     "int8-gptq-qat": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq,num_samples=32),"
                          "distill(epochs=4,batch_size=16,max_samples=768,threads=2)", n_data=768),
@@ -641,7 +642,9 @@ def main() -> None:
         if not sep or not label or not spec:
             ap.error(f"--row {extra!r}: expected LABEL=SPEC")
         tm = spec.startswith("taskmetric:")
-        ROWS[label] = Row(spec.removeprefix("taskmetric:"), task_metric=tm)
+        # a distill step trains on max_samples calibration-split feeds (see Row.n_data)
+        n_data = max((int(k) for k in re.findall(r"distill\([^)]*max_samples=(\d+)", spec)), default=0)
+        ROWS[label] = Row(spec.removeprefix("taskmetric:"), task_metric=tm, n_data=n_data)
         if label not in rows:
             rows.append(label)
     unknown = [r for r in rows if r not in ROWS]
