@@ -14,6 +14,11 @@ names, new initializer values). :func:`check` compares the module with onnxrunti
 (``ORT_DISABLE_ALL``) and raises :class:`~onnxforge.errors.UnsupportedModelError` when they differ,
 so a mistranslated op can never be trained on silently. An op outside :data:`SUPPORTED` raises the
 same error naming the node.
+
+A quantized (QDQ) graph runs with its rounding simulated and its int8 weights trained on their grid
+(:mod:`onnxforge.distill.fake_quant`); ``write_back`` rounds them back to integers on the same scales.
+Intermediate values are dropped after their last reader, so evaluation on large inputs holds only the
+live activations.
 """
 
 from __future__ import annotations
