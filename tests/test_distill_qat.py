@@ -134,3 +134,15 @@ def test_runner_runs_an_exported_quantized_upsample_split_net():
     out.square().mean().backward()
     grads = [module.params[k].grad for k in module.param_names.values()]
     assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_distill_picks_the_qat_learning_rate_for_a_quantized_student(setup):
+    from onnxforge.passes.prune.distill import FLOAT_LR, QAT_LR
+
+    model, calib, _, _, int8 = setup
+    for student, lr, quantized in ((_copy(int8), QAT_LR, True), (_copy(model), FLOAT_LR, False)):
+        ctx = PassContext(calibration_data=calib, reference_model=model, seed=0)
+        result = create_pass("distill", {"epochs": 1, "loss": "mse", "batch_size": 128}, ctx)(student)
+        assert result.stats.details["lr"] == lr and result.stats.details["quantization_aware"] is quantized
+    with pytest.raises(Exception, match="loss"):
+        create_pass("distill", {"loss": "l1"}, PassContext())
