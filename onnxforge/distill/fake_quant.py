@@ -83,15 +83,20 @@ def _params(node: ir.Node, a: list, x, torch):
             _broadcast(zp.to(torch.float32), x.dim(), axis))
 
 
+def _to_grid(x, scale, zp, dtype: ir.DataType, torch):
+    """``clamp(round(x / scale) + zp)`` in float: round forward, identity backward inside the range."""
+    lo, hi = INTEGER_RANGES[dtype]
+    v = x / scale
+    v = v + (torch.round(v) - v).detach()
+    return torch.clamp(v + zp, float(lo), float(hi))
+
+
 def quantize(node: ir.Node, a: list, torch, F):
     """QuantizeLinear, simulated in float with a straight-through gradient (see the module docstring)."""
     _check_supported(node)
     x = a[0].to(torch.float32)
     scale, zp = _params(node, a, x, torch)
-    lo, hi = INTEGER_RANGES[quantized_type(node)]
-    v = x / scale
-    v = v + (torch.round(v) - v).detach()  # round forward, identity backward
-    return torch.clamp(v + zp, float(lo), float(hi))
+    return _to_grid(x, scale, zp, quantized_type(node), torch)
 
 
 def dequantize(node: ir.Node, a: list, torch, F):
@@ -105,10 +110,7 @@ def dequantize(node: ir.Node, a: list, torch, F):
 def fake_quantize(node: ir.Node, w, scale, zp, torch):
     """``DQ(Q(w))`` for a trained float weight ``w`` read through ``node`` (a DequantizeLinear)."""
     s, z = _params(node, [w, scale, zp], w, torch)
-    lo, hi = INTEGER_RANGES[quantized_type(node)]
-    v = w / s
-    v = v + (torch.round(v) - v).detach()
-    return (torch.clamp(v + z, float(lo), float(hi)) - z) * s
+    return (_to_grid(w, s, z, quantized_type(node), torch) - z) * s
 
 
 def quantized_values(node: ir.Node, w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None,
