@@ -97,6 +97,31 @@ def test_space_file_form_and_errors(tmp_path):
         load_space(bad)
 
 
+def test_a_labelled_slot_runs_a_pass_twice_and_keeps_its_own_parameters():
+    """distill before int8 (float recovery) and after it (quantization-aware training, label 'qat')."""
+    space = space_from_dict({"space": [
+        {"pass": "distill", "optional": True, "options": {"lr": [1e-4, 3e-5]}},
+        {"pass": "quantize-int8", "optional": True},
+        {"pass": "distill", "label": "qat", "optional": True, "requires": "quantize-int8",
+         "options": {"loss": "auto", "epochs": [1, 2]}},
+    ]})
+    assert [s.key for s in space.slots] == ["distill", "quantize-int8", "qat"]
+    pipelines = [space.pipeline(c) for c in space.grid()]
+    # distill: off | 2 lr = 3; int8 off (1) | on x qat (off | 2 epochs) = 4
+    assert len(pipelines) == len(set(pipelines)) == 3 * 4
+    both = [p for p in pipelines if p.count("distill(") == 2]
+    assert both and all(p.index("quantize-int8") < p.rindex("distill(") for p in both)
+    assert not any("loss=auto" in p and "quantize-int8" not in p for p in pipelines)
+    assert any(p == "quantize-int8,distill(loss=auto,epochs=2)" for p in pipelines), pipelines
+    params = next(c for c in space.grid() if c.get("qat") and c.get("distill"))
+    assert {"distill.lr", "qat.epochs"} <= set(params)
+    assert "label=qat" in " ".join(space.describe())
+    with pytest.raises(PipelineSpecError, match="fills two slots"):
+        space_from_dict({"space": [{"pass": "distill"}, {"pass": "distill"}]})
+    with pytest.raises(PipelineSpecError, match="label"):
+        space_from_dict({"space": [{"pass": "distill", "label": "a.b"}]})
+
+
 def test_pareto_front_and_choice():
     from onnxforge.tune.evaluate import Candidate
     from onnxforge.tune.search import choose, pareto_front
@@ -335,3 +360,8 @@ def test_readme_distill_space_parses_and_stacks_prune_distill_int8():
     assert not any("distill" in p and "prune-channels" not in p for p in pipelines)
     # distill is opt-in: not in the default space.
     assert "distill" not in [s.name for s in default_space().slots]
+    # ... and the README's quantization-aware slot appends to it
+    qat = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if 'label = "qat"' in b)
+    space = space_from_dict(tomllib.loads(block + qat))
+    pipelines = [space.pipeline(c) for c in space.grid()]
+    assert any(p.endswith("quantize-int8,distill(loss=auto,epochs=2,max_samples=384)") for p in pipelines)

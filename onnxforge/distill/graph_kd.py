@@ -12,10 +12,15 @@ What the loss compares: for a graph output produced by ``Softmax`` over the last
 else the output itself. Both models must have a value of that name (a pruned or re-fitted student
 keeps the teacher's names). Float outputs only; every other output is left out of the loss.
 
-With ``KDConfig(loss="mse")`` (outputs that are not logits: box regressions, heat maps) the loss is
+With ``loss="mse"`` (outputs that are not logits: box regressions, heat maps) the loss is
 the mean squared error of the *standardised* outputs: each channel of the last axis shifted and
 divided by the teacher's mean and standard deviation over the data, so that a box coordinate in
-pixels and a probability weigh alike.
+pixels and a probability weigh alike. ``loss="auto"`` picks per output: KL on the logits of a
+``Softmax`` output, the binary KL (``"bce"`` in :mod:`~onnxforge.distill.train`) on an output that is
+a ``Sigmoid``'s probabilities (through layout-only ops: Transpose, Reshape, ..., and Q/DQ), the
+standardised MSE on anything else. A detector's class scores then cost by how far they move in
+probability, not by how far they move relative to their own spread: a rare class whose scores stay
+near 0 has a tiny spread, and the standardised MSE made its noise weigh like a flipped box.
 
 A quantized (QDQ) student is trained quantization-aware: its rounding steps are simulated and its
 int8 weights trained on their grid (:mod:`onnxforge.distill.fake_quant`).
@@ -40,7 +45,14 @@ from onnxforge.errors import CalibrationDataError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphDistillResult", "distill_graph", "kd_targets"]
+__all__ = ["LOSSES", "GraphDistillResult", "distill_graph", "kd_loss_kinds", "kd_targets"]
+
+LOSSES = ("kl", "mse", "auto")  # what distill_graph's ``loss`` (KDConfig.loss) may be
+
+# ops that move or re-encode values without changing what they are (a Sigmoid's probabilities stay
+# probabilities through them)
+_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity",
+                         "QuantizeLinear", "DequantizeLinear", "Concat"})
 
 
 @dataclass
@@ -48,6 +60,7 @@ class GraphDistillResult:
     model: ir.Model          # the student with trained weights
     train: TrainResult
     targets: list[str]       # the values the loss compared
+    loss_kinds: list[str]    # ... and how (kl, mse, bce), one per target
     check_error: float       # torch runner vs onnxruntime before training (relative)
 
 
@@ -67,6 +80,44 @@ def kd_targets(student: ir.Model) -> list[str]:
                 continue
         names.append(out.name)
     return names
+
+
+def _is_probability(value: ir.Value) -> bool:
+    """Whether ``value`` is a Sigmoid's output, through layout-only ops (every Concat input too)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None:
+            return False
+        if node.op_type == "Sigmoid":
+            continue
+        if node.op_type not in _LAYOUT_OPS or node.inputs[0] is None:
+            return False
+        stack.extend(i for i in (node.inputs if node.op_type == "Concat" else node.inputs[:1]) if i is not None)
+    return True
+
+
+def kd_loss_kinds(student: ir.Model, targets: Sequence[str], loss: str) -> list[str]:
+    """The loss kind of each KD target (:data:`~onnxforge.distill.train.LOSS_KINDS`) for ``loss``."""
+    if loss != "auto":
+        return [loss] * len(targets)
+    values = {v.name: v for v in student.graph.outputs}
+    for node in student.graph:
+        values.update((o.name, o) for o in node.outputs if o.name in targets and o.name not in values)
+    outputs = {v.name for v in student.graph.outputs}
+    kinds = []
+    for name in targets:
+        if name not in outputs:
+            kinds.append("kl")  # kd_targets chose a Softmax's input: logits
+        elif _is_probability(values[name]):
+            kinds.append("bce")
+        else:
+            kinds.append("mse")
+    return kinds
 
 
 def _stack(feeds: Sequence[Mapping[str, np.ndarray]], names: list[str]) -> list[np.ndarray]:
@@ -97,6 +148,9 @@ def distill_graph(
 
     torch = import_torch()
     config = config or KDConfig()
+    loss = config.loss if isinstance(config.loss, str) else None
+    if loss not in LOSSES:
+        raise ValueError(f"distill: loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if len(feeds) < 2:
         raise CalibrationDataError(f"distill: needs at least 2 inputs, got {len(feeds)}")
     targets = kd_targets(student)
@@ -110,14 +164,16 @@ def distill_graph(
         raise UnsupportedModelError(f"distill: the teacher has no value named {missing}; "
                                     f"distill a student derived from this teacher (names kept)")
     teacher_out = [torch.from_numpy(np.concatenate(got[t], axis=0)) for t in targets]
+    kinds = kd_loss_kinds(student, targets, loss)
+    config = KDConfig(**{**config.__dict__, "loss": tuple(kinds)})
     standardise = [(None, None)] * len(targets)
-    if config.loss == "mse":  # per channel of the last axis, from the teacher's values over the data
-        standardise = []
-        for i, t in enumerate(teacher_out):
-            flat = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
-            mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
-            standardise.append((mean, std))
-            teacher_out[i] = ((t.reshape(-1, flat.shape[-1]) - mean) / std).reshape(t.shape)
+    for i, t in enumerate(teacher_out):  # mse: per channel of the last axis, from the teacher's values
+        if kinds[i] != "mse":
+            continue
+        flat = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        standardise[i] = (mean, std)
+        teacher_out[i] = ((t.reshape(-1, flat.shape[-1]) - mean) / std).reshape(t.shape)
     inputs = _stack(feeds, module.input_names)
     n = len(inputs[0])
     fixed_batch = [v.shape[0] for v in student.graph.inputs if v.name in module.input_names and v.shape is not None
@@ -151,4 +207,4 @@ def distill_graph(
     trained = train_kd(Student(), Teacher(), inputs + [index], None, config, progress=progress)
     out = write_back(module, student)
     logger.info("distill: %d samples, best epoch %d of %d", n, trained.best_epoch, len(trained.history))
-    return GraphDistillResult(out, trained, targets, error)
+    return GraphDistillResult(out, trained, targets, kinds, error)

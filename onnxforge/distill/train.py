@@ -3,12 +3,18 @@
 Loss per batch (Hinton et al. 2015, FitNets-style feature term optional)::
 
     L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T))          soft targets, last axis
-                                                                    (``loss="mse"``: mean((s - t)^2))
+                                                                    (``loss="mse"``: mean((s - t)^2);
+                                                                    ``"bce"``: binary KL, see below)
       + (1 - alpha) * CE(s, y)                                      only when labels are given
       + beta * sum_l MSE(A_l(f_s,l), f_t,l)                         feature matching (``features``)
 
 ``s``/``t`` are the student's/teacher's outputs (every float output, softmax over the last axis),
-``T`` the temperature (the ``T^2`` keeps the gradient scale independent of ``T``). ``f_{s,l}`` and
+``T`` the temperature (the ``T^2`` keeps the gradient scale independent of ``T``). For outputs that
+are independent probabilities (a ``Sigmoid``'s: a detector's class scores) ``"bce"`` is the binary
+KL ``t log(t/s) + (1-t) log((1-t)/(1-s))``, summed over the last axis and averaged over the rest: its
+gradient on the student's logit is ``s - t``, so an error near a decision threshold costs what it
+costs there, and a score of 1e-4 against 1e-3 costs almost nothing (a per-channel standardised MSE
+weighs that like a flipped box). ``loss`` may also be a sequence: one kind per output. ``f_{s,l}`` and
 ``f_{t,l}`` are the outputs of the named submodule ``l`` in both networks; when the student's layer is
 narrower (pruned), ``A_l`` is a learned 1x1 projection to the teacher's width (trained with the student,
 then discarded), else the identity.
@@ -28,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EpochStats", "KDConfig", "TrainResult", "train_kd"]
+__all__ = ["LOSS_KINDS", "EpochStats", "KDConfig", "TrainResult", "train_kd"]
+
+LOSS_KINDS = ("kl", "mse", "bce")
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,15 @@ class KDConfig:
     patience: int = 5
     seed: int = 0
     threads: int | None = None
-    loss: str = "kl"  # "kl": soft targets over the last axis (logits); "mse": outputs that are not logits
+    # "kl": soft targets over the last axis (logits); "mse": outputs that are not logits; "bce":
+    # probabilities of independent events (Sigmoid outputs); or one of those per output
+    loss: str | Sequence[str] = "kl"
 
     def __post_init__(self):
-        if self.loss not in ("kl", "mse"):
-            raise ValueError(f"loss must be kl or mse, got {self.loss!r}")
+        # "auto" (one kind per output, by what the output is) is resolved by graph_kd, which sees the graph
+        kinds = (self.loss,) if isinstance(self.loss, str) else tuple(self.loss)
+        if self.loss != "auto" and (not kinds or any(k not in LOSS_KINDS for k in kinds)):
+            raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)} (or one per output), got {self.loss!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.temperature <= 0:
@@ -92,6 +104,24 @@ def _kd_term(s, t, temperature: float, torch) -> Any:
     log_p = F.log_softmax(s / temperature, dim=-1)
     q = F.softmax(t / temperature, dim=-1)
     return F.kl_div(log_p.reshape(-1, s.shape[-1]), q.reshape(-1, t.shape[-1]), reduction="batchmean") * temperature**2
+
+
+def _binary_kl(s, t, torch) -> Any:
+    """Binary KL of probabilities ``t`` (teacher) to ``s``, summed over the last axis, mean over the rest."""
+    if not s.is_floating_point():
+        return s.new_zeros(())
+    eps = 1e-6
+    s, t = s.clamp(eps, 1 - eps), t.clamp(eps, 1 - eps)
+    kl = t * (t.log() - s.log()) + (1 - t) * ((1 - t).log() - (1 - s).log())
+    return kl.sum(-1).mean() if kl.dim() else kl
+
+
+def _term(kind: str, s, t, temperature: float, torch) -> Any:
+    if kind == "mse":
+        return torch.nn.functional.mse_loss(s, t) if s.is_floating_point() else s.new_zeros(())
+    if kind == "bce":
+        return _binary_kl(s, t, torch)
+    return _kd_term(s, t, temperature, torch)
 
 
 class _Hooks:
@@ -181,10 +211,11 @@ def train_kd(student, teacher, inputs: Sequence[np.ndarray], labels: np.ndarray 
             with torch.no_grad():
                 t_out = _outputs(teacher(*batch), torch)
             s_out = _outputs(student(*batch), torch)
-            if config.loss == "mse":
-                loss = sum(F.mse_loss(s, t) for s, t in zip(s_out, t_out) if s.is_floating_point())
-            else:
-                loss = sum(_kd_term(s, t, config.temperature, torch) for s, t in zip(s_out, t_out))
+            kinds = [config.loss] * len(s_out) if isinstance(config.loss, str) else list(config.loss)
+            if "auto" in kinds or len(kinds) != len(s_out):
+                raise ValueError(f"loss {config.loss!r}: train_kd needs one of {LOSS_KINDS} per output "
+                                 f"({len(s_out)}); 'auto' is for distill_graph")
+            loss = sum(_term(k, s, t, config.temperature, torch) for k, s, t in zip(kinds, s_out, t_out))
             loss = config.alpha * loss if y is not None else loss
             if y is not None and config.alpha < 1.0:
                 loss = loss + (1.0 - config.alpha) * F.cross_entropy(s_out[0].reshape(len(idx), -1), y[idx])

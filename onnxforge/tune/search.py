@@ -235,7 +235,7 @@ class _OptunaProposer:
             base[f"exclusive:{group}"] = NONE
         for slot in space.slots:
             if slot.optional and not slot.exclusive and not slot.requires:
-                base[slot.name] = False
+                base[slot.key] = False
         if base:
             self.study.enqueue_trial(base)
         self.size = space.size()

@@ -39,6 +39,21 @@ them beside its ``onnxforge.toml`` in one file of its own)::
 
 Parameter names are ``pass.option`` for options, ``pass`` for the on/off switch of an optional slot
 and ``exclusive:group`` for the choice within a group (its values are the pass names and ``none``).
+
+A pass may fill more than one slot: give each extra slot a ``label``, which then stands for the pass
+in parameter names, ``requires`` and groups. Quantization-aware training is ``distill`` *after*
+``quantize-int8``, beside a float ``distill`` before it::
+
+    [[space]]
+    pass = "quantize-int8"
+    optional = true
+
+    [[space]]
+    pass = "distill"
+    label = "qat"                    # parameters qat, qat.epochs, ...
+    optional = true
+    requires = "quantize-int8"
+    options = { loss = "auto", epochs = 2 }
 """
 
 from __future__ import annotations
@@ -97,6 +112,12 @@ class Slot:
     optional: bool = False
     exclusive: str | None = None
     requires: str | None = None
+    label: str | None = None  # the slot's name in parameters when the pass fills several slots
+
+    @property
+    def key(self) -> str:
+        """The slot's name in parameter names, ``requires`` and groups: its label, else its pass."""
+        return self.label or self.name
 
     def searched(self) -> dict[str, Dim]:
         return {k: v for k, v in self.options.items() if isinstance(v, (Choice, Range))}
@@ -119,7 +140,7 @@ class Space:
         out: dict[str, list[str]] = {}
         for s in self.slots:
             if s.exclusive:
-                out.setdefault(s.exclusive, []).append(s.name)
+                out.setdefault(s.exclusive, []).append(s.key)
         return out
 
     def enabled(self, params: dict[str, Any]) -> list[Slot]:
@@ -127,14 +148,14 @@ class Space:
         on: list[Slot] = []
         names: set[str] = set()
         for s in self.slots:
-            if s.exclusive and params.get(f"exclusive:{s.exclusive}", NONE) != s.name:
+            if s.exclusive and params.get(f"exclusive:{s.exclusive}", NONE) != s.key:
                 continue
-            if s.optional and not s.exclusive and not params.get(s.name, False):
+            if s.optional and not s.exclusive and not params.get(s.key, False):
                 continue
             if s.requires and s.requires not in names:
                 continue
             on.append(s)
-            names.add(s.name)
+            names.add(s.key)
         return on
 
     def pipeline(self, params: dict[str, Any]) -> str:
@@ -143,7 +164,7 @@ class Space:
 
         specs = parse_pipeline(self.base) if self.base else []
         for s in self.enabled(params):
-            options = {key: (params[f"{s.name}.{key}"] if isinstance(v, (Choice, Range)) else v)
+            options = {key: (params[f"{s.key}.{key}"] if isinstance(v, (Choice, Range)) else v)
                        for key, v in s.options.items()}
             # None is the pass's default (e.g. max_drop: no accuracy budget): left out of the string
             specs.append(PassSpec(s.name, {k: v for k, v in options.items() if v is not None}))
@@ -162,15 +183,15 @@ class Space:
             if s.requires and s.requires not in seen:
                 continue
             if s.exclusive:
-                if params[f"exclusive:{s.exclusive}"] != s.name:
+                if params[f"exclusive:{s.exclusive}"] != s.key:
                     continue
             elif s.optional:
-                params[s.name] = trial.suggest_categorical(s.name, [False, True])
-                if not params[s.name]:
+                params[s.key] = trial.suggest_categorical(s.key, [False, True])
+                if not params[s.key]:
                     continue
-            seen.add(s.name)
+            seen.add(s.key)
             for key, dim in s.searched().items():
-                pname = f"{s.name}.{key}"
+                pname = f"{s.key}.{key}"
                 if isinstance(dim, Choice):
                     params[pname] = trial.suggest_categorical(pname, list(dim.values))
                 elif dim.integer:
@@ -208,7 +229,7 @@ class Space:
                 for value in [NONE, *members]:
                     yield from self._grid_from(i, {**params, key: value}, on)
                 return
-            choices = [params[key] == s.name]
+            choices = [params[key] == s.key]
         elif s.optional:
             choices = [False, True]
         else:
@@ -216,15 +237,15 @@ class Space:
         for active in choices:
             p = dict(params)
             if s.optional and not s.exclusive and not (s.requires and s.requires not in on):
-                p[s.name] = active
+                p[s.key] = active
             if not active:
                 yield from self._grid_from(i + 1, p, on)
                 continue
             dims = s.searched()
             for values in itertools.product(*(d.grid() for d in dims.values())):
                 q = dict(p)
-                q.update({f"{s.name}.{k}": v for k, v in zip(dims, values)})
-                yield from self._grid_from(i + 1, q, on | {s.name})
+                q.update({f"{s.key}.{k}": v for k, v in zip(dims, values)})
+                yield from self._grid_from(i + 1, q, on | {s.key})
 
     def size(self) -> int | None:
         """The number of distinct candidates, or None when a range has no step."""
@@ -243,6 +264,8 @@ class Space:
                 flags.append(f"exclusive={s.exclusive}")
             if s.requires:
                 flags.append(f"requires={s.requires}")
+            if s.label:
+                flags.append(f"label={s.label}")
             opts = ", ".join(f"{k}={_dim_text(v)}" for k, v in s.options.items())
             lines.append(f"{s.name}({opts})" + (f" [{', '.join(flags)}]" if flags else ""))
         return lines + [f"note: {n}" for n in self.notes]
@@ -268,8 +291,9 @@ def _slot_dict(s: Slot) -> dict[str, Any]:
             opts[k] = {"low": v.low, "high": v.high, **({"step": v.step} if v.step else {})}
         else:
             opts[k] = v
-    return {"pass": s.name, "optional": s.optional, "exclusive": s.exclusive, "requires": s.requires,
-            "options": opts}
+    out = {"pass": s.name, "optional": s.optional, "exclusive": s.exclusive, "requires": s.requires,
+           "options": opts}
+    return {**out, "label": s.label} if s.label else out
 
 
 # --------------------------------------------------------------------------------- defaults
@@ -363,7 +387,7 @@ def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: 
 
 # --------------------------------------------------------------------------------- file form
 
-_SLOT_KEYS = {"pass", "optional", "exclusive", "requires", "options"}
+_SLOT_KEYS = {"pass", "optional", "exclusive", "requires", "options", "label"}
 _TOP_KEYS = {"base", "space"}
 
 
@@ -416,12 +440,20 @@ def space_from_dict(data: dict[str, Any], where: str = "space") -> Space:
                 )
             ann = hints.get(key, specs[key].annotation)
             options[key] = _parse_dim(name, key, raw, ann, where, coerce_option)
+        label = entry.get("label")
+        if label is not None and (not isinstance(label, str) or not label or "." in label or ":" in label):
+            raise PipelineSpecError(f"{where}: [[space]] entry {n} ({name}): label must be a name without '.' or ':'")
+        key = label or name
+        if key in names:
+            raise PipelineSpecError(f"{where}: [[space]] entry {n}: {key!r} fills two slots; "
+                                    f"give one a label = \"...\" of its own")
         requires = entry.get("requires")
         if requires is not None and requires not in names:
-            raise PipelineSpecError(f"{where}: {name} requires {requires!r}, which is not an earlier [[space]] pass")
-        names.append(name)
+            raise PipelineSpecError(f"{where}: {key} requires {requires!r}, which is not an earlier [[space]] "
+                                    f"pass or label")
+        names.append(key)
         space.slots.append(Slot(name, options, optional=bool(entry.get("optional", False)),
-                                exclusive=entry.get("exclusive"), requires=requires))
+                                exclusive=entry.get("exclusive"), requires=requires, label=label))
     return space
 
 

@@ -9,7 +9,9 @@ from the ONNX graph itself (:mod:`onnxforge.distill.graph_kd`; no torch module o
 
 with ``t`` the teacher's logits (the input of a final ``Softmax``, else the output), ``s_W`` the
 student's (``loss="mse"``: the mean squared error of the standardised outputs instead, for outputs
-that are not logits, e.g. a detector's boxes and scores), AdamW with a cosine schedule, ``val_fraction`` of the inputs held back to pick the best
+that are not logits, e.g. a detector's boxes; ``loss="auto"``: per output, KL on a Softmax's logits,
+binary KL on a Sigmoid's probabilities such as a detector's class scores, standardised MSE on the
+rest), AdamW with a cosine schedule, ``val_fraction`` of the inputs held back to pick the best
 epoch. Only weights move (Conv/Gemm/MatMul weights and biases, BatchNorm scale and shift);
 BatchNorm statistics, the graph and every name stay as they are, so quantization and the rest of
 the pipeline see the same structure.
@@ -35,6 +37,7 @@ import math
 
 import onnx_ir as ir
 
+from onnxforge.distill.graph_kd import LOSSES
 from onnxforge.errors import CalibrationDataError, PassOptionError
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.registry import register_pass
@@ -57,8 +60,8 @@ class DistillPass(Pass):
                  max_samples: int = 1024, val_fraction: float = 0.1, patience: int = 3, threads: int = 1,
                  loss: str = "kl"):
         super().__init__()
-        if loss not in ("kl", "mse"):
-            raise ValueError(f"loss must be kl or mse, got {loss!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if epochs < 1 or batch_size < 1 or max_samples < 2 or patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1, max_samples >= 2")
         if (lr is not None and not lr > 0) or not temperature > 0:
@@ -114,6 +117,7 @@ class DistillPass(Pass):
             val_agreement=[h.val_agreement for h in history], val_loss=[h.val_loss for h in history],
             train_loss=[h.train_loss for h in history],
         )
+        stats.details["loss_kinds"] = dict(zip(result.targets, result.loss_kinds))
         if history and self.loss == "kl" and not math.isnan(history[-1].val_agreement):
             best = history[result.train.best_epoch - 1]
             stats.note(f"best epoch {result.train.best_epoch}: top-1 agreement with the teacher on the "
