@@ -1,7 +1,7 @@
 """The decision record of ``quantize-int8``: what was measured once, replayed byte for byte.
 
 Measured decisions (which nodes the accuracy budget keeps float, which int8 regions the latency
-guard keeps, the bias corrections) and machine-dependent choices (the CPU's int8 path and the
+guard keeps, the bias corrections, the activation ranges ``range_search`` narrowed) and machine-dependent choices (the CPU's int8 path and the
 weight range it implies) are written to a JSON file (option ``decisions=PATH``). When the file exists, the pass applies it
 without measuring anything, so the same command on the same model and calibration data writes the
 same bytes, on any machine.
@@ -34,6 +34,7 @@ class DecisionRecord:
     choices: dict[str, Any]  # machine-dependent choices replayed as recorded (reduce_range, ...)
     measurements: dict[str, Any] = dataclasses.field(default_factory=dict)  # for people; never read back
     bias_delta: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # bias correction, replayed
+    range_factors: dict[str, float] = dataclasses.field(default_factory=dict)  # range_search, replayed
 
     @staticmethod
     def fingerprint(float_bytes: bytes) -> str:
@@ -61,7 +62,7 @@ class DecisionRecord:
         try:
             return cls(d["model_sha256"], d["options"], [(int(i), str(n)) for i, n in d["quantized"]],
                        dict(d["kept_float"]), dict(d["choices"]), d.get("measurements", {}),
-                       dict(d.get("bias_delta", {})))
+                       dict(d.get("bias_delta", {})), {str(k): float(v) for k, v in d.get("range_factors", {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise PassOptionError(f"quantize-int8: decision record {str(path)!r} is incomplete ({e})") from e
 
