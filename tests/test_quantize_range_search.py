@@ -18,6 +18,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxforge.passes import PassContext, create_pass
+from onnxforge.testing.numerics import copy_model, random_inputs
 from onnxforge.passes.quantize.fallback import output_error
 
 torch = pytest.importorskip("torch")
@@ -45,18 +46,12 @@ def net():
         m.stem.bias[:4] *= 30.0
         m.pw.weight[:, :4] /= 30.0
     model = export(m, (torch.randn(1, 3, 12, 12),))
-    rng = np.random.default_rng(0)
-    name = model.graph.inputs[0].name
-    feeds = [{name: rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(48)]
+    feeds = [random_inputs(model, seed=i, default_dim=1) for i in range(48)]
     return model, feeds
 
 
-def _copy(model):
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def _quantize(model, feeds, **options):
-    q = _copy(model)
+    q = copy_model(model)
     result = create_pass("quantize-int8", {"calibration": "minmax", **options},
                          PassContext(calibration_data=feeds))(q)
     return q, result.stats
