@@ -53,7 +53,7 @@ from onnxforge.passes.quantize.plan import Plan, plan_tensors
 from onnxforge.passes.quantize.decisions import DecisionRecord
 from onnxforge.passes.quantize.isa import Int8Choices, choose
 from onnxforge.passes.quantize.qmath import QParams, activation_qparams
-from onnxforge.passes.quantize.range_search import apply_factors
+from onnxforge.passes.quantize.range_search import SCOPES, apply_factors
 from onnxforge.passes.quantize.rewrite import _Builder, _values_by_name, apply_plan  # noqa: F401
 from onnxforge.passes.registry import register_pass
 from onnxforge.runtime.cpu import detect_isa
@@ -227,7 +227,7 @@ class QuantizeInt8Pass(Pass):
             raise ValueError(f"activation_type must be auto, uint8 or int8, got {activation_type!r}")
         if weight_rounding not in ("nearest", "gptq"):
             raise PassOptionError(f"quantize-int8: weight_rounding must be nearest or gptq, got {weight_rounding!r}")
-        if range_search not in ("none", "depthwise", "weighted"):
+        if range_search != "none" and range_search not in SCOPES:
             raise PassOptionError(f"quantize-int8: range_search must be none, depthwise or weighted, got {range_search!r}")
         if max_drop is not None and max_drop < 0:
             raise ValueError(f"max_drop must be >= 0, got {max_drop}")
