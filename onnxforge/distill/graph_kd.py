@@ -105,15 +105,12 @@ def kd_loss_kinds(student: ir.Model, targets: Sequence[str], loss: str) -> list[
     """The loss kind of each KD target (:data:`~onnxforge.distill.train.LOSS_KINDS`) for ``loss``."""
     if loss != "auto":
         return [loss] * len(targets)
-    values = {v.name: v for v in student.graph.outputs}
-    for node in student.graph:
-        values.update((o.name, o) for o in node.outputs if o.name in targets and o.name not in values)
-    outputs = {v.name for v in student.graph.outputs}
+    outputs = {v.name: v for v in student.graph.outputs}
     kinds = []
     for name in targets:
         if name not in outputs:
             kinds.append("kl")  # kd_targets chose a Softmax's input: logits
-        elif _is_probability(values[name]):
+        elif _is_probability(outputs[name]):
             kinds.append("bce")
         else:
             kinds.append("mse")
