@@ -249,6 +249,66 @@ def test_search_float_set_in_context_beats_a_misleading_ranking():
     assert (kept, steps, how) == (["a", "b"], [], "ranked prefix")
 
 
+def test_search_float_set_first_layers_and_cost():
+    """Synthetic measures: the budget holds once the first layers are float, which noisy one-node
+    sensitivities rank last; with costs, the cheapest set that holds the budget wins."""
+    from onnxforge.passes.quantize.fallback import search_float_set
+
+    def drop(kept):  # holds with a and b float (the first layers), or with c and d
+        return 0.1 if {"a", "b"} <= set(kept) or {"c", "d"} <= set(kept) else 1.0
+
+    graph_order = ["a", "b", "c", "d"]
+    kept, _, how = search_float_set(["d", "a", "c", "b"], drop, drop, budget=0.2, first_layers=graph_order)
+    assert (kept, how) == (["a", "b"], "first layers")  # the ranked prefix needs three
+    # the ranked prefix holds with c and d: as many nodes as the first layers, so the cost decides
+    order = ["c", "d", "a", "b"]
+    kept, _, how = search_float_set(order, drop, drop, budget=0.2, first_layers=graph_order)
+    assert (kept, how) == (["c", "d"], "ranked prefix")  # a tie in size: the earlier search
+    costly_start = {"a": 10.0, "b": 10.0, "c": 1.0, "d": 1.0}
+    price = lambda kept: sum(costly_start[k] for k in kept)  # noqa: E731
+    kept, _, how = search_float_set(order, drop, drop, budget=0.2, first_layers=graph_order, price=price)
+    assert (kept, how) == (["c", "d"], "ranked prefix")
+    # a price of the whole set (scattered float layers split int8 regions: more Q/DQ)
+    scattered = lambda kept: len(kept) + (5.0 if kept and kept != graph_order[:len(kept)] else 0.0)  # noqa: E731
+    kept, _, how = search_float_set(order, drop, drop, budget=0.2, first_layers=graph_order, price=scattered)
+    assert (kept, how) == (["a", "b"], "first layers")
+
+
+def test_latency_model_prices_macs_and_boundaries():
+    """The estimate behind the choice of float set, on an exported conv chain: float MACs cost more
+    than int8 ones, and a float layer inside an int8 chain pays a Q/DQ on both sides."""
+    import torch
+
+    from onnxforge.passes.quantize.analysis import analyze, select
+    from onnxforge.passes.quantize.fallback import _ELEMENT_COST, _INT8_SPEEDUP, LatencyModel
+    from onnxforge.testing import zoo
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())])
+    model = zoo.export_model(net.eval(), (torch.zeros(1, 8, 16, 16),))
+    analysis = analyze(model, per_channel=True, exclude=[], include_ops=None, target="cpu")
+    convs = [i.index for i in analysis.infos if i.role == "weighted"]
+    assert len(convs) == 4
+    feed = {model.graph.inputs[0].name: np.zeros((1, 8, 16, 16), np.float32)}
+    est = LatencyModel(model, analysis.infos, convs, feed)
+    assert est.known
+    macs = 8 * 16 * 16 * 8 * 9  # per conv
+    plane = 8 * 16 * 16  # elements of every activation
+    every = select(model, analysis)
+
+    def chosen(float_convs):
+        return select(model, analysis, set(float_convs)) & every
+
+    assert est(set()) == pytest.approx(4 * macs)  # all float: no Q/DQ
+    # all int8: a Q on the input and a DQ on the output
+    assert est(every) == pytest.approx(4 * macs / _INT8_SPEEDUP + 2 * _ELEMENT_COST * plane)
+    first = est(chosen([convs[0]]))  # float first layer: the Q moves behind it
+    middle = est(chosen([convs[1]]))  # float inside the chain: one more Q/DQ pair
+    assert first == pytest.approx(macs + 3 * macs / _INT8_SPEEDUP + 2 * _ELEMENT_COST * plane)
+    assert middle == pytest.approx(first + 2 * _ELEMENT_COST * plane)
+    assert est(every) < first < middle < est(set())
+
+
 def _float_convs(model):
     return [n.name for n in model.graph if n.op_type == "Conv" and n.inputs[1].producer() is None]
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxforge.ir import io
-from onnxforge.ir.summary import quick_stats, summarize
+from onnxforge.ir.summary import node_work, quick_stats, summarize
 
 import torch
 
@@ -86,6 +86,22 @@ def test_hand_computed_params_and_flops(model):
     assert s.symbolic_dims_as_one  # the batch dim counted as 1
     assert s.node_count == len(model.graph) == sum(s.op_histogram.values())
     assert s.graph_count == 1
+
+
+def test_node_work_per_node_at_the_given_batch(model):
+    """Per-node MACs and per-value elements at a batch size given by name: the hand count times the batch."""
+    (batch,) = [d.value for d in model.graph.inputs[0].shape if isinstance(d, ir.SymbolicDim)]
+    macs, elements = node_work(model, {batch: 3})
+    assert len(macs) == len(model.graph)
+    by_op = {}
+    for node, m in zip(model.graph, macs):
+        if m:
+            by_op[node.op_type] = by_op.get(node.op_type, 0) + m
+    assert by_op == {op: 3 * m for op, m in ConvNet.MACS.items()}
+    first_conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert elements[first_conv.inputs[0].name] == 3 * 3 * 8 * 8
+    assert elements[first_conv.outputs[0].name] == 3 * 8 * 8 * 8
+    assert elements[model.graph.outputs[0].name] == 3 * 6
 
 
 def test_interface_with_symbolic_dims(model):

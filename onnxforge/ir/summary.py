@@ -571,6 +571,25 @@ def _node_macs(node: ir.Node, shape: _ShapeLookup) -> int | None:
     return None
 
 
+def node_work(model: ir.Model, dim_values: dict[str, int] | None = None
+              ) -> tuple[list[int | None], dict[str, int]]:
+    """``(MACs of every main-graph node in graph order, {value name: elements})``: ``None`` MACs and
+    missing elements where a shape is unknown. ``dim_values`` sizes symbolic input dimensions by name."""
+    shape = _ShapeLookup(model, dim_values)
+    macs: list[int | None] = []
+    elements: dict[str, int] = {}
+    values = list(model.graph.inputs)
+    for node in model.graph:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        macs.append(_node_macs(node, shape) if (domain, node.op_type) in _FLOP_OPS else 0)
+        values += [v for v in node.outputs if v is not None]
+    for v in values:
+        dims = shape(v)
+        if dims is not None and v.name:
+            elements[v.name] = math.prod(dims)
+    return macs, elements
+
+
 def _file_size(model: ir.Model, path: str | os.PathLike | None) -> int | None:
     source = path if path is not None else model.meta.get(SOURCE_PATH_KEY)
     if source is None:

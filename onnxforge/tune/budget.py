@@ -1,6 +1,6 @@
 """Tune's own metric as ``quantize-int8``'s accuracy budget (mixed-precision int8 candidates).
 
-A candidate that runs ``quantize-int8(max_drop=B)`` keeps float the fewest weighted nodes whose
+A candidate that runs ``quantize-int8(max_drop=B)`` keeps float the cheapest set of weighted nodes whose
 int8 error breaks ``B`` (:mod:`onnxforge.passes.quantize.fallback`). Left alone, the pass measures
 ``B`` in a proxy unit (expected top-1 flips, or ``1 - cosine``) on its calibration samples. Inside
 ``tune`` it measures tune's own metric instead, on the data tune searches with:

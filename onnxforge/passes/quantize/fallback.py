@@ -35,8 +35,10 @@ all-int8 0.085) and a ranking by the budget's measure cannot tell the layers apa
 therefore **ranked** by a measure that does not saturate, :func:`output_error` (the int8 error of
 the outputs relative to their own spread, see there), and the budget is checked in the task's unit.
 
-Sensitivity of a weighted node = :func:`output_error` with only that node quantized. The float set is
-the smaller of the shortest ranked prefix and a set grown in context (:func:`search_float_set`).
+Sensitivity of a weighted node = :func:`output_error` with only that node quantized. The nodes are
+ranked by sensitivity per float MAC, and the float set is the cheapest, by :class:`LatencyModel`
+(float MACs and the Q/DQ at every int8/float boundary), of the shortest ranked prefix, a set grown in
+context and the shortest run of first layers that hold the budget (:func:`search_float_set`).
 
 The latency guard (per int8 region, with a confidence interval) is in :mod:`.guard`.
 """
@@ -214,34 +216,123 @@ class _Scorer:
         return self.errors[frozenset(chosen)]
 
 
+# int8 MACs per float MAC in the same time: VNNI's peak is 4x (538 vs 134 GOP/s per core), whole
+# all-int8 trained CNNs run at 0.39-0.54x of float (BENCHMARKS.md, trained-model suite): about 2.5x
+_INT8_SPEEDUP = 2.5
+_ELEMENT_COST = 32.0  # a Q or DQ of one element (~1 cycle) in float MACs (1/32 cycle: 2 FMA x 16 lanes)
+
+
+class LatencyModel:
+    """A deterministic estimate of a mixed-precision model's time, in float multiply-accumulates::
+
+        T(chosen) = sum over weighted nodes of MACs / (2.5 if int8 else 1)
+                  + 32 * elements of every tensor crossing between int8 and float (one Q or DQ each)
+
+    at the shapes of one calibration input. It ranks float sets by what they cost: a layer kept float
+    pays its MACs at the float rate and splits its int8 region, and many scattered float layers can
+    make every region slower than float (the YOLOX detector's 36-conv ranked prefix: all five regions
+    measured as ties or slower). ``known`` is False when a shape is unknown (then a count stands in).
+    """
+
+    def __init__(self, model, infos, weighted: list[int], feed: dict[str, np.ndarray]):
+        import onnx_ir as ir
+
+        from onnxforge.ir.summary import node_work
+        from onnxforge.passes.quantize.analysis import _index, _Positions
+
+        dims = {}
+        for v in model.graph.inputs:
+            if v.name in feed and v.shape is not None:
+                for d, n in zip(v.shape, np.shape(feed[v.name])):
+                    if isinstance(d, ir.SymbolicDim) and d.value is not None:
+                        dims[d.value] = int(n)
+        macs, self.elements = node_work(model, dims or None)
+        self.weighted = weighted
+        self.macs = {i: macs[i] for i in weighted}
+        nodes = list(model.graph)
+        pos = _Positions(nodes)
+
+        def producer(v) -> int:
+            return _index(v.producer(), pos) if v is not None and v.producer() is not None else -1
+
+        self.edges: list[tuple[int, int, str]] = []  # (producer index or -1 for a graph input, reader, tensor)
+        for j, node in enumerate(nodes):
+            for v in node.inputs:
+                if v is not None and v.const_value is None and not v.is_initializer():
+                    self.edges.append((producer(v), j, v.name))
+        self.outputs = [(producer(v), v.name) for v in model.graph.outputs if v.producer() is not None]
+        # a folded activation (Relu, Clip) reads its data from input 0
+        self.fold = {i.index: producer(nodes[i.index].inputs[0]) for i in infos if i.role == "fold"}
+        self.known = all(self.macs[i] is not None for i in weighted) and all(
+            name in self.elements for _, _, name in self.edges)
+
+    def _int8(self, idx: int, chosen: set[int]) -> bool:
+        for _ in range(8):  # a folded activation (Relu, Clip) is int8 when its producer is
+            if idx in chosen:
+                return True
+            if idx not in self.fold:
+                return False
+            idx = self.fold[idx]
+        return False
+
+    def __call__(self, chosen: set[int]) -> float:
+        if not self.known:
+            return float(sum(1 for i in self.weighted if i not in chosen))
+        t = sum(m / (_INT8_SPEEDUP if i in chosen else 1.0) for i, m in self.macs.items())
+        for p, j, name in self.edges:
+            if (p >= 0 and self._int8(p, chosen)) != self._int8(j, chosen):
+                t += _ELEMENT_COST * self.elements[name]
+        t += sum(_ELEMENT_COST * self.elements.get(name, 0) for p, name in self.outputs if self._int8(p, chosen))
+        return float(t)
+
+    def node_cost(self, i: int) -> float:
+        """What keeping ``i`` float costs on its own (its MACs at the float rate), for the ranking."""
+        if not self.known:
+            return 1.0
+        return self.macs[i] * (1.0 - 1.0 / _INT8_SPEEDUP) + 1.0
+
+
 _GREEDY_STEPS = 12  # in-context steps before the bisection takes over (bounds the build count)
 _GREEDY_WIDTH = 4  # candidates tried per step: the most sensitive ones not yet float
 _GREEDY_GAIN = 0.02  # a step must lower the output error by 2 %; smaller differences are ties
 
 
-def search_float_set(order: list, drop, error, budget: float) -> tuple[list, list[dict], str]:
+def search_float_set(order: list, drop, error, budget: float, *, first_layers: list | None = None,
+                     price=None) -> tuple[list, list[dict], str]:
     """The float set for :func:`accuracy_fallback`: ``(kept, in-context steps, which search won)``.
 
     ``order``: candidates, most sensitive first; ``drop(kept)`` / ``error(kept)``: the budget's and
     the ranking's measure of the model with ``kept`` float (``drop(order) <= budget`` is assumed:
-    all float). Two searches, and the smaller set that holds the budget wins (the prefix on a tie):
+    all float); ``price(kept)``: what a float set costs (its size when not given). Three searches,
+    and the cheapest set that holds the budget wins (then the smaller; then the earlier search):
 
-    1. the shortest prefix of ``order`` that holds the budget, by bisection;
-    2. a set grown **in context**: errors of int8 layers do not add up (they partly cancel through
-       the layers behind them: on EfficientNet-Lite0, keeping a third conv float *raised* the output
-       error), so each step tries the next ``_GREEDY_WIDTH`` candidates on top of the current set and
-       keeps the one with the lowest ``error``, while a step still lowers it by ``_GREEDY_GAIN`` (at
-       most ``_GREEDY_STEPS`` steps). A pair that only helps together (a stem conv and the depthwise
-       conv behind its HardSwish) is left to the prefix search.
+    1. ``"ranked prefix"``: the shortest prefix of ``order`` that holds the budget, by bisection;
+    2. ``"in context"``: a set grown in context: errors of int8 layers do not add up (they partly
+       cancel through the layers behind them: on EfficientNet-Lite0, keeping a third conv float
+       *raised* the output error), so each step tries the next ``_GREEDY_WIDTH`` candidates on top of
+       the current set and keeps the one with the lowest ``error``, while a step still lowers it by
+       ``_GREEDY_GAIN`` (at most ``_GREEDY_STEPS`` steps). A pair that only helps together (a stem
+       conv and the depthwise conv behind its HardSwish) is left to the prefix searches;
+    3. ``"first layers"``: the shortest prefix of ``first_layers`` (the candidates in graph order,
+       from the inputs) that holds the budget, by bisection. On the trained detectors the error that
+       costs the metric enters in the first layers and is amplified behind them, while one-node
+       sensitivities there are noise (the YOLOX detector: its first 12 of 83 convs float hold F1 within
+       1 point, 0.993; its last 40 float do not move it, 0.987).
     """
-    lo, hi = 0, len(order)
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if drop(order[:mid]) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    prefix = list(order[:hi])
+    price = price or len
+
+    def shortest_prefix(seq: list) -> list:
+        lo, hi = 0, len(seq)
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            if drop(seq[:mid]) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        return list(seq[:hi])
+
+    prefix = shortest_prefix(order)
+    found = [(prefix, "ranked prefix")]
     kept: list = []
     steps: list[dict] = []
     now_drop = drop(kept)
@@ -258,14 +349,19 @@ def search_float_set(order: list, drop, error, budget: float) -> tuple[list, lis
         kept.append(best)
         now_drop = drop(kept)
         steps.append({"float": best, "error": errors[best], "drop": now_drop})
-    if now_drop <= budget and len(kept) < len(prefix):
-        return kept, steps, "in context"
-    return prefix, steps, "ranked prefix"
+    if now_drop <= budget:
+        found.append((kept, "in context"))
+    if first_layers:
+        found.append((shortest_prefix(first_layers), "first layers"))
+    rank = {how: k for k, (_, how) in enumerate(found)}
+    best_set, how = min(found, key=lambda f: (price(f[0]), len(f[0]), rank[f[1]]))
+    return best_set, steps, how
 
 
 def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]:
-    """Keep the fewest nodes float that bring the drop within ``max_drop`` (module docstring): rank
-    the weighted nodes by their one-node :func:`output_error`, then :func:`search_float_set`."""
+    """Keep float the cheapest set of nodes that brings the drop within ``max_drop`` (module docstring):
+    rank the weighted nodes by their one-node :func:`output_error` per float MAC, then
+    :func:`search_float_set` priced by :class:`LatencyModel`."""
     from onnxforge.passes.quantize.qdq import select
 
     budget = float(pass_.max_drop)
@@ -282,17 +378,21 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     # ranking on fewer samples (one build per node), budget checks on all of them
     ranker = scorer if len(scorer.feeds) <= _SENSITIVITY_FEEDS else _Scorer(pass_, qc, _SENSITIVITY_FEEDS)
     sens = {i: ranker.error({i}) for i in weighted}
-    order = sorted(weighted, key=lambda i: -sens[i])
-    stats.details["fallback"]["sensitivity"] = {infos[i].name: sens[i] for i in order}
-    stats.details["fallback"]["ranked_by"] = "output error relative to its spread (output_error)"
     model = qc.fresh()
+    latency = LatencyModel(model, infos, weighted, qc.feeds[0] if qc.feeds else {})
+    # most error removed per unit of cost first (the greedy order for a cheapest cover of the budget)
+    order = sorted(weighted, key=lambda i: -sens[i] / latency.node_cost(i))
+    stats.details["fallback"]["sensitivity"] = {infos[i].name: sens[i] for i in order}
+    stats.details["fallback"]["ranked_by"] = ("output error relative to its spread (output_error), per float MAC"
+                                              if latency.known else "output error relative to its spread "
+                                              "(output_error); shapes unknown: sets compared by size")
 
     def subset(kept: list[int]) -> set[int]:
         return select(model, qc.analysis, set(kept), target=qc.target) & chosen
 
     # in-context errors on the ranking's few samples (a choice among candidates), the budget on all of them
     kept, steps, how = search_float_set(order, lambda k: scorer.drop(subset(k)), lambda k: ranker.error(subset(k)),
-                                        budget)
+                                        budget, first_layers=weighted, price=lambda k: latency(subset(k)))
     stats.details["fallback"]["search"] = how
     final = subset(kept)
     drop = scorer.drop(final)
@@ -302,8 +402,10 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
                                   f"(most sensitive {order.index(i) + 1} of {len(order)})"))
         stats.count("fallback_float")
     stats.details["fallback"].update(drop_final=drop, kept_float=[infos[i].name for i in kept],
+                                     estimated_time=round(latency(final) / max(latency(set()), 1e-9), 4),
                                      steps=[dict(st, float=infos[st["float"]].name) for st in steps],
                                      builds=len(scorer.cache) + (len(ranker.cache) if ranker is not scorer else 0))
-    stats.note(f"max_drop: kept {len(kept)} node(s) float; drop {full:.4g} -> {drop:.4g} "
-               f"(budget {budget:g})")
+    stats.note(f"max_drop: kept {len(kept)} node(s) float ({how}; estimated time "
+               f"{stats.details['fallback']['estimated_time']:.2f}x of float); "
+               f"drop {full:.4g} -> {drop:.4g} (budget {budget:g})")
     return final
