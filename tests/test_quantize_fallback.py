@@ -258,19 +258,19 @@ def test_search_float_set_first_layers_and_cost():
         return 0.1 if {"a", "b"} <= set(kept) or {"c", "d"} <= set(kept) else 1.0
 
     graph_order = ["a", "b", "c", "d"]
-    kept, _, how = search_float_set(["d", "a", "c", "b"], drop, drop, budget=0.2, first_layers=graph_order)
+    kept, _, how = search_float_set(["d", "a", "c", "b"], drop, drop, budget=0.2, prefixes={"first layers": graph_order})
     assert (kept, how) == (["a", "b"], "first layers")  # the ranked prefix needs three
     # the ranked prefix holds with c and d: as many nodes as the first layers, so the cost decides
     order = ["c", "d", "a", "b"]
-    kept, _, how = search_float_set(order, drop, drop, budget=0.2, first_layers=graph_order)
+    kept, _, how = search_float_set(order, drop, drop, budget=0.2, prefixes={"first layers": graph_order})
     assert (kept, how) == (["c", "d"], "ranked prefix")  # a tie in size: the earlier search
     costly_start = {"a": 10.0, "b": 10.0, "c": 1.0, "d": 1.0}
     price = lambda kept: sum(costly_start[k] for k in kept)  # noqa: E731
-    kept, _, how = search_float_set(order, drop, drop, budget=0.2, first_layers=graph_order, price=price)
+    kept, _, how = search_float_set(order, drop, drop, budget=0.2, prefixes={"first layers": graph_order}, price=price)
     assert (kept, how) == (["c", "d"], "ranked prefix")
     # a price of the whole set (scattered float layers split int8 regions: more Q/DQ)
     scattered = lambda kept: len(kept) + (5.0 if kept and kept != graph_order[:len(kept)] else 0.0)  # noqa: E731
-    kept, _, how = search_float_set(order, drop, drop, budget=0.2, first_layers=graph_order, price=scattered)
+    kept, _, how = search_float_set(order, drop, drop, budget=0.2, prefixes={"first layers": graph_order}, price=scattered)
     assert (kept, how) == (["a", "b"], "first layers")
 
 

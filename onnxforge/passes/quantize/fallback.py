@@ -35,10 +35,10 @@ all-int8 0.085) and a ranking by the budget's measure cannot tell the layers apa
 therefore **ranked** by a measure that does not saturate, :func:`output_error` (the int8 error of
 the outputs relative to their own spread, see there), and the budget is checked in the task's unit.
 
-Sensitivity of a weighted node = :func:`output_error` with only that node quantized. The nodes are
-ranked by sensitivity per float MAC, and the float set is the cheapest, by :class:`LatencyModel`
-(float MACs and the Q/DQ at every int8/float boundary), of the shortest ranked prefix, a set grown in
-context and the shortest run of first layers that hold the budget (:func:`search_float_set`).
+Sensitivity of a weighted node = :func:`output_error` with only that node quantized. The float set is
+the cheapest, by :class:`LatencyModel` (float MACs and the Q/DQ at every int8/float boundary), of the
+sets that hold the budget among: the shortest prefix of the ranking, of the ranking per float MAC and
+of the graph order (the first layers), and a set grown in context (:func:`search_float_set`).
 
 The latency guard (per int8 region, with a confidence interval) is in :mod:`.guard`.
 """
@@ -297,14 +297,15 @@ _GREEDY_WIDTH = 4  # candidates tried per step: the most sensitive ones not yet 
 _GREEDY_GAIN = 0.02  # a step must lower the output error by 2 %; smaller differences are ties
 
 
-def search_float_set(order: list, drop, error, budget: float, *, first_layers: list | None = None,
+def search_float_set(order: list, drop, error, budget: float, *, prefixes: dict[str, list] | None = None,
                      price=None) -> tuple[list, list[dict], str]:
     """The float set for :func:`accuracy_fallback`: ``(kept, in-context steps, which search won)``.
 
     ``order``: candidates, most sensitive first; ``drop(kept)`` / ``error(kept)``: the budget's and
     the ranking's measure of the model with ``kept`` float (``drop(order) <= budget`` is assumed:
-    all float); ``price(kept)``: what a float set costs (its size when not given). Three searches,
-    and the cheapest set that holds the budget wins (then the smaller; then the earlier search):
+    all float); ``price(kept)``: what a float set costs (its size when not given); ``prefixes``: more
+    orders, by name, each searched like ``order``'s prefix. The cheapest set that holds the budget
+    wins (then the smaller; then the earlier search):
 
     1. ``"ranked prefix"``: the shortest prefix of ``order`` that holds the budget, by bisection;
     2. ``"in context"``: a set grown in context: errors of int8 layers do not add up (they partly
@@ -313,11 +314,8 @@ def search_float_set(order: list, drop, error, budget: float, *, first_layers: l
        the current set and keeps the one with the lowest ``error``, while a step still lowers it by
        ``_GREEDY_GAIN`` (at most ``_GREEDY_STEPS`` steps). A pair that only helps together (a stem
        conv and the depthwise conv behind its HardSwish) is left to the prefix searches;
-    3. ``"first layers"``: the shortest prefix of ``first_layers`` (the candidates in graph order,
-       from the inputs) that holds the budget, by bisection. On the trained detectors the error that
-       costs the metric enters in the first layers and is amplified behind them, while one-node
-       sensitivities there are noise (the YOLOX detector: its first 12 of 83 convs float hold F1 within
-       1 point, 0.993; its last 40 float do not move it, 0.987).
+    3. the shortest prefix of each order in ``prefixes``, by bisection (:func:`accuracy_fallback`
+       passes the ranking per float MAC, and the candidates in graph order: ``"first layers"``).
     """
     price = price or len
 
@@ -351,8 +349,8 @@ def search_float_set(order: list, drop, error, budget: float, *, first_layers: l
         steps.append({"float": best, "error": errors[best], "drop": now_drop})
     if now_drop <= budget:
         found.append((kept, "in context"))
-    if first_layers:
-        found.append((shortest_prefix(first_layers), "first layers"))
+    for name, seq in (prefixes or {}).items():
+        found.append((shortest_prefix(seq), name))
     rank = {how: k for k, (_, how) in enumerate(found)}
     best_set, how = min(found, key=lambda f: (price(f[0]), len(f[0]), rank[f[1]]))
     return best_set, steps, how
@@ -360,8 +358,8 @@ def search_float_set(order: list, drop, error, budget: float, *, first_layers: l
 
 def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]:
     """Keep float the cheapest set of nodes that brings the drop within ``max_drop`` (module docstring):
-    rank the weighted nodes by their one-node :func:`output_error` per float MAC, then
-    :func:`search_float_set` priced by :class:`LatencyModel`."""
+    rank the weighted nodes by their one-node :func:`output_error`, then :func:`search_float_set`
+    over that ranking, the ranking per float MAC and the graph order, priced by :class:`LatencyModel`."""
     from onnxforge.passes.quantize.qdq import select
 
     budget = float(pass_.max_drop)
@@ -378,21 +376,26 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     # ranking on fewer samples (one build per node), budget checks on all of them
     ranker = scorer if len(scorer.feeds) <= _SENSITIVITY_FEEDS else _Scorer(pass_, qc, _SENSITIVITY_FEEDS)
     sens = {i: ranker.error({i}) for i in weighted}
+    order = sorted(weighted, key=lambda i: -sens[i])
+    stats.details["fallback"]["sensitivity"] = {infos[i].name: sens[i] for i in order}
+    stats.details["fallback"]["ranked_by"] = "output error relative to its spread (output_error)"
     model = qc.fresh()
     latency = LatencyModel(model, infos, weighted, qc.feeds[0] if qc.feeds else {})
-    # most error removed per unit of cost first (the greedy order for a cheapest cover of the budget)
-    order = sorted(weighted, key=lambda i: -sens[i] / latency.node_cost(i))
-    stats.details["fallback"]["sensitivity"] = {infos[i].name: sens[i] for i in order}
-    stats.details["fallback"]["ranked_by"] = ("output error relative to its spread (output_error), per float MAC"
-                                              if latency.known else "output error relative to its spread "
-                                              "(output_error); shapes unknown: sets compared by size")
+    prefixes = {
+        # most error removed per unit of cost first (the greedy order for a cheapest cover of the budget)
+        "ranked per float MAC": sorted(weighted, key=lambda i: -sens[i] / latency.node_cost(i)),
+        # the error that costs the metric can enter in the first layers and be amplified behind them,
+        # while one-node sensitivities there are noise (the YOLOX detector: its first 12 of 83 convs
+        # float hold F1 within 1 point, 0.993; its last 40 float do not move it, 0.987)
+        "first layers": weighted,
+    }
 
     def subset(kept: list[int]) -> set[int]:
         return select(model, qc.analysis, set(kept), target=qc.target) & chosen
 
     # in-context errors on the ranking's few samples (a choice among candidates), the budget on all of them
     kept, steps, how = search_float_set(order, lambda k: scorer.drop(subset(k)), lambda k: ranker.error(subset(k)),
-                                        budget, first_layers=weighted, price=lambda k: latency(subset(k)))
+                                        budget, prefixes=prefixes, price=lambda k: latency(subset(k)))
     stats.details["fallback"]["search"] = how
     final = subset(kept)
     drop = scorer.drop(final)
