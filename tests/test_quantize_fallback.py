@@ -89,6 +89,25 @@ def test_max_drop_with_user_metric(outlier_mlp):
     assert r.stats.details["fallback"]["drop_final"] <= 0.0
 
 
+def test_task_metric_budget_counts_every_calibration_sample(outlier_mlp):
+    """A task metric is measured on all the calibration samples given (here 40); the proxies on 32."""
+    model, calib, names = outlier_mlp
+    rng = np.random.default_rng(1)
+    many = [{k: v[rng.permutation(len(v))] for k, v in calib[i % len(calib)].items()} for i in range(40)]
+    seen = []
+
+    def agreement(outputs, feeds, float_outputs):
+        seen.append(len(feeds))
+        return float(np.mean([np.mean(o[0].argmax(1) == f[0].argmax(1)) for o, f in zip(outputs, float_outputs)]))
+
+    model2 = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    r = create_pass("quantize-int8", {"max_drop": 0.01}, PassContext(calibration_data=many, options={"metric": agreement}))(model2)
+    assert r.stats.details["fallback"]["measure"] == "metric"
+    assert r.stats.details["fallback"]["samples"] == 40 and max(seen) == 40  # (the ranking uses 8)
+    r = _q(model, many, max_drop=0.01)
+    assert r.stats.details["fallback"]["measure"] != "metric" and r.stats.details["fallback"]["samples"] == 32
+
+
 def test_latency_guard_reports_and_is_consistent(outlier_mlp):
     model, calib, names = outlier_mlp
     r = _q(model, calib, latency_guard=True)
