@@ -383,3 +383,26 @@ def test_gemm_kept_float_stays_float_in_onnxruntime(tmp_path):
     assert producers.get(node.input[1]) != "DequantizeLinear", "onnxruntime quantized the float weight"
     ref, _ = _ort_optimized(data, tmp_path, ["WeightBiasQuantization"])
     np.testing.assert_array_equal(sess.run(None, {name: x})[0], ref.run(None, {name: x})[0])
+
+
+@pytest.mark.parametrize("pass_name, options", [
+    ("quantize-int8", {"bias_correction": True}),
+    ("quantize-dynamic", {}),
+    ("quantize-weights-int4", {}),
+])
+def test_weights_stored_as_constant_nodes(digits, pass_name, options):
+    """Weights written as Constant nodes (PaddlePaddle's exporter) are quantized like initializers:
+    the same outputs, and no float copy of a weight left behind as a dead Constant."""
+    from onnxforge.ir.summary import quick_stats
+    from onnxforge.passes.quantize.calibrate import run_outputs
+    from onnxforge.testing.zoo import constants_as_nodes
+
+    ctx = PassContext(calibration_data=digits["calib"])
+    as_inits = create_pass(pass_name, options, ctx)(_clone(digits["model"])).model
+    as_nodes = create_pass(pass_name, options, ctx)(constants_as_nodes(digits["model"])).model
+    dead = [n.name for n in as_nodes.graph if n.op_type == "Constant" and not n.outputs[0].uses()]
+    assert dead == []
+    assert quick_stats(as_nodes)["param_bytes"] == quick_stats(as_inits)["param_bytes"]
+    feeds = [{k: v[:64] for k, v in digits["calib"][0].items()}]
+    a, b = run_outputs(as_inits, feeds), run_outputs(as_nodes, feeds)
+    np.testing.assert_array_equal(a[0][0], b[0][0])

@@ -145,6 +145,17 @@ class LiftConstantsPass(Pass):
         return bool(result.modified)
 
 
+def lift_constant_tensors(model: ir.Model) -> int:
+    """Lift every ``Constant(value=tensor)`` to an initializer, as ``lift-constants`` does (without its
+    report); returns how many. Passes that replace weights call it first: a weight read from a
+    Constant node would otherwise stay behind as a dead float Constant (a PaddlePaddle export
+    quantized this way came out 1.25x *larger* than its float file) and edits made on initializers
+    (bias correction, GPTQ rounding) would miss it."""
+    stats = PassStats()
+    LiftConstantsPass(size_limit=0, lift_all_constants=False).run(model, stats)
+    return stats.counts["lifted"]
+
+
 # --------------------------------------------------------------------------- freeze-inputs
 
 

@@ -40,6 +40,7 @@ from onnxforge.passes.quantize.analysis import _attr
 from onnxforge.passes.quantize.opset import upgrade_opset
 from onnxforge.passes.quantize.qmath import WEIGHT_QMAX, quantize, quantize_weight, weight_qparams
 from onnxforge.passes.quantize.rewrite import _Builder
+from onnxforge.passes.cleanup import lift_constant_tensors
 from onnxforge.passes.registry import register_pass
 
 
@@ -158,6 +159,7 @@ class QuantizeDynamicPass(Pass):
         self.contrib = contrib
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
+        lifted = lift_constant_tensors(model)
         graph = model.graph
         # "no" by default: onnxruntime fuses the standard form better (see the module docstring).
         # There is no "auto": it used to exist and meant "no", which is what a user could not guess.
@@ -180,7 +182,7 @@ class QuantizeDynamicPass(Pass):
             graph = model.graph
         todo = matmul_candidates(graph, self.exclude, self.min_weight_size, stats)
         if not todo:
-            return False
+            return bool(lifted)
         if use_contrib:
             model.opset_imports.setdefault("com.microsoft", 1)
         b = _Builder(graph)

@@ -55,6 +55,7 @@ from onnxforge.passes.quantize.isa import Int8Choices, choose
 from onnxforge.passes.quantize.qmath import QParams, activation_qparams
 from onnxforge.passes.quantize.range_search import SCOPES, apply_factors
 from onnxforge.passes.quantize.rewrite import _Builder, _values_by_name, apply_plan  # noqa: F401
+from onnxforge.passes.cleanup import lift_constant_tensors
 from onnxforge.passes.registry import register_pass
 from onnxforge.runtime.cpu import detect_isa
 
@@ -362,6 +363,9 @@ class QuantizeInt8Pass(Pass):
         self.requires(model)
         if not isinstance(model.graph, ir.Graph):
             raise UnsupportedModelError("quantize-int8 needs a model with a main graph")
+        lifted = lift_constant_tensors(model)
+        if lifted:
+            stats.count("constants_lifted", lifted)
         path = self.decisions or self.context.options.get("decisions")
         record = DecisionRecord.load(path) if path and pathlib.Path(path).exists() else None
         qc = self.prepare(model, stats, record.choices if record else None)
@@ -441,7 +445,7 @@ class QuantizeInt8Pass(Pass):
         stats.details["kept_float"] = kept_float
         if not chosen:
             stats.note("nothing quantized: the model stays float")
-            return bool(stats.counts.get("opset_upgraded") or stats.counts.get("batchnorm_folded"))
+            return bool(lifted or stats.counts.get("opset_upgraded") or stats.counts.get("batchnorm_folded"))
         for info in analysis.infos:
             if info.index in chosen:
                 stats.count(f"quantized_{info.op_type}")

@@ -39,6 +39,7 @@ from onnxforge.passes.quantize.dynamic import (
     new_initializer,
 )
 from onnxforge.passes.quantize.rewrite import _Builder
+from onnxforge.passes.cleanup import lift_constant_tensors
 from onnxforge.passes.registry import register_pass
 
 
@@ -122,10 +123,11 @@ class QuantizeWeightsInt4Pass(Pass):
                 "quantize-weights-int4 emits com.microsoft.MatMulNBits (onnxruntime only); "
                 "target 'onnx' allows standard ops only"
             )
+        lifted = lift_constant_tensors(model)
         graph = model.graph
         todo = matmul_candidates(graph, self.exclude, self.min_weight_size, stats)
         if not todo:
-            return False
+            return bool(lifted)
         model.opset_imports.setdefault("com.microsoft", 1)
         b = _Builder(graph)
         for node in todo:
