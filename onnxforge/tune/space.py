@@ -320,7 +320,7 @@ def _available_base(preset: str, passes: dict[str, type], notes: list[str]) -> s
 
 def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: float | None = None) -> Space:
     """The default space: ``prune-channels`` (target_latency 0.5..0.9, criterion), ``reconstruct``,
-    ``quantize-int8`` (calibration method, per-channel, weight rounding and, given tune's ``max_drop``, all-int8 or
+    ``quantize-int8`` (calibration method, bias correction, per-channel, weight rounding and, given tune's ``max_drop``, all-int8 or
     mixed precision: ``max_drop`` = half of tune's, measured in tune's own metric, see
     :mod:`onnxforge.tune.budget`) or ``quantize-dynamic``, ``fuse`` on/off.
 
@@ -373,7 +373,10 @@ def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: 
     # GPTQ rounding: on the trained YOLOX detector it let the budget keep 8 convs float instead of 52
     # (CPU-time ratio 0.56 vs 0.87, BENCHMARKS.md Tune run 4). Not latency_guard: it kept every int8
     # region there and costs interleaved timing per candidate; opt in with a space file.
-    int8: dict[str, Any] = {"calibration": Choice(("minmax", "percentile", "entropy")),
+    # sqnr + bias correction is O3's int8 (EfficientNet-Lite0's top-1 agreement: percentile 0.906,
+    # sqnr 0.938, sqnr + bias correction 0.969 on 32 held-out crops; BENCHMARKS.md, Quantization run 4).
+    int8: dict[str, Any] = {"calibration": Choice(("sqnr", "minmax", "percentile", "entropy")),
+                            "bias_correction": Choice((True, False)),
                             "per_channel": Choice((True, False)), "weight_rounding": Choice(("nearest", "gptq"))}
     if max_drop is not None:
         from onnxforge.tune.budget import pass_budget
