@@ -155,6 +155,7 @@ def test_max_drop_on_a_classifier_uses_expected_flips(outlier_mlp):
     r = _q(model, calib, max_drop=0.01)
     fb = r.stats.details["fallback"]
     assert fb["measure"] == "expected top-1 flips" and fb["samples"] == len(calib)
+    assert not any("weak proxy" in n for n in r.stats.notes)
     from onnxforge.passes.quantize.fallback import expected_flips
 
     ref = run_outputs(model, calib, optimize=False)
@@ -245,6 +246,8 @@ def test_max_drop_finds_a_pair_that_only_helps_together(wide_hardswish_stem):
     fb = r.stats.details["fallback"]
     assert fb["drop_final"] <= 0.01 and _drop(model, r.model, calib) <= 0.01, fb  # measured independently
     assert set(fb["kept_float"]) == {stem, dw} and fb["search"] == "ranked prefix", fb
+    # a feature-map output: the budget is 1 - cosine, and the pass says it is a weak proxy
+    assert fb["measure"] == "1 - cosine" and any("weak proxy" in n for n in r.stats.notes)
     assert _float_convs(r.model) == [stem, dw]
     # the ranking is by output error, recorded per node: the two convs that read the wide tensor first
     assert list(fb["sensitivity"])[-1] == pw

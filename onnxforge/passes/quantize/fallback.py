@@ -374,6 +374,12 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     full = scorer.drop(chosen)
     stats.details["fallback"] = {"budget": budget, "drop_all_int8": full, "measure": scorer.measure,
                                  "samples": len(scorer.feeds)}
+    if scorer.measure == "1 - cosine":
+        # said where a user reads it: O3 with this proxy kept the trained YOLOX all-int8, which lost
+        # 1.5 points of F1 on 200 held-out images (BENCHMARKS.md, trained-model suite, run 11)
+        stats.note("max_drop is measured as 1 - cosine of the outputs, a weak proxy for detectors and "
+                   "other non-classifier outputs (it misses boxes that cross the score threshold); give "
+                   "a task metric (--metric module:function) to budget in the task's own unit")
     if full <= budget:
         stats.details["fallback"]["drop_final"] = full
         stats.note(f"max_drop: all-int8 drop {full:.4g} within budget {budget:g}")
