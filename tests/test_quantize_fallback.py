@@ -108,6 +108,27 @@ def test_task_metric_budget_counts_every_calibration_sample(outlier_mlp):
     assert r.stats.details["fallback"]["measure"] != "metric" and r.stats.details["fallback"]["samples"] == 32
 
 
+def test_budget_confidence_holds_an_upper_bound_of_the_drop(outlier_mlp):
+    """budget_confidence=c: the budget must hold for drop + Phi^-1(c) x its standard error over the
+    feeds. A budget the all-int8 point estimate meets, but not its bound, keeps a layer float."""
+    from statistics import NormalDist
+
+    model, calib, names = outlier_mlp
+    probe = _q(model, calib, max_drop=0.0, budget_confidence=0.9).stats.details["fallback"]
+    point, se = probe["point_all_int8"], probe["se_all_int8"]
+    z = NormalDist().inv_cdf(0.9)
+    assert point > 0 and se > 0 and probe["drop_all_int8"] == pytest.approx(point + z * se)
+    budget = point + 0.5 * z * se
+    plain = _q(model, calib, max_drop=budget).stats.details["fallback"]
+    assert plain["drop_final"] == pytest.approx(point) and "kept_float" not in plain  # all int8
+    r = _q(model, calib, max_drop=budget, budget_confidence=0.9)
+    fb = r.stats.details["fallback"]
+    assert fb["kept_float"] and fb["drop_final"] <= budget
+    assert fb["drop_final"] == pytest.approx(fb["point_final"] + z * fb["se_final"])
+    with pytest.raises(Exception, match="budget_confidence"):
+        _q(model, calib, max_drop=0.01, budget_confidence=1.0)
+
+
 def test_latency_guard_reports_and_is_consistent(outlier_mlp):
     model, calib, names = outlier_mlp
     r = _q(model, calib, latency_guard=True)

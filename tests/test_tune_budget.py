@@ -90,6 +90,11 @@ def test_pass_metric_is_tunes_metric_on_the_samples_the_feeds_cover(digits):
     assert metric(outs[:2], feeds[:2]) == pytest.approx(100.0 * np.mean(pred == labels))
     with pytest.raises(OnnxforgeError, match="not tune's search data"):
         metric(outs[:1], [dict(feeds[0])])
+    # with where each feed starts, any feed alone is scored on its own samples (the drop's standard error)
+    starts = {id(f): 64 * k for k, f in enumerate(feeds)}
+    one = PassMetric(ev, counts, starts)([outs[1]], [feeds[1]])
+    labels = digits["search"]["labels"][64:128]
+    assert one == pytest.approx(100.0 * np.mean(outs[1][0].argmax(axis=1) == labels))
     # lower-is-better metrics change sign: the pass's "higher is better" drop is tune's drop
     ev_abs = _evaluator(digits, "max-abs", 0.1, eval_batch=64)
     feeds, counts = search_feeds(ev_abs)

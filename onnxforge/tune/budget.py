@@ -82,15 +82,18 @@ class PassMetric:
     """``metric(outputs_per_feed, feeds) -> float`` for ``quantize-int8``: tune's metric, higher is better.
 
     ``outputs_per_feed[i]`` are the model's outputs on ``feeds[i]`` in graph-output order; the feeds
-    are a prefix of :func:`search_feeds` (the pass ranks on its first few), so the samples they cover
-    are the first ``k`` of the search data, compared with the original model's outputs on the same ``k``.
+    are some of :func:`search_feeds` (a prefix when the pass ranks on its first few, one at a time when
+    it estimates the drop's standard error), compared with the original model's outputs on the samples
+    they cover. ``starts`` (by ``id``) says where each feed's samples begin in the search data; without
+    it the feeds are taken as a prefix.
     """
 
-    def __init__(self, evaluator: "Evaluator", counts: dict[int, int]):
+    def __init__(self, evaluator: "Evaluator", counts: dict[int, int], starts: dict[int, int] | None = None):
         from onnxforge.ir.io import load
 
         self.evaluator = evaluator
         self.counts = counts
+        self.starts = starts
         self.names = [v.name for v in load(evaluator.model_bytes).graph.outputs]
         self.sign = 1.0 if evaluator.metric.higher_is_better else -1.0
 
@@ -102,14 +105,17 @@ class PassMetric:
         real = [self.counts.get(id(f)) for f in feeds]
         if any(r is None for r in real):
             raise OnnxforgeError("tune's metric in quantize-int8 was given feeds that are not tune's search data")
-        k = int(sum(real))  # type: ignore[arg-type]
         if any(len(outs) != len(self.names) for outs in outputs_per_feed):
             raise OnnxforgeError(f"tune's metric in quantize-int8: the model must keep its {len(self.names)} outputs")
+        if self.starts is None:
+            rows = np.arange(int(sum(real)))  # type: ignore[arg-type]
+        else:
+            rows = np.concatenate([np.arange(self.starts[id(f)], self.starts[id(f)] + r) for f, r in zip(feeds, real)])
         # outputs by name (the one comparator pairs by name), samples concatenated, padding dropped
         cand = {name: np.concatenate([np.asarray(outs[j])[:r] for outs, r in zip(outputs_per_feed, real)])
                 for j, name in enumerate(self.names)}
-        orig = {name: v[:k] for name, v in self.evaluator.original_outputs().items()}
-        data = {name: v[:k] for name, v in self.evaluator.data.items()}
+        orig = {name: v[rows] for name, v in self.evaluator.original_outputs().items()}
+        data = {name: v[rows] for name, v in self.evaluator.data.items()}
         return self.sign * float(self.evaluator.metric.fn(cand, orig, data))
 
 
@@ -120,7 +126,8 @@ def context_options(evaluator: "Evaluator", specs: list["PassSpec"], pipeline: s
     if not budgeted(specs):
         return {}
     feeds, counts = search_feeds(evaluator)
-    options: dict[str, Any] = {"metric": PassMetric(evaluator, counts), "eval_data": feeds}
+    starts = dict(zip((id(f) for f in feeds), np.cumsum([0] + [counts[id(f)] for f in feeds[:-1]]).tolist()))
+    options: dict[str, Any] = {"metric": PassMetric(evaluator, counts, starts), "eval_data": feeds}
     folder = evaluator.spec.decisions_dir
     if folder:
         options["decisions"] = str(record_path(folder, evaluator, pipeline))

@@ -177,7 +177,19 @@ def _positional_arity(fn) -> int:
 
 
 class _Scorer:
-    def __init__(self, pass_, qc, n_feeds: int | None = None):
+    """The budget's measure of a quantized subset (:meth:`drop`) and the ranking's (:meth:`error`).
+
+    With ``confidence`` > 0 the budget's drop is an upper confidence bound, ``D + z * SE`` with ``D``
+    the drop on all the feeds, ``z = Phi^-1(confidence)`` and ``SE = std_i(d_i) / sqrt(n)`` from the
+    drops ``d_i`` measured on each feed alone (a normal approximation: exact for a mean over samples
+    such as top-1 agreement, close for a pooled score such as F1). The float set is fitted to these
+    feeds, so its point estimate is biased low on other inputs; the bound is a margin that shrinks as
+    the feeds grow.
+    """
+
+    def __init__(self, pass_, qc, n_feeds: int | None = None, confidence: float = 0.0):
+        from statistics import NormalDist
+
         self.qc = qc
         self.feeds = _eval_feeds(pass_, qc)[:n_feeds]
         self.metric = pass_.context.options.get("metric")
@@ -185,29 +197,50 @@ class _Scorer:
         self.ref_metric = self._metric(self.ref) if self.metric else None
         self.measure = ("metric" if self.metric else
                         "expected top-1 flips" if is_classifier(self.ref) else "1 - cosine")
+        self.z = NormalDist().inv_cdf(confidence) if confidence > 0 and len(self.feeds) >= 2 else 0.0
+        self.ref_per_feed = ([self._metric([r], [i]) for i, r in enumerate(self.ref)]
+                             if self.z and self.metric else None)
         self.cache: dict[frozenset, float] = {}
+        self.points: dict[frozenset, float] = {}
+        self.ses: dict[frozenset, float] = {}
         self.errors: dict[frozenset, float] = {}
 
-    def _metric(self, outs: list[list[np.ndarray]]) -> float:
-        """The user's metric; with three positional parameters it also gets the float outputs."""
+    def _metric(self, outs: list[list[np.ndarray]], idx: list[int] | None = None) -> float:
+        """The user's metric (on the feeds ``idx``, default all); with three positional parameters it
+        also gets the float outputs."""
+        feeds = self.feeds if idx is None else [self.feeds[i] for i in idx]
         if _positional_arity(self.metric) >= 3:
-            return float(self.metric(outs, self.feeds, self.ref))
-        return float(self.metric(outs, self.feeds))
+            ref = self.ref if idx is None else [self.ref[i] for i in idx]
+            return float(self.metric(outs, feeds, ref))
+        return float(self.metric(outs, feeds))
+
+    def _drop_of(self, outs: list[list[np.ndarray]], idx: list[int] | None = None) -> float:
+        """The budget's point measure of ``outs`` (the outputs on the feeds ``idx``, default all)."""
+        ref = self.ref if idx is None else [self.ref[i] for i in idx]
+        if self.metric:
+            base = self.ref_metric if idx is None else float(np.mean([self.ref_per_feed[i] for i in idx]))
+            return float(base - self._metric(outs, idx))
+        if self.measure == "expected top-1 flips":
+            return expected_flips(ref, outs)
+        return fidelity_drop(ref, outs)
 
     def _measure(self, chosen: set[int]) -> None:
         """Build ``chosen`` once and record both measures (the budget's and the ranking's)."""
         key = frozenset(chosen)
         if not chosen:
-            self.cache[key], self.errors[key] = 0.0, 0.0
+            self.cache[key], self.points[key], self.ses[key], self.errors[key] = 0.0, 0.0, 0.0, 0.0
             return
         outs = cal.run_outputs(self.qc.build(set(chosen)), self.feeds, optimize=True)
         self.errors[key] = output_error(self.ref, outs)
-        if self.metric:
-            self.cache[key] = float(self.ref_metric - self._metric(outs))
-        elif self.measure == "expected top-1 flips":
-            self.cache[key] = expected_flips(self.ref, outs)
-        else:
-            self.cache[key] = fidelity_drop(self.ref, outs)
+        point = self._drop_of(outs)
+        se = 0.0
+        if self.z:
+            per_feed = np.array([self._drop_of([o], [i]) for i, o in enumerate(outs)], dtype=np.float64)
+            per_feed = per_feed[np.isfinite(per_feed)]
+            if len(per_feed) >= 2:
+                se = float(np.std(per_feed, ddof=1) / np.sqrt(len(per_feed)))
+        self.points[key], self.ses[key] = point, se
+        self.cache[key] = point + self.z * se
 
     def drop(self, chosen: set[int]) -> float:
         """The budget's measure (task unit) with ``chosen`` quantized."""
@@ -369,11 +402,17 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     from onnxforge.passes.quantize.qdq import select
 
     budget = float(pass_.max_drop)
-    scorer = _Scorer(pass_, qc)
+    confidence = float(getattr(pass_, "budget_confidence", 0.0) or 0.0)
+    scorer = _Scorer(pass_, qc, confidence=confidence)
     infos = qc.analysis.infos
     full = scorer.drop(chosen)
     stats.details["fallback"] = {"budget": budget, "drop_all_int8": full, "measure": scorer.measure,
                                  "samples": len(scorer.feeds)}
+    if scorer.z:
+        key = frozenset(chosen)
+        stats.details["fallback"].update(
+            confidence=confidence, bound=f"drop + {scorer.z:.3g} x its standard error over {len(scorer.feeds)} feeds",
+            point_all_int8=scorer.points[key], se_all_int8=scorer.ses[key])
     if scorer.measure == "1 - cosine":
         # said where a user reads it: O3 with this proxy kept the trained YOLOX all-int8, which lost
         # 1.5 points of F1 on 200 held-out images (BENCHMARKS.md, trained-model suite, run 11)
@@ -416,6 +455,9 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
                                   f"kept float by max_drop: quantized alone its output error is {sens[i]:.3g} "
                                   f"(most sensitive {order.index(i) + 1} of {len(order)})"))
         stats.count("fallback_float")
+    if scorer.z:
+        stats.details["fallback"].update(point_final=scorer.points[frozenset(final)],
+                                         se_final=scorer.ses[frozenset(final)])
     stats.details["fallback"].update(drop_final=drop, kept_float=[infos[i].name for i in kept],
                                      estimated_time=round(latency(final) / max(latency(set()), 1e-9), 4),
                                      steps=[dict(st, float=infos[st["float"]].name) for st in steps],

@@ -169,7 +169,9 @@ class QuantizeInt8Pass(Pass):
 
     Lossy: per tensor at most ``s / 2`` rounding error inside ``[lo, hi]``, saturation outside.
     ``max_drop`` (1 - cosine of the outputs, or the drop of ``context.options['metric']`` on
-    ``eval_data``) keeps the most sensitive nodes float until the budget holds; ``latency_guard``
+    ``eval_data``) keeps the most sensitive nodes float until the budget holds (with
+    ``budget_confidence=c``, until an upper ``c`` confidence bound of the drop does, see
+    :mod:`.fallback`); ``latency_guard``
     keeps an int8 region (a connected quantized subgraph) only where it is measured faster beyond
     the noise, and the model float if int8 is not (see :mod:`.guard`). ``decisions=PATH`` writes
     these measured decisions (and the CPU-dependent choices) to a JSON record, or, when the file
@@ -218,6 +220,7 @@ class QuantizeInt8Pass(Pass):
         bias_correction: bool = False,
         weight_rounding: Literal["nearest", "gptq"] = "nearest",
         range_search: Literal["none", "depthwise", "weighted"] = "none",
+        budget_confidence: float = 0.0,
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -232,6 +235,8 @@ class QuantizeInt8Pass(Pass):
             raise PassOptionError(f"quantize-int8: range_search must be none, depthwise or weighted, got {range_search!r}")
         if max_drop is not None and max_drop < 0:
             raise ValueError(f"max_drop must be >= 0, got {max_drop}")
+        if not 0.0 <= budget_confidence < 1.0:
+            raise PassOptionError(f"quantize-int8: budget_confidence must be in [0, 1), got {budget_confidence!r}")
         self.calibration = calibration
         self.percentile = percentile
         self.per_channel = per_channel
@@ -247,6 +252,7 @@ class QuantizeInt8Pass(Pass):
         self.bias_correction = bias_correction
         self.weight_rounding = weight_rounding
         self.range_search = range_search
+        self.budget_confidence = float(budget_confidence)
 
     def requires(self, model: ir.Model) -> None:
         data = self.context.calibration_data
@@ -357,6 +363,8 @@ class QuantizeInt8Pass(Pass):
             opts["weight_rounding"] = self.weight_rounding
         if self.range_search != "none":
             opts["range_search"] = self.range_search
+        if self.budget_confidence:
+            opts["budget_confidence"] = self.budget_confidence
         return opts
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
