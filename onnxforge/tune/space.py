@@ -320,8 +320,8 @@ def _available_base(preset: str, passes: dict[str, type], notes: list[str]) -> s
 
 def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: float | None = None) -> Space:
     """The default space: ``prune-channels`` (target_latency 0.5..0.9, criterion), ``reconstruct``,
-    ``quantize-int8`` (calibration method, bias correction, per-channel, weight rounding and, given tune's ``max_drop``, all-int8 or
-    mixed precision: ``max_drop`` = half of tune's, measured in tune's own metric, see
+    ``quantize-int8`` (calibration method, bias correction, per-channel, weight rounding and, given
+    tune's ``max_drop``, all-int8 or mixed precision: ``max_drop`` = half of tune's, measured in tune's own metric, see
     :mod:`onnxforge.tune.budget`) or ``quantize-dynamic``, ``fuse`` on/off.
 
     A pass missing from the registry is left out, with a note; so is an option it does not have, and
