@@ -365,3 +365,22 @@ def test_readme_distill_space_parses_and_stacks_prune_distill_int8():
     space = space_from_dict(tomllib.loads(block + qat))
     pipelines = [space.pipeline(c) for c in space.grid()]
     assert any(p.endswith("quantize-int8,distill(loss=auto,epochs=2,max_samples=384)") for p in pipelines)
+
+
+def test_default_space_starts_from_o3s_int8():
+    """The default space's first candidates after the base are O3's int8 options (all-int8 and, with
+    tune's max_drop, mixed precision), in both strategies, however small the budget."""
+    from onnxforge.tune.search import _GridProposer, _OptunaProposer
+
+    space = default_space(max_drop=1.0)
+    wanted = [space.pipeline(p) for p in space.first_candidates]
+    assert len(wanted) == 2 and all("quantize-int8(calibration=sqnr,bias_correction=true,per_channel=true,"
+                                    "weight_rounding=nearest" in p for p in wanted)
+    assert "max_drop" not in wanted[0] and "max_drop=0.5" in wanted[1]
+    assert not any("prune-channels" in p or ",fuse," in p for p in wanted)
+    proposer = _OptunaProposer(space, 0, "tpe", 1.0, budget=8)
+    drawn = [space.pipeline(proposer.ask()[1]) for _ in range(3)]
+    assert drawn == [space.pipeline({})] + wanted
+    grid = _GridProposer(space, budget=4, seed=0, notes=[])
+    assert set(wanted) <= {space.pipeline(p) for p in grid.queue} and len(grid.queue) == 4
+    assert [space.pipeline(p) for p in _GridProposer(space, budget=1, seed=0, notes=[]).queue] == [space.pipeline({})]

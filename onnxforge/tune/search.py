@@ -3,12 +3,14 @@
 Strategies:
 
 - ``grid``: every candidate of the space (:meth:`Space.grid`), in a fixed order; when the grid is
-  larger than the budget, a seeded sample of ``budget`` of them (the base pipeline always included).
+  larger than the budget, a seeded sample of ``budget`` of them (the base pipeline and the space's
+  ``first_candidates`` always included, budget allowing).
 - ``optuna``: Optuna's multi-objective TPE sampler (``sampler="tpe"``) or NSGA-II
   (``sampler="nsga2"``), seeded, minimizing (latency ratio, metric drop) under the constraint
   ``drop <= max_drop``, so the search spends its budget near the feasible fast corner while still
   mapping the trade-off. The base pipeline (every lossy pass off) is the first trial, so there is
-  always a feasible fallback. The sampler proposes; each distinct pipeline is evaluated once (a
+  always a feasible fallback; the space's ``first_candidates`` (the default space: O3's int8) come
+  next. The sampler proposes; each distinct pipeline is evaluated once (a
   repeat proposal is answered from memory and does not count against the budget).
 
 ``budget`` counts distinct candidates, cached or not; ``evaluations`` counts the ones actually built
@@ -188,9 +190,11 @@ class _GridProposer:
         grid = space.grid()
         if len(grid) > budget:
             base = grid[0]
-            rest = grid[1:]
+            wanted = {space.pipeline(p) for p in space.first_candidates}
+            first = [p for p in grid[1:] if space.pipeline(p) in wanted]
+            rest = [p for p in grid[1:] if space.pipeline(p) not in wanted]
             random.Random(seed).shuffle(rest)
-            picked = [base] + rest[: max(0, budget - 1)]
+            picked = ([base] + first + rest)[: max(1, budget)]
             order = {space.pipeline(p): i for i, p in enumerate(grid)}
             picked.sort(key=lambda p: order[space.pipeline(p)])
             notes.append(f"grid has {len(grid)} candidates, budget {budget}: evaluating a seeded sample")
@@ -238,6 +242,8 @@ class _OptunaProposer:
                 base[slot.key] = False
         if base:
             self.study.enqueue_trial(base)
+        for params in space.first_candidates[: max(0, budget - 1)]:
+            self.study.enqueue_trial(params)
         self.size = space.size()
 
     def ask(self) -> tuple[Any, dict[str, Any]] | None:
