@@ -115,18 +115,44 @@ def test_budget_confidence_holds_an_upper_bound_of_the_drop(outlier_mlp):
 
     model, calib, names = outlier_mlp
     probe = _q(model, calib, max_drop=0.0, budget_confidence=0.9).stats.details["fallback"]
-    point, se = probe["point_all_int8"], probe["se_all_int8"]
+    point, se, floor = probe["point_all_int8"], probe["se_all_int8"], probe["floor"]
     z = NormalDist().inv_cdf(0.9)
-    assert point > 0 and se > 0 and probe["drop_all_int8"] == pytest.approx(point + z * se)
+    assert point > 0 and se > 0 and probe["drop_all_int8"] == pytest.approx(point + max(z * se, floor))
     budget = point + 0.5 * z * se
     plain = _q(model, calib, max_drop=budget).stats.details["fallback"]
     assert plain["drop_final"] == pytest.approx(point) and "kept_float" not in plain  # all int8
     r = _q(model, calib, max_drop=budget, budget_confidence=0.9)
     fb = r.stats.details["fallback"]
     assert fb["kept_float"] and fb["drop_final"] <= budget
-    assert fb["drop_final"] == pytest.approx(fb["point_final"] + z * fb["se_final"])
+    assert fb["drop_final"] == pytest.approx(fb["point_final"] + max(z * fb["se_final"], fb["floor"]))
     with pytest.raises(Exception, match="budget_confidence"):
         _q(model, calib, max_drop=0.01, budget_confidence=1.0)
+
+
+def test_budget_confidence_keeps_a_margin_for_changes_not_seen(outlier_mlp):
+    """A set that changes no answer on the feeds (drop 0, SE 0) is not a drop of 0 elsewhere: the bound
+    is at least -ln(1 - c) / n x the size of one all-int8 change (the rule of three), so a budget below
+    that margin certifies no int8 layer."""
+    from statistics import NormalDist
+
+    model, calib, names = outlier_mlp
+
+    def agreement(outputs, feeds, float_outputs):
+        return float(np.mean([np.mean(o[0].argmax(1) == f[0].argmax(1)) for o, f in zip(outputs, float_outputs)]))
+
+    def run(max_drop):
+        ctx = PassContext(calibration_data=calib, options={"metric": agreement})
+        m = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        return create_pass("quantize-int8", {"max_drop": max_drop, "budget_confidence": 0.9}, ctx)(m)
+
+    fb = run(0.2).stats.details["fallback"]
+    floor, z = fb["floor"], NormalDist().inv_cdf(0.9)
+    # one all-int8 change is at least one row of a feed's 8 (1/8 of agreement), at most all of them
+    assert -np.log(0.1) / len(calib) / 8 <= floor <= -np.log(0.1) / len(calib)
+    assert fb["drop_final"] == pytest.approx(fb["point_final"] + max(z * fb["se_final"], floor))
+    assert fb["drop_final"] <= 0.2
+    below = run(0.9 * floor)
+    assert _float_gemms(below.model) == names  # nothing certified: every layer float
 
 
 def test_latency_guard_reports_and_is_consistent(outlier_mlp):
