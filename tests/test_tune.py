@@ -376,7 +376,7 @@ def test_default_space_starts_from_o3s_int8():
     wanted = [space.pipeline(p) for p in space.first_candidates]
     assert len(wanted) == 2 and all("quantize-int8(calibration=sqnr,bias_correction=true,per_channel=true,"
                                     "weight_rounding=nearest" in p for p in wanted)
-    assert "max_drop" not in wanted[0] and "max_drop=0.5" in wanted[1]
+    assert "max_drop" not in wanted[0] and "max_drop=1.0,budget_confidence=0.9" in wanted[1]
     assert not any("prune-channels" in p or ",fuse," in p for p in wanted)
     proposer = _OptunaProposer(space, 0, "tpe", 1.0, budget=8)
     drawn = [space.pipeline(proposer.ask()[1]) for _ in range(3)]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from onnxforge.errors import OnnxforgeError
-from onnxforge.tune.budget import BUDGET_FRACTION, PassMetric, pass_budget, record_path, search_feeds
+from onnxforge.tune.budget import BUDGET_CONFIDENCE, MIN_FEEDS, PassMetric, pass_budget, record_path, search_feeds
 from onnxforge.tune.evaluate import EvalSettings, EvalSpec, Evaluator
 from onnxforge.tune.space import Choice, default_space, space_from_dict
 
@@ -51,20 +51,22 @@ def _fallback(result) -> dict:
 # ------------------------------------------------------------------------------- the unit mapping
 
 
-def test_default_space_budget_is_half_of_tunes_in_tunes_unit():
-    assert BUDGET_FRACTION == 0.5
-    assert pass_budget(1.0) == 0.5 and pass_budget(0.01) == 0.005
-    slot = next(s for s in default_space(max_drop=1.0).slots if s.name == "quantize-int8")
-    assert slot.options["max_drop"] == Choice((None, 0.5))
-    assert slot.options["weight_rounding"] == Choice(("nearest", "gptq")) and "latency_guard" not in slot.options
-    # no --max-drop, no budgeted candidates
-    slot = next(s for s in default_space().slots if s.name == "quantize-int8")
-    assert "max_drop" not in slot.options
+def test_default_space_budget_is_tunes_whole_budget_at_90_percent_confidence():
+    assert BUDGET_CONFIDENCE == 0.9
+    assert pass_budget(1.0) == {"max_drop": 1.0, "budget_confidence": 0.9}
     space = default_space(max_drop=1.0)
+    plain = next(s for s in space.slots if s.key == "quantize-int8")
+    mixed = next(s for s in space.slots if s.key == "mixed-int8")
+    assert mixed.name == "quantize-int8" and mixed.exclusive == plain.exclusive == "quantize"
+    assert mixed.options["max_drop"] == 1.0 and mixed.options["budget_confidence"] == 0.9
+    assert "max_drop" not in plain.options and "budget_confidence" not in plain.options
+    assert mixed.options["weight_rounding"] == Choice(("nearest", "gptq")) and "latency_guard" not in mixed.options
+    # no --max-drop, no budgeted candidates
+    assert [s.key for s in default_space().slots if s.name == "quantize-int8"] == ["quantize-int8"]
     int8 = [p for p in (space.pipeline(c) for c in space.grid()) if "quantize-int8" in p]
-    # all-int8 and mixed precision, and None never spelled out in the pipeline
-    assert any("max_drop=0.5" in p for p in int8) and any("max_drop" not in p for p in int8)
-    assert not any("max_drop=none" in p for p in int8)
+    # all-int8 and mixed precision; the confidence only where there is a budget
+    assert any("max_drop=1.0,budget_confidence=0.9" in p for p in int8) and any("max_drop" not in p for p in int8)
+    assert not any("budget_confidence" in p and "max_drop" not in p for p in int8)
 
 
 def test_space_file_none_is_the_passes_default():
@@ -108,11 +110,11 @@ def test_pass_metric_is_tunes_metric_on_the_samples_the_feeds_cover(digits):
 
 def test_budgeted_candidate_measures_tunes_top1_and_meets_the_budget(digits, tmp_path):
     ev = _evaluator(digits, "top1", 1.0, decisions_dir=tmp_path)
-    pipeline = f"O1,quantize-int8(max_drop={pass_budget(1.0)})"
+    pipeline = "O1,quantize-int8(max_drop=1.0,budget_confidence=0.9)"
     fb = _fallback(ev.build_result(pipeline))
     assert fb["measure"] == "metric"  # tune's metric, not the pass's proxy (expected flips)
-    assert fb["samples"] == len(search_feeds(ev)[0])
-    assert fb["budget"] == 0.5 and fb["drop_final"] <= 0.5
+    assert fb["samples"] == len(search_feeds(ev, MIN_FEEDS)[0]) == 20  # 180 samples in feeds of 9
+    assert fb["budget"] == 1.0 and fb["drop_final"] <= 1.0 and fb.get("confidence") == 0.9, fb
     assert record_path(tmp_path, ev, pipeline).exists()
     cand = ev.evaluate(pipeline)
     assert cand.ok and cand.within(1.0), (cand.drop, fb)

@@ -323,9 +323,10 @@ def _available_base(preset: str, passes: dict[str, type], notes: list[str]) -> s
 
 def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: float | None = None) -> Space:
     """The default space: ``prune-channels`` (target_latency 0.5..0.9, criterion), ``reconstruct``,
-    ``quantize-int8`` (calibration method, bias correction, per-channel, weight rounding and, given
-    tune's ``max_drop``, all-int8 or mixed precision: ``max_drop`` = half of tune's, measured in tune's own metric, see
-    :mod:`onnxforge.tune.budget`) or ``quantize-dynamic``, ``fuse`` on/off.
+    ``quantize-int8`` (calibration method, bias correction, per-channel, weight rounding), given tune's
+    ``max_drop`` also mixed-precision int8 (slot ``mixed-int8``: ``max_drop`` = tune's, measured in
+    tune's own metric and held at 90 % confidence, see :mod:`onnxforge.tune.budget`) or
+    ``quantize-dynamic``, ``fuse`` on/off; O3's int8 options are the first candidates.
 
     A pass missing from the registry is left out, with a note; so is an option it does not have, and
     a choice its annotation does not allow. Without calibration data the data-driven passes and
@@ -381,12 +382,14 @@ def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: 
     int8: dict[str, Any] = {"calibration": Choice(("sqnr", "minmax", "percentile", "entropy")),
                             "bias_correction": Choice((True, False)),
                             "per_channel": Choice((True, False)), "weight_rounding": Choice(("nearest", "gptq"))}
+    add("quantize-int8", int8, exclusive="quantize", needs_data=True)
     if max_drop is not None:
         from onnxforge.tune.budget import pass_budget
 
-        # all-int8 (None) or mixed precision: the pass keeps float the nodes tune's metric needs
-        int8["max_drop"] = Choice((None, pass_budget(max_drop)))
-    add("quantize-int8", int8, exclusive="quantize", needs_data=True)
+        # mixed precision: the pass keeps float the cheapest nodes whose drop in tune's metric holds
+        # --max-drop at 90 % confidence on the search data (onnxforge.tune.budget)
+        add("quantize-int8", {**int8, **pass_budget(max_drop)}, exclusive="quantize", needs_data=True,
+            label="mixed-int8")
     add("quantize-dynamic", {}, exclusive="quantize")
     space.first_candidates = _o3_int8_candidates(space)
     return space
@@ -399,17 +402,16 @@ _O3_INT8 = {"calibration": "sqnr", "bias_correction": True, "per_channel": True,
 
 
 def _o3_int8_candidates(space: Space) -> list[dict[str, Any]]:
-    """The default space's first candidates: O3's int8 alone after the base, all-int8 and (given a
-    budget) mixed precision, so that tune starts from what the preset would build."""
-    slot = next((s for s in space.slots if s.name == "quantize-int8" and s.exclusive), None)
-    if slot is None:
-        return []
-    seed: dict[str, Any] = {f"exclusive:{slot.exclusive}": slot.key}
-    seed.update({s.key: False for s in space.slots if s.optional and not s.exclusive and not s.requires})
-    searched = slot.searched()
-    seed.update({f"{slot.key}.{k}": v for k, v in _O3_INT8.items() if k in searched and v in searched[k].values})
-    drops = searched["max_drop"].values if isinstance(searched.get("max_drop"), Choice) else (None,)
-    return [{**seed, f"{slot.key}.max_drop": d} if "max_drop" in searched else dict(seed) for d in drops]
+    """The default space's first candidates: O3's int8 options alone after the base, all-int8 and
+    (given a budget) mixed precision, so that tune starts from what the preset would build."""
+    off = {s.key: False for s in space.slots if s.optional and not s.exclusive and not s.requires}
+    out = []
+    for slot in (s for s in space.slots if s.name == "quantize-int8" and s.exclusive):
+        searched = slot.searched()
+        out.append({f"exclusive:{slot.exclusive}": slot.key, **off,
+                    **{f"{slot.key}.{k}": v for k, v in _O3_INT8.items()
+                       if k in searched and v in searched[k].values}})
+    return out
 
 
 # --------------------------------------------------------------------------------- file form

@@ -419,6 +419,9 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     full = scorer.drop(chosen)
     stats.details["fallback"] = {"budget": budget, "drop_all_int8": full, "measure": scorer.measure,
                                  "samples": len(scorer.feeds)}
+    if confidence and not scorer.z:
+        stats.note(f"budget_confidence={confidence:g} needs at least 2 feeds of budget data, got "
+                   f"{len(scorer.feeds)}: the budget holds the point estimate")
     if scorer.z:
         key = frozenset(chosen)
         stats.details["fallback"].update(
