@@ -224,10 +224,10 @@ class _Scorer:
 
     def _drop_of(self, outs: list[list[np.ndarray]], idx: list[int] | None = None) -> float:
         """The budget's point measure of ``outs`` (the outputs on the feeds ``idx``, default all)."""
-        ref = self.ref if idx is None else [self.ref[i] for i in idx]
         if self.metric:
             base = self.ref_metric if idx is None else float(np.mean([self.ref_per_feed[i] for i in idx]))
             return float(base - self._metric(outs, idx))
+        ref = self.ref if idx is None else [self.ref[i] for i in idx]
         if self.measure == "expected top-1 flips":
             return expected_flips(ref, outs)
         return fidelity_drop(ref, outs)
@@ -413,7 +413,7 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     from onnxforge.passes.quantize.qdq import select
 
     budget = float(pass_.max_drop)
-    confidence = float(getattr(pass_, "budget_confidence", 0.0) or 0.0)
+    confidence = pass_.budget_confidence
     scorer = _Scorer(pass_, qc, confidence=confidence)
     infos = qc.analysis.infos
     full = scorer.drop(chosen)
