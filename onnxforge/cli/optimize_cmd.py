@@ -165,7 +165,7 @@ def _optimize(model, output, passes_text, preset, config_path, target, calibrati
     save(result.model, output, external_data=True if external_data else None)
     report.extra["output"] = str(output)
     if html_report:
-        _write_html(report_path, report, model, snapshot.bytes, result.model, data)
+        _write_html(report_path, report, model, snapshot.reference, result.model, data)
     elif report_path:
         report.write_json(report_path)
     if not quiet and not as_json:
@@ -181,7 +181,7 @@ def _optimize(model, output, passes_text, preset, config_path, target, calibrati
     return report, output
 
 
-def _write_html(path, report, model_path, float_bytes, final_model, data) -> None:
+def _write_html(path, report, model_path, float_model, final_model, data) -> None:
     """The HTML page; per-layer SQNR on the calibration data (else 8 seeded random samples)."""
     import warnings
 
@@ -200,7 +200,7 @@ def _write_html(path, report, model_path, float_bytes, final_model, data) -> Non
             sqnr_note = "Inputs: 8 random samples (no calibration data given)."
         else:
             sqnr_note = "Inputs: up to 16 samples of the calibration data."
-        sqnr = collect.quant_error(report, float_bytes, final_model, data)
+        sqnr = collect.quant_error(report, float_model, final_model, data)
     optimize_page(report, model=str(model_path), sqnr=sqnr, sqnr_note=sqnr_note, floats=floats).write(path)
 
 

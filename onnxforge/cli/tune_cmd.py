@@ -163,7 +163,7 @@ def _quant_details(model, pipeline: str, calibration_data, seed: int, target: st
     from onnxforge.report import collect
     from onnxforge.runtime.data import CalibrationData
 
-    report, float_bytes, final = collect.rerun(model, pipeline, calibration=calibration_data, seed=seed,
+    report, float_model, final = collect.rerun(model, pipeline, calibration=calibration_data, seed=seed,
                                                target=target)
     if not any(r.name.startswith("quantize") for r in report.records):
         return report, None, "", None
@@ -175,7 +175,7 @@ def _quant_details(model, pipeline: str, calibration_data, seed: int, target: st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             data, note = CalibrationData.synthetic(final, 8), "Inputs: 8 random samples (no calibration data given)."
-    return report, collect.quant_error(report, float_bytes, final, data), note, collect.float_ops(report)
+    return report, collect.quant_error(report, float_model, final, data), note, collect.float_ops(report)
 
 
 def _tune_html(path, model, outcome, metric, calibration_data, seed, target) -> None:

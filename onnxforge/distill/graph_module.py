@@ -33,6 +33,7 @@ import onnx_ir as ir
 from onnxforge.distill import fake_quant
 from onnxforge.errors import UnsupportedModelError
 from onnxforge.ir.graph import const_value
+from onnxforge.ir.io import deep_copy
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def graph_module(model: ir.Model, train_batchnorm: bool = True):
 def write_back(module, model: ir.Model) -> ir.Model:
     """A copy of ``model`` whose trainable initializers hold ``module``'s current values (quantized
     weights rounded back onto their grid: same scales, new integers)."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    copy = deep_copy(model)
     for name, key in module.param_names.items():
         v = copy.graph.initializers[name]
         arr = module.params[key].detach().cpu().numpy()

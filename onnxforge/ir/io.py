@@ -49,6 +49,7 @@ __all__ = [
     "check_external_paths",
     "SpillStore",
     "clone",
+    "deep_copy",
     "has_external_data",
     "largest_tensor_bytes",
     "load",
@@ -860,6 +861,23 @@ def _too_large(what: str) -> str:
 def _check_fits_protobuf(model: ir.Model, what: str) -> None:
     if tensor_bytes(model) >= PROTOBUF_LIMIT_BYTES:
         raise UnsupportedModelError(_too_large(what))
+
+
+def deep_copy(model: ir.Model) -> ir.Model:
+    """A copy sharing no tensor with ``model`` (for passes that rewrite arrays in place).
+
+    In-memory tensors are copied. External tensors (a model loaded with external data, or weights a
+    pass moved to the spill file) are copied as references to the same file, which is not read:
+    serialization keeps a reference's relative ``location`` but drops the folder it is relative to,
+    so each copy gets its original's ``base_dir`` back. (A bare ``deserialize_model(serialize_model(m))``
+    resolves those references against the working directory: quantize-int8 failed on a spilled
+    detector with ``No such file or directory: 'spill.data'``.)
+    """
+    copy = serde.deserialize_model(serde.serialize_model(model))
+    for (*_, original), (*_, copied) in zip(iter_tensors(model), iter_tensors(copy)):
+        if isinstance(original, ir.ExternalTensor) and isinstance(copied, ir.ExternalTensor):
+            copied.base_dir = original.base_dir
+    return copy
 
 
 def clone(model: ir.Model) -> ir.Model:

@@ -403,18 +403,11 @@ class Pipeline(ir.passes.InPlacePass):
 
 
 def _deep_copy(model: ir.Model) -> ir.Model:
-    """A copy sharing no tensor with ``model`` (passes may rewrite arrays in place).
+    """A copy sharing no tensor with ``model`` (passes may rewrite arrays in place); see
+    :func:`onnxforge.ir.io.deep_copy` (external and spilled tensors keep their folder)."""
+    from onnxforge.ir.io import deep_copy
 
-    External (and spilled) tensors are copied as references to the same file, which is not read;
-    serialization drops their folder, so each copy gets its original's ``base_dir`` back.
-    """
-    from onnxforge.ir.graph import iter_tensors
-
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    for (*_, original), (*_, copied) in zip(iter_tensors(model), iter_tensors(copy)):
-        if isinstance(original, ir.ExternalTensor) and isinstance(copied, ir.ExternalTensor):
-            copied.base_dir = original.base_dir
-    return copy
+    return deep_copy(model)
 
 
 def _snapshot(model: ir.Model) -> bytes | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxforge.ir.io import deep_copy, model_to_bytes
 from onnxforge.passes.manager import PassRecord, Report
 from onnxforge.runtime.sqnr import LayerSQNR, layer_sqnr
 
@@ -26,13 +27,14 @@ def _is_quantize(record: PassRecord) -> bool:
 class FloatSnapshot:
     """Call with each :class:`PassRecord` (as ``Pipeline(on_pass=...)``) while ``model`` is rewritten in place.
 
-    ``bytes`` is the serialized model after the last lossless pass that ran before the first lossy
-    one (the input model when the first pass is lossy).
+    ``reference`` is a copy of the model after the last lossless pass that ran before the first lossy
+    one (the input model when the first pass is lossy). External and spilled weights stay references
+    to their files (:func:`~onnxforge.ir.io.deep_copy`); ``bytes`` reads them inline.
     """
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self.bytes: bytes = _serialize(model)
+        self.reference: ir.Model = deep_copy(model)
         self._lossy_seen = False
 
     def __call__(self, record: PassRecord) -> None:
@@ -41,11 +43,11 @@ class FloatSnapshot:
         if not record.lossless:
             self._lossy_seen = True
         elif record.modified:
-            self.bytes = _serialize(self.model)
+            self.reference = deep_copy(self.model)
 
-
-def _serialize(model: ir.Model) -> bytes:
-    return ir.serde.serialize_model(model).SerializeToString()
+    @property
+    def bytes(self) -> bytes:
+        return model_to_bytes(self.reference)
 
 
 def float_ops(report: Report) -> list[dict[str, str]]:
@@ -81,11 +83,11 @@ def quant_error(report: Report, float_model: Any, quantized_model: Any,
 
 
 def rerun(model: Any, pipeline: str, *, calibration: Any = None, seed: int = 0,
-          target: str = "cpu") -> tuple[Report, bytes, ir.Model]:
+          target: str = "cpu") -> tuple[Report, ir.Model, ir.Model]:
     """Run ``pipeline`` on (a fresh load of) ``model`` to get its report and float reference.
 
     ``tune`` and ``sensitivity`` score many candidates without keeping their reports; the page
-    reruns the one it shows. Returns (report, float-reference bytes, final model).
+    reruns the one it shows. Returns (report, float reference, final model).
     """
     import warnings
 
@@ -101,5 +103,5 @@ def rerun(model: Any, pipeline: str, *, calibration: Any = None, seed: int = 0,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = Pipeline(pipeline, context=ctx, on_pass=snapshot).run(m)
-    return result.report, snapshot.bytes, result.model
+    return result.report, snapshot.reference, result.model
 __all__ = ["FloatSnapshot", "float_ops", "quant_error", "quantized_nodes", "rerun"]

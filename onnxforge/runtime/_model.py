@@ -85,6 +85,16 @@ def _ir_weight_bytes(model: ir.Model) -> tuple[int, bool]:
     return total, external
 
 
+def tensor_proto_inline(tensor: ir.TensorProtocol) -> onnx.TensorProto:
+    """``TensorProto`` of ``tensor`` with its data inline (an external tensor's bytes are read)."""
+    proto = ir.serde.serialize_tensor(tensor)
+    if proto.data_location == onnx.TensorProto.EXTERNAL:
+        proto.raw_data = tensor.tobytes()
+        proto.data_location = onnx.TensorProto.DEFAULT
+        del proto.external_data[:]
+    return proto
+
+
 def serialize_inline(model: ir.Model) -> onnx.ModelProto:
     """``ModelProto`` of ``model`` with every main-graph initializer's data inline.
 

@@ -89,6 +89,8 @@ class StudentValues:
         """A ``ModelProto`` computing ``targets`` from cached values, or None (use a full run)."""
         import onnx
 
+        from onnxforge.runtime._model import tensor_proto_inline
+
         graph = self.model.graph
         graph_inputs = {v.name for v in graph.inputs}
         nodes: dict[int, ir.Node] = {}
@@ -130,7 +132,8 @@ class StudentValues:
                 [ir.serde.serialize_node(n) for n in order], "reconstruct_student",
                 [onnx.helper.make_tensor_value_info(v.name, elem_type(v), None) for v in feeds],
                 [onnx.ValueInfoProto(name=n) for n in targets],
-                [ir.serde.serialize_tensor(v.const_value) for v in inits.values()]),
+                # inline: the proto goes to onnxruntime as bytes, where external references cannot resolve
+                [tensor_proto_inline(v.const_value) for v in inits.values()]),
             opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()],
             ir_version=self.model.ir_version)
         for t, v in zip(proto.graph.initializer, inits.values()):

@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxforge.ir.io import deep_copy
 from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.prune import latency, shrink
 from onnxforge.passes.prune.dependency import Dependency, Group, analyze
@@ -346,7 +347,7 @@ class PruneChannelsPass(Pass):
             return table
 
         def shrink_copy(gi: int, width: int) -> ir.Model:
-            copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            copy = deep_copy(model)
             dep_c = analyze(copy, self.protect)
             g_c = dep_c.groups()[gi]
             assert latency.group_key(g_c) == latency.group_key(groups[gi]), "dependency analysis is not deterministic"

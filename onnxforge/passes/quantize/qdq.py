@@ -44,6 +44,7 @@ import onnx_ir as ir
 
 from onnxforge.errors import CalibrationDataError, PassOptionError, UnsupportedModelError
 from onnxforge.ir.graph import const_value, opset_version
+from onnxforge.ir.io import model_to_bytes
 from onnxforge.passes.base import Pass, PassStats, Skip
 from onnxforge.passes.quantize import calibrate as cal
 # Re-exported: dynamic.py and weight_only.py import these from here.
@@ -350,7 +351,7 @@ class QuantizeInt8Pass(Pass):
             stats.details["calibration_choices"] = dict(sorted(collections.Counter(picked.values()).items()))
         for name, why in skipped.items():
             stats.note(f"tensor {name!r} not calibrated: {why}")
-        blob = ir.serde.serialize_model(model).SerializeToString()
+        blob = model_to_bytes(model)  # external and spilled weights inline: the candidates are built from it
         return QuantContext(blob, analysis, ranges, choices.act_dtype, choices.symmetric, target, feeds,
                             reduce_range=choices.reduce_range, choices=choices)
 
