@@ -422,8 +422,10 @@ def test_cli_max_memory_refuses_up_front(external_mlp, tmp_path):
         "O2,quantize-int8(bias_correction=true,max_drop=0.02)",
         "O2,quantize-int8(weight_rounding=gptq,range_search=weighted)",
         "O1,prune-channels(ratio=0.25),reconstruct",
-        "O1,prune-channels(target_latency=0.9,criterion=activation),reconstruct,quantize-int8",
+        "O1,prune-channels(target_latency=0.9,criterion=activation,latency_table={table}),reconstruct,quantize-int8",
         "O1,prune-channels(ratio=0.25),reconstruct,distill(epochs=1,max_samples=64)",
+        # per-layer timing builds region models from the weights (layout, 800x608, takes this path)
+        "O1,prune-channels(target_latency=0.9,latency_scope=layer,latency_table={table}),reconstruct",
     ],
 )
 def test_data_driven_passes_reach_external_and_spilled_weights(trained_digits, tmp_path, monkeypatch, pipeline):
@@ -431,23 +433,26 @@ def test_data_driven_passes_reach_external_and_spilled_weights(trained_digits, t
     along: a model loaded with external data (its tensors refer to its own folder) and the spill
     store (``onnxforge optimize``: every weight a pass makes moves to a scratch file) serialize as
     references that bytes cannot resolve. The CLI's O3 failed this way on a trained YOLOX detector
-    (``No such file or directory: 'spill.data'``). The result equals the in-memory run's."""
+    (``No such file or directory: 'spill.data'``). The result equals the in-memory run's (a latency
+    table measured by the external run, with the bug's path, is read back by the in-memory one)."""
+    pipeline = pipeline.format(table=tmp_path / "latency.json")
     src = tmp_path / "src" / "digits.onnx"
     src.parent.mkdir()
     io.save(io.clone(trained_digits["model"]), src, external_data=True, tensor_threshold_bytes=1024)
     calib, x = trained_digits["calib"], trained_digits["x"][:64]
     feeds = {trained_digits["name"]: x}
     context = dict(calibration_data=calib, seed=0)
-    in_memory = io.load(src, load_external_data=True)
-    Pipeline(pipeline, context=PassContext(**context)).run(in_memory)
-    expected = run(in_memory, feeds)
-
-    monkeypatch.chdir(tmp_path)  # relative references must not resolve by accident
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # relative references must not resolve by accident
     model = io.load(src)
     with io.spilling(tmp_path / "spill", threshold_bytes=SPILL_THRESHOLD):
         Pipeline(pipeline, context=PassContext(**context)).run(model)
         got = run(model, feeds)
-    assert_same_outputs(expected, got)
+
+    in_memory = io.load(src, load_external_data=True)
+    Pipeline(pipeline, context=PassContext(**context)).run(in_memory)
+    assert_same_outputs(run(in_memory, feeds), got)
 
 
 def test_cli_o3_with_a_report_on_external_weights(trained_digits, tmp_path, monkeypatch):

@@ -288,6 +288,7 @@ def region_model(model: ir.Model, nodes: Sequence[ir.Node], types: Mapping[str, 
     import onnx
 
     from onnxforge.ir.graph import const_tensor
+    from onnxforge.runtime._model import tensor_proto_inline
 
     inside = {id(n) for n in nodes}
     produced = {o.name for n in nodes for o in n.outputs if o.name}
@@ -302,7 +303,7 @@ def region_model(model: ir.Model, nodes: Sequence[ir.Node], types: Mapping[str, 
             seen.add(v.name)
             tensor = const_tensor(v)
             if tensor is not None:
-                t = ir.serde.serialize_tensor(tensor)
+                t = tensor_proto_inline(tensor)  # the region runs from bytes: no external references
                 t.name = v.name
                 inits.append(t)
                 continue
