@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
 
 from onnxforge.ir.graph import opset_version
@@ -14,7 +16,15 @@ def upgrade_opset(model: ir.Model, version: int, stats: PassStats) -> bool:
     try:
         from onnxscript import version_converter
 
-        version_converter.convert_version(model, version, fallback=True)
+        # It logs a warning each time it hands the model to onnx's C converter (opset 11 models do):
+        # on stderr that reads like a problem, while the outcome goes into the pass's notes below.
+        converter_log = logging.getLogger("onnxscript.version_converter")
+        level = converter_log.level
+        converter_log.setLevel(logging.ERROR)
+        try:
+            version_converter.convert_version(model, version, fallback=True)
+        finally:
+            converter_log.setLevel(level)
     except Exception as e:  # the converter refuses some models; the caller falls back to per-tensor
         stats.note(f"opset upgrade {old} -> {version} failed ({type(e).__name__}: {e})")
         return False
