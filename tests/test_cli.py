@@ -8,6 +8,7 @@ not a terminal there either), because each subprocess pays ~3 s of imports on a 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import pathlib
@@ -416,3 +417,28 @@ def test_optimize_metric_sets_the_int8_budget_in_task_units(tmp_path, monkeypatc
     assert h6_task_metric.calls  # the user's function ran, with the outputs by name
     bad = CliRunner().invoke(main, [*args, "--metric", "no_such_module_h6:f"])
     assert bad.exit_code == 2 and "cannot import" in bad.output
+
+
+def test_optimize_shows_what_the_lossy_passes_noted(tmp_path):
+    """O3's budget, its measure and what it kept float are notes of quantize-int8: the table alone
+    hid them (only --report json had them). They follow the table on stdout and sit in the HTML
+    page's notes; lossless passes' notes (fusion rules not applied) stay in the JSON."""
+    import numpy as np
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    data = np.load(repo / "examples" / "digits_data.npz")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=data["input"][:64])
+    page, js = tmp_path / "r.html", tmp_path / "r.json"
+    args = ["optimize", repo / "examples" / "digits_cnn.onnx", "-o", tmp_path / "o3.onnx", "--preset", "O3",
+            "--calibration-data", calib]
+    proc = run(*args, "--report", page)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("quantize-int8: ")]
+    assert any("max_drop" in ln for ln in lines), proc.stdout
+    assert not [ln for ln in proc.stdout.splitlines() if ln.startswith("fuse: ")]
+    html_text = page.read_text()
+    assert all(html.escape(ln.split(": ", 1)[1])[:60] in html_text for ln in lines)
+    run(*args, "--report", js, "--quiet")
+    fuse = next(r for r in json.loads(js.read_text())["passes"] if r["name"] == "fuse")
+    assert fuse["stats"]["notes"], "the lossless pass's notes are still in the JSON"

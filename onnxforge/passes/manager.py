@@ -161,8 +161,16 @@ class Report:
                 _what(r.stats),
             )
         console.print(table)
+        for line in self.lossy_notes():
+            console.print(line, markup=False, highlight=False)
         if self.failed_pass:
             console.print(f"[red]first failing pass: {self.failed_pass}[/red]: {self.failure}")
+
+    def lossy_notes(self) -> list[str]:
+        """``"pass: note"`` for every note of a lossy pass: what a user must read to trust the result
+        (the opset upgrade, the accuracy budget's measure and outcome, what stayed float and why). The
+        lossless passes' notes (rules not applied, ...) stay in the JSON report."""
+        return [f"{r.name}: {n}" for r in self.records if not r.lossless for n in r.stats.get("notes") or []]
 
 
 def _delta(a: int | None, b: int | None, human: bool = False) -> str:

@@ -319,7 +319,7 @@ def optimize_page(report: Report, *, model: str, sqnr: Sequence[LayerSQNR] | Non
         captions = ["parameter bytes and nodes after each pass", "SQNR per quantized layer"]
         body = "".join(image(p, c, c) for p, c in zip(plots, captions))
         page.sections.insert(1, Section("plots", "Plots", f'<div class="plots">{body}</div>'))
-    _notes(page, notes)
+    _notes(page, list(notes) + report.lossy_notes())
     return page
 
 
