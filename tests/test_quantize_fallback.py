@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnxforge.errors import PassOptionError
 from onnxforge.passes import PassContext, create_pass
 from onnxforge.passes.quantize.calibrate import run_outputs
 from onnxforge.passes.quantize.qmath import cosine
@@ -400,3 +401,25 @@ def test_max_drop_with_a_metric_against_the_float_model(outlier_mlp):
     ref = run_outputs(model, calib, optimize=False)
     out = run_outputs(r.model, calib)
     assert agreement(out, calib, ref) == 1.0  # measured independently
+
+
+def test_max_cosine_drop_is_the_budget_only_where_the_measure_is_cosine(wide_hardswish_stem, outlier_mlp):
+    """``max_drop`` is in task points (top-1 flips, a user metric); ``1 - cosine`` is not, so O3
+    gives it its own budget. A lax ``max_drop`` with a tight ``max_cosine_drop`` keeps the feature
+    map model's convs float by the cosine budget; on a classifier ``max_cosine_drop`` changes nothing."""
+    model, calib, (stem, dw, pw) = wide_hardswish_stem
+    r = _q(model, calib, max_drop=1.0, max_cosine_drop=0.01)
+    fb = r.stats.details["fallback"]
+    assert fb["measure"] == "1 - cosine" and fb["budget"] == 0.01, fb
+    assert set(fb["kept_float"]) == {stem, dw} and _drop(model, r.model, calib) <= 0.01  # measured independently
+    lax = _q(model, calib, max_drop=1.0).stats.details["fallback"]
+    assert lax["budget"] == 1.0 and not lax.get("kept_float"), lax
+
+    model, calib, names = outlier_mlp
+    plain = _q(model, calib, max_drop=0.01)
+    with_cosine = _q(model, calib, max_drop=0.01, max_cosine_drop=0.0)
+    fb = with_cosine.stats.details["fallback"]
+    assert fb["measure"] == "expected top-1 flips" and fb["budget"] == 0.01
+    assert fb["kept_float"] == plain.stats.details["fallback"]["kept_float"]
+    with pytest.raises(PassOptionError, match="max_cosine_drop"):
+        _q(model, calib, max_cosine_drop=-0.1)

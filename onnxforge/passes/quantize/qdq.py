@@ -172,7 +172,8 @@ class QuantizeInt8Pass(Pass):
     ``max_drop`` (1 - cosine of the outputs, or the drop of ``context.options['metric']`` on
     ``eval_data``) keeps the most sensitive nodes float until the budget holds (with
     ``budget_confidence=c``, until an upper ``c`` confidence bound of the drop does, see
-    :mod:`.fallback`); ``latency_guard``
+    :mod:`.fallback`); ``max_cosine_drop`` replaces ``max_drop`` where the measure is ``1 - cosine``
+    (no metric given, outputs not a classifier's: its unit is not the task's, see O3); ``latency_guard``
     keeps an int8 region (a connected quantized subgraph) only where it is measured faster beyond
     the noise, and the model float if int8 is not (see :mod:`.guard`). ``decisions=PATH`` writes
     these measured decisions (and the CPU-dependent choices) to a JSON record, or, when the file
@@ -222,6 +223,7 @@ class QuantizeInt8Pass(Pass):
         weight_rounding: Literal["nearest", "gptq"] = "nearest",
         range_search: Literal["none", "depthwise", "weighted"] = "none",
         budget_confidence: float = 0.0,
+        max_cosine_drop: float | None = None,
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -236,6 +238,8 @@ class QuantizeInt8Pass(Pass):
             raise PassOptionError(f"quantize-int8: range_search must be none, depthwise or weighted, got {range_search!r}")
         if max_drop is not None and max_drop < 0:
             raise ValueError(f"max_drop must be >= 0, got {max_drop}")
+        if max_cosine_drop is not None and not 0.0 <= max_cosine_drop <= 2.0:
+            raise PassOptionError(f"quantize-int8: max_cosine_drop must be in [0, 2], got {max_cosine_drop!r}")
         if not 0.0 <= budget_confidence < 1.0:
             raise PassOptionError(f"quantize-int8: budget_confidence must be in [0, 1), got {budget_confidence!r}")
         self.calibration = calibration
@@ -254,6 +258,7 @@ class QuantizeInt8Pass(Pass):
         self.weight_rounding = weight_rounding
         self.range_search = range_search
         self.budget_confidence = float(budget_confidence)
+        self.max_cosine_drop = max_cosine_drop
 
     def requires(self, model: ir.Model) -> None:
         data = self.context.calibration_data
@@ -366,6 +371,8 @@ class QuantizeInt8Pass(Pass):
             opts["range_search"] = self.range_search
         if self.budget_confidence:
             opts["budget_confidence"] = self.budget_confidence
+        if self.max_cosine_drop is not None:
+            opts["max_cosine_drop"] = self.max_cosine_drop
         return opts
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
