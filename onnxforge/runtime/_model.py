@@ -85,13 +85,18 @@ def _ir_weight_bytes(model: ir.Model) -> tuple[int, bool]:
     return total, external
 
 
+def _read_inline(proto: onnx.TensorProto, tensor: ir.TensorProtocol) -> None:
+    """Replace ``proto``'s external-data reference with ``tensor``'s bytes (read now)."""
+    proto.raw_data = tensor.tobytes()
+    proto.data_location = onnx.TensorProto.DEFAULT
+    del proto.external_data[:]
+
+
 def tensor_proto_inline(tensor: ir.TensorProtocol) -> onnx.TensorProto:
     """``TensorProto`` of ``tensor`` with its data inline (an external tensor's bytes are read)."""
     proto = ir.serde.serialize_tensor(tensor)
     if proto.data_location == onnx.TensorProto.EXTERNAL:
-        proto.raw_data = tensor.tobytes()
-        proto.data_location = onnx.TensorProto.DEFAULT
-        del proto.external_data[:]
+        _read_inline(proto, tensor)
     return proto
 
 
@@ -109,9 +114,7 @@ def serialize_inline(model: ir.Model) -> onnx.ModelProto:
         value = model.graph.initializers.get(tensor_proto.name)
         if value is None or value.const_value is None:
             continue
-        tensor_proto.raw_data = value.const_value.tobytes()
-        tensor_proto.data_location = onnx.TensorProto.DEFAULT
-        del tensor_proto.external_data[:]
+        _read_inline(tensor_proto, value.const_value)
     return proto
 
 
