@@ -90,8 +90,9 @@ def test_max_drop_with_user_metric(outlier_mlp):
     assert r.stats.details["fallback"]["drop_final"] <= 0.0
 
 
-def test_task_metric_budget_counts_every_calibration_sample(outlier_mlp):
-    """A task metric is measured on all the calibration samples given (here 40); the proxies on 32."""
+def test_task_metric_budget_counts_every_calibration_sample(outlier_mlp, monkeypatch):
+    """A task metric is measured on all the calibration samples given (here 40); the proxies on up to
+    ``_BUDGET_FEEDS`` of them."""
     model, calib, names = outlier_mlp
     rng = np.random.default_rng(1)
     many = [{k: v[rng.permutation(len(v))] for k, v in calib[i % len(calib)].items()} for i in range(40)]
@@ -106,7 +107,11 @@ def test_task_metric_budget_counts_every_calibration_sample(outlier_mlp):
     assert r.stats.details["fallback"]["measure"] == "metric"
     assert r.stats.details["fallback"]["samples"] == 40 and max(seen) == 40  # (the ranking uses 8)
     r = _q(model, many, max_drop=0.01)
-    assert r.stats.details["fallback"]["measure"] != "metric" and r.stats.details["fallback"]["samples"] == 32
+    assert r.stats.details["fallback"]["measure"] != "metric" and r.stats.details["fallback"]["samples"] == 40
+    from onnxforge.passes.quantize import fallback
+
+    monkeypatch.setattr(fallback, "_BUDGET_FEEDS", 16)
+    assert _q(model, many, max_drop=0.01).stats.details["fallback"]["samples"] == 16
 
 
 def test_budget_confidence_holds_an_upper_bound_of_the_drop(outlier_mlp):
@@ -423,3 +428,83 @@ def test_max_cosine_drop_is_the_budget_only_where_the_measure_is_cosine(wide_har
     assert fb["kept_float"] == plain.stats.details["fallback"]["kept_float"]
     with pytest.raises(PassOptionError, match="max_cosine_drop"):
         _q(model, calib, max_cosine_drop=-0.1)
+
+
+def _recognizer(batch_axis_first: bool = False):
+    """A CTC-recognizer-shaped torch model: conv features pooled over height, one linear layer per
+    column -> ``(T, N, C)`` logits (``(N, T, C)`` with ``batch_axis_first``), exported with a
+    dynamic batch."""
+    import torch
+    from onnxforge.testing import zoo
+
+    class Recognizer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.head = torch.nn.Linear(16, 12)
+
+        def forward(self, x):
+            f = torch.relu(self.conv(x)).mean(dim=2)  # (N, 16, T)
+            f = f.permute(0, 2, 1) if batch_axis_first else f.permute(2, 0, 1)
+            return self.head(f)
+
+    torch.manual_seed(0)
+    return zoo.export_model(Recognizer().eval(), (torch.randn(2, 1, 8, 20),))
+
+
+def test_sequence_of_class_scores_is_read_from_the_graph():
+    from onnxforge.passes.quantize.fallback import class_score_outputs
+
+    rng = np.random.default_rng(0)
+    for first, axis in ((False, 1), (True, 0)):
+        model = _recognizer(batch_axis_first=first)
+        feeds = [{model.graph.inputs[0].name: rng.standard_normal((3, 1, 8, 20)).astype(np.float32)}]
+        ref = run_outputs(model, feeds, optimize=False)
+        assert ref[0][0].shape[-1] == 12
+        assert class_score_outputs(model, ref) == [axis]
+    # a conv head's (N, anchors, box + score) rows are not class scores
+    import torch
+    from onnxforge.testing import zoo
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 1)
+
+        def forward(self, x):
+            return self.conv(x).flatten(2).permute(0, 2, 1)
+
+    det = zoo.export_model(Head().eval(), (torch.randn(1, 3, 4, 4),))
+    feeds = [{det.graph.inputs[0].name: rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}]
+    assert class_score_outputs(det, run_outputs(det, feeds, optimize=False)) is None
+
+
+def test_a_sequence_changes_when_any_position_does():
+    """P(string changes) = 1 - prod_t (1 - p_t): T positions with the same p give 1 - (1 - p)^T."""
+    from onnxforge.passes.quantize.fallback import expected_flips
+
+    rng = np.random.default_rng(3)
+    one = np.array([[2.0, 1.5, 0.0, -1.0, -2.0, 0.5, -0.5, -3.0, 1.0, -1.5]])  # a close runner-up
+    err = 0.3 * rng.normal(size=(1, 10))
+    p = expected_flips([[one]], [[one + err]])
+    assert 0.0 < p < 0.5
+    seq, seq_err = np.repeat(one[None], 20, axis=0), np.repeat(err[None], 20, axis=0)  # (T=20, N=1, C)
+    assert np.isclose(expected_flips([[seq]], [[seq + seq_err]], [None]), 1.0 - (1.0 - p) ** 20)
+    # the batch axis: each of N samples is its own string
+    two = np.concatenate([seq, seq], axis=1)  # (T, N=2, C); sample 1 has no error
+    two_err = np.concatenate([seq_err, 0 * seq_err], axis=1)
+    assert np.isclose(expected_flips([[two]], [[two + two_err]], [1]), (1.0 - (1.0 - p) ** 20) / 2)
+
+
+def test_max_drop_on_a_recognizer_budgets_expected_sequence_changes():
+    model = _recognizer()
+    rng = np.random.default_rng(4)
+    calib = [{model.graph.inputs[0].name: rng.standard_normal((2, 1, 8, 20)).astype(np.float32)} for _ in range(8)]
+    r = _q(model, calib, max_drop=0.01)
+    fb = r.stats.details["fallback"]
+    assert fb["measure"] == "expected sequence changes" and fb["drop_final"] <= 0.01, fb
+    assert not any("weak proxy" in n for n in r.stats.notes)
+    from onnxforge.passes.quantize.fallback import expected_flips
+
+    ref = run_outputs(model, calib, optimize=False)
+    assert expected_flips(ref, run_outputs(r.model, calib), [1]) <= 0.01  # measured independently
