@@ -61,7 +61,7 @@ def _fake_clock(effects: dict[str, float], base: float = 10.0, noise: float = 0.
     rng = np.random.default_rng(seed)
     calls = []
 
-    def measure(models, feeds, *, rounds, per_round):
+    def measure(models, feeds, *, rounds, per_round, clock="wall"):
         out = {}
         for label, m in models.items():
             if isinstance(m, bytes):
@@ -175,3 +175,26 @@ def test_decision_record_for_another_model_is_refused(two_regions, monkeypatch, 
         np.zeros(other.graph.initializers[next(iter(other.graph.initializers))].const_value.shape, np.float32))
     with pytest.raises(PassOptionError, match="another model"):
         _run(other, calib, latency_guard=True, decisions=str(path))
+
+
+def test_cpu_clock_times_one_thread_and_reaches_the_guard(two_regions, monkeypatch):
+    """``latency_clock=cpu``: the real clock gives a per-round time per model; the option reaches
+    every measurement, is recorded, and a bad value is refused."""
+    model, calib, convs = two_regions
+    data = ir.serde.serialize_model(model).SerializeToString()
+    times = guard.measure_latency({"a": data, "b": data}, calib[0], rounds=3, per_round=2, clock="cpu")
+    assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    seen = []
+    fake = _fake_clock({c: -1.0 for c in convs})
+
+    def spy(models, feeds, *, rounds, per_round, clock="wall"):
+        seen.append(clock)
+        return fake(models, feeds, rounds=rounds, per_round=per_round)
+
+    monkeypatch.setattr(guard, "measure_latency", spy)
+    r = _run(model, calib, latency_guard=True, latency_clock="cpu")
+    assert seen and set(seen) == {"cpu"}
+    assert r.stats.details["latency_guard"]["clock"] == "cpu"
+    assert _quantized_convs(r.model) == set(convs)
+    with pytest.raises(PassOptionError, match="latency_clock"):
+        create_pass("quantize-int8", {"latency_clock": "gpu"})

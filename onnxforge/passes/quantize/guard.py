@@ -5,7 +5,8 @@ thing onnxruntime turns into one chain of integer kernels. Breaking a region any
 pair, so deciding op type by op type (the old guard) mixes unrelated parts of the network.
 
 Measurement (:func:`compare`): the two models run interleaved in one process (onnxruntime, all
-graph optimizations), ``rounds`` rounds of ``per_round`` runs each, the order rotating every round.
+graph optimizations; wall time, or one thread's CPU time: :func:`measure_latency`), ``rounds``
+rounds of ``per_round`` runs each, the order rotating every round.
 Each round gives a paired ratio ``r_i = median(t_a) / median(t_b)`` (the two models saw the same
 machine load). Over the rounds, ``log r`` has median ``m`` and a robust standard error
 ``se = 1.4826 * MAD(log r) * 1.2533 / sqrt(n)``; the ratio's confidence interval is
@@ -49,16 +50,21 @@ MAX_REGIONS = 4  # regions measured one by one; smaller ones are measured as one
 
 
 def measure_latency(models: Mapping[str, bytes], feeds: Mapping[str, np.ndarray], *, rounds: int,
-                    per_round: int) -> dict[str, list[float]]:
+                    per_round: int, clock: str = "wall") -> dict[str, list[float]]:
     """Per-round median latency (ms) of each model, measured interleaved in this process.
 
-    Wall time at onnxruntime's default threads. It is noisy on a 2-core box (the trained YOLOX with
-    its first 8 convs float, 0.54x of fp32 in the suite's benchmark, read 0.80x [0.61, 1.10], a tie,
-    in 2 of 3 builds). One thread's CPU time reads it 0.544 [0.537, 0.552], but was reverted: that
-    steadier guard kept int8 where the budgets' proxies do not hold on held-out inputs (the OCR
-    recognizer all-int8 at 0.67x lost 5 points of strings; the classifiers 1.5-2 points), where the
-    noisy one kept them float (BENCHMARKS.md, trained-model suite, run 13).
+    ``clock="wall"`` (default): wall time at onnxruntime's default threads, as the model will run.
+    It is noisy on a 2-core box (the trained YOLOX with its first 8 convs float, 0.54x of fp32 in
+    the suite's benchmark, read 0.80x [0.61, 1.10], a tie, in 2 of 3 builds).
+
+    ``clock="cpu"``: one intra-op thread, timed by the calling thread's CPU time (onnxruntime then
+    runs the graph on that thread, so its CPU time is the kernels' time and nothing else; other
+    jobs on the machine do not enter it). The same YOLOX reads 0.544 [0.537, 0.552]. It decides
+    the same way in every build, so it keeps int8 wherever int8 is faster: the accuracy budget
+    must then hold by itself (BENCHMARKS.md, trained-model suite, runs 13 and 14).
     """
+    if clock == "cpu":
+        return _thread_cpu_times(models, feeds, rounds=rounds, per_round=per_round)
     from onnxforge.runtime.bench import bench_interleaved
 
     res = bench_interleaved(dict(models), feeds, rounds=rounds, per_round=per_round, warmup=3,
@@ -67,6 +73,32 @@ def measure_latency(models: Mapping[str, bytes], feeds: Mapping[str, np.ndarray]
     for label, r in res.items():
         t = np.asarray(r.times_ms, np.float64).reshape(rounds, per_round)
         out[label] = [float(x) for x in np.median(t, axis=1)]
+    return out
+
+
+def _thread_cpu_times(models: Mapping[str, bytes], feeds: Mapping[str, np.ndarray], *, rounds: int,
+                      per_round: int) -> dict[str, list[float]]:
+    """:func:`measure_latency` with ``clock="cpu"``: one intra-op thread, the thread's CPU time."""
+    import time
+
+    from onnxforge.runtime.session import make_session
+
+    sessions = {k: make_session(v, optimize="all", threads=1).session for k, v in models.items()}
+    labels = list(sessions)
+    feeds = dict(feeds)
+    for label in labels:  # warm-up: first runs allocate and pick kernels
+        for _ in range(3):
+            sessions[label].run(None, feeds)
+    out: dict[str, list[float]] = {k: [] for k in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            run = sessions[label].run
+            times = []
+            for _ in range(per_round):
+                t0 = time.thread_time_ns()
+                run(None, feeds)
+                times.append((time.thread_time_ns() - t0) / 1e6)
+            out[label].append(float(np.median(times)))
     return out
 
 
@@ -103,13 +135,13 @@ def timing_from_rounds(a: list[float], b: list[float]) -> Timing:
                   float(np.median(b)), len(d))
 
 
-def compare(a: bytes, b: bytes, feeds: Mapping[str, np.ndarray]) -> Timing:
+def compare(a: bytes, b: bytes, feeds: Mapping[str, np.ndarray], clock: str = "wall") -> Timing:
     """Measure ``a`` against ``b``; add rounds while the interval straddles 1 (up to MAX_ROUNDS)."""
     ta: list[float] = []
     tb: list[float] = []
     rounds = ROUNDS
     while True:
-        t = measure_latency({"a": a, "b": b}, feeds, rounds=rounds, per_round=PER_ROUND)
+        t = measure_latency({"a": a, "b": b}, feeds, rounds=rounds, per_round=PER_ROUND, clock=clock)
         ta += t["a"]
         tb += t["b"]
         timing = timing_from_rounds(ta, tb)
@@ -118,7 +150,8 @@ def compare(a: bytes, b: bytes, feeds: Mapping[str, np.ndarray]) -> Timing:
         rounds = ROUNDS
 
 
-def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | None = None) -> set[int]:
+def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | None = None,
+                  clock: str = "wall") -> set[int]:
     """Keep int8 only for the regions (and the model) measured faster; see the module docstring."""
     from onnxforge.passes.quantize.analysis import regions, select
 
@@ -128,7 +161,8 @@ def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | Non
     feeds = qc.feeds[0]
     model = qc.fresh()
     forced = set(forced or ())
-    report: dict[str, Any] = {"regions": [], "method": f"paired interleaved rounds, {Z:g}-sigma interval"}
+    report: dict[str, Any] = {"regions": [], "method": f"paired interleaved rounds, {Z:g}-sigma interval",
+                              "clock": clock}
 
     def without(group: set[int]) -> set[int]:
         return select(model, qc.analysis, forced | group, target=qc.target) & chosen
@@ -155,7 +189,7 @@ def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | Non
             if not unit:
                 continue
             alt = without(unit)
-            t = compare(qc.build(chosen), qc.build(alt) if alt else qc.float_bytes, feeds)
+            t = compare(qc.build(chosen), qc.build(alt) if alt else qc.float_bytes, feeds, clock)
             entry = {"nodes": [infos[i].name for i in sorted(unit)], **t.to_dict()}
             report["regions"].append(entry)
             label = f"region of {len(unit)} node(s) starting at {infos[min(unit)].name}"
@@ -171,14 +205,14 @@ def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | Non
         pend = set().union(*pending) & chosen if pending else set()
         if pend:
             alt = without(pend)
-            t = compare(qc.build(chosen), qc.build(alt) if alt else qc.float_bytes, feeds)
+            t = compare(qc.build(chosen), qc.build(alt) if alt else qc.float_bytes, feeds, clock)
             keep = t.verdict == "faster"
             report["pending"] = {"nodes": len(pend), "decision": "int8" if keep else "float", **t.to_dict()}
             if not keep:
                 revert(pend, f"latency guard: regions not measurably faster in int8, even together "
                              f"(ratio {t.ratio:.3f}, interval [{t.lo:.3f}, {t.hi:.3f}])")
     if chosen:
-        t = compare(qc.build(chosen), qc.float_bytes, feeds)
+        t = compare(qc.build(chosen), qc.float_bytes, feeds, clock)
         keep = t.hi < MIN_GAIN
         report["model"] = {"decision": "int8" if keep else "float", "min_gain": MIN_GAIN, **t.to_dict()}
         if not keep:

@@ -175,8 +175,9 @@ class QuantizeInt8Pass(Pass):
     :mod:`.fallback`); ``max_cosine_drop`` replaces ``max_drop`` where the measure is ``1 - cosine``
     (no metric given, outputs not a classifier's: its unit is not the task's, see O3); ``latency_guard``
     keeps an int8 region (a connected quantized subgraph) only where it is measured faster beyond
-    the noise, and the model float if int8 is not (see :mod:`.guard`). ``decisions=PATH`` writes
-    these measured decisions (and the CPU-dependent choices) to a JSON record, or, when the file
+    the noise, and the model float if int8 is not (see :mod:`.guard`), timed by the wall clock at the
+    default threads or, with ``latency_clock=cpu``, by one thread's CPU time (steady under load).
+    ``decisions=PATH`` writes these measured decisions (and the CPU-dependent choices) to a JSON record, or, when the file
     exists, replays it without measuring: byte-identical rebuilds (see :mod:`.decisions`).
     ``reduce_range`` (default: by the CPU's int8 path, see :mod:`.isa`) gives 7-bit weights to the
     layers behind a uint8 input that would saturate u8s8 int16 sums on x86 without VNNI.
@@ -224,6 +225,7 @@ class QuantizeInt8Pass(Pass):
         range_search: Literal["none", "depthwise", "weighted"] = "none",
         budget_confidence: float = 0.0,
         max_cosine_drop: float | None = None,
+        latency_clock: Literal["wall", "cpu"] = "wall",
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -240,6 +242,8 @@ class QuantizeInt8Pass(Pass):
             raise ValueError(f"max_drop must be >= 0, got {max_drop}")
         if max_cosine_drop is not None and not 0.0 <= max_cosine_drop <= 2.0:
             raise PassOptionError(f"quantize-int8: max_cosine_drop must be in [0, 2], got {max_cosine_drop!r}")
+        if latency_clock not in ("wall", "cpu"):
+            raise PassOptionError(f"quantize-int8: latency_clock must be wall or cpu, got {latency_clock!r}")
         if not 0.0 <= budget_confidence < 1.0:
             raise PassOptionError(f"quantize-int8: budget_confidence must be in [0, 1), got {budget_confidence!r}")
         self.calibration = calibration
@@ -258,6 +262,7 @@ class QuantizeInt8Pass(Pass):
         self.weight_rounding = weight_rounding
         self.range_search = range_search
         self.budget_confidence = float(budget_confidence)
+        self.latency_clock = latency_clock
         self.max_cosine_drop = max_cosine_drop
 
     def requires(self, model: ir.Model) -> None:
@@ -373,6 +378,8 @@ class QuantizeInt8Pass(Pass):
             opts["budget_confidence"] = self.budget_confidence
         if self.max_cosine_drop is not None:
             opts["max_cosine_drop"] = self.max_cosine_drop
+        if self.latency_clock != "wall":
+            opts["latency_clock"] = self.latency_clock
         return opts
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
@@ -445,7 +452,7 @@ class QuantizeInt8Pass(Pass):
             if self.latency_guard:
                 from onnxforge.passes.quantize.guard import latency_guard
 
-                chosen = latency_guard(qc, chosen, stats, forced)
+                chosen = latency_guard(qc, chosen, stats, forced, clock=self.latency_clock)
             kept_float = {s.node: s.reason for s in stats.skipped[n_skips:]}
             if path:
                 DecisionRecord(sha, self._record_options(),
