@@ -131,6 +131,7 @@ def test_budget_confidence_holds_an_upper_bound_of_the_drop(outlier_mlp):
     fb = r.stats.details["fallback"]
     assert fb["kept_float"] and fb["drop_final"] <= budget
     assert fb["drop_final"] == pytest.approx(fb["point_final"] + max(z * fb["se_final"], fb["floor"]))
+    assert any("budget_confidence=0.9" in n and "more calibration samples" in n for n in r.stats.notes)
     with pytest.raises(Exception, match="budget_confidence"):
         _q(model, calib, max_drop=0.01, budget_confidence=1.0)
 

@@ -624,4 +624,10 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     stats.note(f"max_drop: kept {len(kept)} node(s) float ({how}; estimated time "
                f"{stats.details['fallback']['estimated_time']:.2f}x of float); "
                f"drop {full:.4g} -> {drop:.4g} (budget {budget:g})")
+    if scorer.z:
+        # the margin is what a user can buy down with data: it shrinks as 1/sqrt(samples)
+        point = scorer.points[frozenset(final)]
+        stats.note(f"budget_confidence={confidence:g}: the bound is the drop {point:.4g} + a margin "
+                   f"{drop - point:.4g} from {len(scorer.feeds)} samples; more calibration samples narrow "
+                   f"the margin and let more layers run in int8")
     return final
