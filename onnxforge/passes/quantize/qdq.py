@@ -177,8 +177,8 @@ class QuantizeInt8Pass(Pass):
     keeps an int8 region (a connected quantized subgraph) only where it is measured faster beyond
     the noise, and the model float if int8 is not (see :mod:`.guard`), timed by the wall clock at the
     default threads or, with ``latency_clock=cpu``, by one thread's CPU time (steady under load).
-    ``decisions=PATH`` writes these measured decisions (and the CPU-dependent choices) to a JSON record, or, when the file
-    exists, replays it without measuring: byte-identical rebuilds (see :mod:`.decisions`).
+    ``decisions=PATH`` writes these measured decisions (and the CPU-dependent choices) to a JSON
+    record, or, when the file exists, replays it without measuring: byte-identical rebuilds (see :mod:`.decisions`).
     ``reduce_range`` (default: by the CPU's int8 path, see :mod:`.isa`) gives 7-bit weights to the
     layers behind a uint8 input that would saturate u8s8 int16 sums on x86 without VNNI.
 
