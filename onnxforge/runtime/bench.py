@@ -198,6 +198,36 @@ def bench_interleaved(
     return {label: BenchResult.from_times(times[label], batch, infos[label]) for label in labels}
 
 
+def thread_time_interleaved(
+    models: Mapping[str, ModelLike], feeds: Mapping[str, Any] | None, *, rounds: int, per_round: int,
+    warmup: int = 3,
+) -> dict[str, list[float]]:
+    """Each model's run times (ms, ``rounds * per_round`` of them in order), timed as the calling
+    thread's CPU time with one intra-op thread, interleaved like :func:`bench_interleaved` (random
+    feeds from the first model's inputs when ``feeds`` is None).
+
+    On the CPU provider with one intra-op thread onnxruntime runs the graph on the calling thread,
+    so that thread's CPU time is the kernels' time and nothing else: other jobs on a shared machine
+    do not enter it (wall time there is mostly waiting for a core).
+    """
+    sessions = {k: make_session(v, optimize="all", threads=1).session for k, v in models.items()}
+    labels = list(sessions)
+    feeds = dict(feeds) if feeds is not None else random_feeds(session_input_specs(sessions[labels[0]]), seed=0)
+    for label in labels:  # first runs allocate and pick kernels
+        for _ in range(warmup):
+            sessions[label].run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    clock = time.thread_time_ns
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            run = sessions[label].run
+            for _ in range(per_round):
+                t0 = clock()
+                run(None, feeds)
+                times[label].append((clock() - t0) / 1e6)
+    return times
+
+
 def ratios(results: Mapping[str, BenchResult], baseline: str, stat: str = "p50_ms") -> dict[str, float]:
     """``results[label].stat / results[baseline].stat`` for every label (below 1: faster)."""
     base = getattr(results[baseline], stat)

@@ -155,7 +155,6 @@ def timed(variants: Mapping[str, Any], feeds: Mapping[str, np.ndarray] | None, *
     providers, several threads) the minima of interleaved wall-clock runs
     (:func:`~onnxforge.runtime.bench.bench_interleaved`): the least disturbed run.
     """
-    import time
     import warnings
 
     if tuple(providers) != ("cpu",) or threads != 1:
@@ -167,29 +166,11 @@ def timed(variants: Mapping[str, Any], feeds: Mapping[str, np.ndarray] | None, *
                                     per_round=PER_ROUND, warmup=3, providers=providers, threads=threads,
                                     optimize="all")
         return {k: r.min_ms for k, r in res.items()}
-    from onnxforge.runtime._model import session_input_specs
-    from onnxforge.runtime.data import random_feeds
-    from onnxforge.runtime.session import make_session
+    from onnxforge.runtime.bench import thread_time_interleaved
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sessions = {k: make_session(v, optimize="all", threads=1).session for k, v in variants.items()}
-    labels = list(sessions)
-    if feeds is None:
-        feeds = random_feeds(session_input_specs(sessions[labels[0]]), seed=0)
-    feeds = dict(feeds)
-    for label in labels:
-        for _ in range(3):
-            sessions[label].run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in labels}
-    clock = time.thread_time_ns
-    for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
-            run = sessions[label].run
-            for _ in range(PER_ROUND):
-                t0 = clock()
-                run(None, feeds)
-                times[label].append((clock() - t0) / 1e6)
+        times = thread_time_interleaved(variants, feeds, rounds=rounds, per_round=PER_ROUND)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 

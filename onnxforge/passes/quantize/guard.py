@@ -63,43 +63,16 @@ def measure_latency(models: Mapping[str, bytes], feeds: Mapping[str, np.ndarray]
     the same way in every build, so it keeps int8 wherever int8 is faster: the accuracy budget
     must then hold by itself (BENCHMARKS.md, trained-model suite, runs 13 and 14).
     """
+    from onnxforge.runtime.bench import bench_interleaved, thread_time_interleaved
+
     if clock == "cpu":
-        return _thread_cpu_times(models, feeds, rounds=rounds, per_round=per_round)
-    from onnxforge.runtime.bench import bench_interleaved
-
-    res = bench_interleaved(dict(models), feeds, rounds=rounds, per_round=per_round, warmup=3,
-                            optimize="all")
-    out = {}
-    for label, r in res.items():
-        t = np.asarray(r.times_ms, np.float64).reshape(rounds, per_round)
-        out[label] = [float(x) for x in np.median(t, axis=1)]
-    return out
-
-
-def _thread_cpu_times(models: Mapping[str, bytes], feeds: Mapping[str, np.ndarray], *, rounds: int,
-                      per_round: int) -> dict[str, list[float]]:
-    """:func:`measure_latency` with ``clock="cpu"``: one intra-op thread, the thread's CPU time."""
-    import time
-
-    from onnxforge.runtime.session import make_session
-
-    sessions = {k: make_session(v, optimize="all", threads=1).session for k, v in models.items()}
-    labels = list(sessions)
-    feeds = dict(feeds)
-    for label in labels:  # warm-up: first runs allocate and pick kernels
-        for _ in range(3):
-            sessions[label].run(None, feeds)
-    out: dict[str, list[float]] = {k: [] for k in labels}
-    for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
-            run = sessions[label].run
-            times = []
-            for _ in range(per_round):
-                t0 = time.thread_time_ns()
-                run(None, feeds)
-                times.append((time.thread_time_ns() - t0) / 1e6)
-            out[label].append(float(np.median(times)))
-    return out
+        times = thread_time_interleaved(models, feeds, rounds=rounds, per_round=per_round)
+    else:
+        res = bench_interleaved(dict(models), feeds, rounds=rounds, per_round=per_round, warmup=3,
+                                optimize="all")
+        times = {label: r.times_ms for label, r in res.items()}
+    return {label: [float(x) for x in np.median(np.asarray(t, np.float64).reshape(rounds, per_round), axis=1)]
+            for label, t in times.items()}
 
 
 @dataclasses.dataclass
