@@ -69,6 +69,11 @@ def test_op_table_decides_by_measurement():
     ok, why = kernels.pays("Softmax", "avx2")  # an unmeasured path uses the nearest measured table
     assert not ok and "nearest" in why
     assert kernels.pays("Flatten", "amx")[0]  # same cost class as Reshape
+    # the tables differ where the measurements do: HardSigmoid's integer expansion pays on the
+    # AVX-512 VNNI (Zen 4) table, not on the AMX one
+    assert kernels.pays("HardSigmoid", "avx512_vnni")[0]
+    assert not kernels.pays("HardSigmoid", "amx")[0]
+    assert kernels.table("avx2")[0] == "avx512_vnni" and kernels.table("arm_dot")[0] == "amx"
 
 
 @pytest.fixture(scope="session")

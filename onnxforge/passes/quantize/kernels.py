@@ -17,9 +17,9 @@ nearest measured path stand in for a path not measured yet (``NEAREST``).
 
 from __future__ import annotations
 
-# bench/bench_int8_ops.py --rounds 15, 2026-12-06, onnxruntime 1.32.0, 1 thread, 1x64x56x56 uint8.
+# bench/bench_int8_ops.py, onnxruntime 1.32.0, 1 thread, 1x64x56x56 uint8; one table per measured path.
 MEASURED: dict[str, dict[str, float]] = {
-    # Intel Xeon (Sapphire Rapids class: AVX-512 VNNI + AMX-INT8), 2 shared cores.
+    # Intel Xeon (Sapphire Rapids class: AVX-512 VNNI + AMX-INT8), 2 shared cores; --rounds 15, 2026-12-06.
     "amx": {
         "Sigmoid": 0.39, "LeakyRelu": 0.48, "Softmax": 2.31, "Add": 0.21, "Mul": 0.29, "Concat": 0.06,
         "AveragePool": 125.8,  # 3x3 stride 1 (stride 2: 6.1): QLinearAveragePool is a scalar kernel
@@ -30,11 +30,22 @@ MEASURED: dict[str, dict[str, float]] = {
         "HardSwish": 0.39,  # decomposed: QLinearAdd, Clip in the Q range, QLinearMul, /6 in a DQ scale
         "HardSigmoid": 1.28,  # decomposed QLinearAdd alone loses to the float HardSigmoid
     },
+    # AMD EPYC (Zen 4 class: AVX-512 VNNI, no AMX), 2 cores, quiet; --rounds 60, 2026-12-07.
+    # Same verdicts as the AMX table except HardSigmoid: its decomposed QLinearAdd pays here (0.84-0.86
+    # in 6 of 7 runs; 1.19 once, inside the full table's run).
+    "avx512_vnni": {
+        "Sigmoid": 0.50, "LeakyRelu": 0.66, "Softmax": 2.77, "Add": 0.34, "Mul": 0.47, "Concat": 0.13,
+        "AveragePool": 14.1, "GlobalAveragePool": 0.17, "MaxPool": 27.0, "Resize": 1.20,
+        "Transpose": 0.19, "Reshape": 0.19, "Slice": 0.15, "Split": 0.15,
+        "HardSwish": 0.61, "HardSigmoid": 0.85,
+    },
 }
-# A path not measured uses the table of the nearest one (same kernels, other instruction widths).
-NEAREST = {"amx": "amx", "avx512_vnni": "amx", "avx_vnni": "amx", "avx512": "amx", "avx2": "amx",
-           "sse": "amx", "arm_i8mm": "amx", "arm_dot": "amx", "neon": "amx", "generic": "amx",
-           "tensorrt": "amx"}
+# A path not measured uses the table of the nearest one: the element-wise int8 kernels are the same
+# AVX2/AVX-512 code on every x86 path (AMX only changes the matrix kernels), so x86 without AMX takes
+# the AVX-512 VNNI table; ARM (not measured) takes the AMX one.
+NEAREST = {"amx": "amx", "avx512_vnni": "avx512_vnni", "avx_vnni": "avx512_vnni", "avx512": "avx512_vnni",
+           "avx2": "avx512_vnni", "sse": "avx512_vnni", "arm_i8mm": "amx", "arm_dot": "amx", "neon": "amx",
+           "generic": "amx", "tensorrt": "amx"}
 # Ops that never appear in the benchmark but have int8 handling with no arithmetic (the Q/DQ pair is
 # dropped): same cost class as Reshape.
 SAME_AS = {"Flatten": "Reshape", "Squeeze": "Reshape", "Unsqueeze": "Reshape"}
