@@ -12,6 +12,8 @@ FLOPs count multiply-accumulates of the compute-heavy ops, times two:
   ``[N, C, ...]``, weight ``[C, M/group, *kernel]``).
 * MatMul (and MatMulInteger, QLinearMatMul): ``prod(output) * K``; Gemm: ``M * N * K``;
   com.microsoft MatMulNBits: ``prod(A[:-1]) * N * K``.
+* LSTM (and com.microsoft DynamicQuantizeLSTM): ``T * N * directions * 4H * (I + H)`` MACs (input
+  ``[T, N, I]``, ``hidden_size`` H): the gate GEMMs of every step.
 
 Biases, activations and elementwise ops are not counted. ``dim_values`` (``inspect --dim
 height=320``) gives symbolic input dimensions a size: the shapes of every value are then re-derived
@@ -53,6 +55,8 @@ _FLOP_OPS = {
     ("", "MatMulInteger"),
     ("", "QLinearMatMul"),
     ("com.microsoft", "MatMulNBits"),
+    ("", "LSTM"),
+    ("com.microsoft", "DynamicQuantizeLSTM"),
 }
 
 
@@ -568,6 +572,15 @@ def _node_macs(node: ir.Node, shape: _ShapeLookup) -> int | None:
         if not k or not n:
             return None
         return math.prod(a[:-1]) * n * k
+    if op in ("LSTM", "DynamicQuantizeLSTM"):
+        # the gate GEMMs: every step, per direction, [batch, I + H] x [I + H, 4H]
+        x = shape(_input(node, 0))
+        hidden = _int_attr(node, "hidden_size", 0)
+        if x is None or len(x) != 3 or not hidden:
+            return None
+        dirs = 2 if node.attributes.get("direction") is not None and \
+            node.attributes["direction"].value == "bidirectional" else 1
+        return x[0] * x[1] * dirs * 4 * hidden * (x[2] + hidden)
     return None
 
 

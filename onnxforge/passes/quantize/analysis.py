@@ -27,6 +27,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxforge.ir.graph import const_value
+from onnxforge.passes.quantize.recurrent import RECURRENT
+from onnxforge.passes.quantize.recurrent import not_quantizable as lstm_not_quantizable
 
 WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # onnxruntime CPU: ops with an int8 kernel (own output scale); kept where .kernels measures a gain.
@@ -65,7 +67,7 @@ class NodeInfo:
     index: int
     name: str
     op_type: str
-    role: str  # weighted | int8 | share | fold | rescale | float
+    role: str  # weighted | int8 | share | fold | rescale | dynamic (LSTM, see .recurrent) | float
     weight_input: int | None = None
     weight_axis: int | None = None
     bias_input: int | None = None
@@ -140,7 +142,7 @@ def analyze(model: ir.Model, *, per_channel: bool, exclude: Sequence[str], inclu
             info.role = "rescale"
             info.factor, info.data_input = rescale
             continue
-        if op not in WEIGHTED | int8_ops | share_ops | FOLDABLE:
+        if op not in WEIGHTED | int8_ops | share_ops | FOLDABLE | (RECURRENT if cpu else set()):
             if op == "BatchNormalization":
                 info.reason = ("BatchNormalization stays float: it does not follow a Conv/Gemm it can be "
                                "folded into (see 'fold-batchnorm')")
@@ -155,6 +157,14 @@ def analyze(model: ir.Model, *, per_channel: bool, exclude: Sequence[str], inclu
             continue
         if op in WEIGHTED:
             _classify_weighted(node, info, per_channel)
+        elif op in RECURRENT and cpu:
+            why = lstm_not_quantizable(node)
+            if why:
+                info.reason = why
+                continue
+            # int8 weights, activations quantized by the kernel at run time: no Q/DQ, not in a region
+            info.role = "dynamic"
+            info.weight_input = 1
         elif op in FOLDABLE:
             if op == "Clip":
                 lo = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
@@ -243,6 +253,9 @@ def select(model: ir.Model, analysis: Analysis, forced_float: set[int] = frozens
     infos = analysis.infos
     pos = _Positions(nodes)
     chosen = {i.index for i in infos if i.role == "weighted" and i.index not in forced_float}
+    # "dynamic" nodes (LSTM -> DynamicQuantizeLSTM) are quantized on their own: no Q/DQ at their
+    # edges, so they pull no neighbour into an int8 region (added after the regions grew)
+    dynamic = {i.index for i in infos if i.role == "dynamic" and i.index not in forced_float}
     if target == "tensorrt":
         # TensorRT: Q/DQ on the inputs of the ops it runs in int8; residual Adds next to them.
         for info in infos:
@@ -275,7 +288,7 @@ def select(model: ir.Model, analysis: Analysis, forced_float: set[int] = frozens
             elif _touches(node, chosen, pos, infos):
                 chosen.add(idx)
                 changed = True
-    return chosen
+    return chosen | dynamic
 
 
 class _Positions(dict):
@@ -335,6 +348,7 @@ def regions(model: ir.Model, analysis: Analysis, chosen: set[int]) -> list[list[
     pos = _Positions(nodes)
     infos = analysis.infos
     parent = {i: i for i in chosen}
+    dynamic = {i for i in chosen if infos[i].role == "dynamic"}  # each its own region
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -351,7 +365,7 @@ def regions(model: ir.Model, analysis: Analysis, chosen: set[int]) -> list[list[
             if _role(infos, pi) == "fold":  # look through the folded activation to its producer
                 src = p.inputs[0].producer() if p.inputs[0] is not None else None
                 pi = _index(src, pos) if src is not None else -1
-            if pi in parent:
+            if pi in parent and i not in dynamic and pi not in dynamic:
                 parent[find(i)] = find(pi)
     groups: dict[int, list[int]] = {}
     for i in sorted(chosen):

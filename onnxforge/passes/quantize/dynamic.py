@@ -1,4 +1,7 @@
-"""``quantize-dynamic``: int8 weights, activations quantized at run time (MatMul/Gemm only).
+"""``quantize-dynamic``: int8 weights, activations quantized at run time (MatMul/Gemm, and LSTM).
+
+LSTMs become onnxruntime's ``com.microsoft.DynamicQuantizeLSTM`` (int8 weights per gate row, input
+and hidden states quantized by the kernel; :mod:`.recurrent`), except on target ``onnx``.
 
 Rewrites ``Y = X @ W (+ b)`` with a constant ``W`` of shape ``[K, N]`` (Gemm: ``transB`` handled by
 transposing the constant) into
@@ -39,6 +42,7 @@ from onnxforge.passes.base import Pass, PassStats
 from onnxforge.passes.quantize.analysis import _attr
 from onnxforge.passes.quantize.opset import upgrade_opset
 from onnxforge.passes.quantize.qmath import WEIGHT_QMAX, quantize, quantize_weight, weight_qparams
+from onnxforge.passes.quantize.recurrent import RECURRENT, not_quantizable, to_dynamic_lstm
 from onnxforge.passes.quantize.rewrite import _Builder
 from onnxforge.passes.cleanup import lift_constant_tensors
 from onnxforge.passes.registry import register_pass
@@ -136,7 +140,7 @@ def matmul_weight(node: ir.Node) -> np.ndarray:
 
 @register_pass("quantize-dynamic")
 class QuantizeDynamicPass(Pass):
-    """Dynamic int8 quantization of MatMul/Gemm: int8 per-column weights, uint8 activations at run time.
+    """Dynamic int8 quantization of MatMul/Gemm (and LSTM): int8 per-column weights, uint8 activations at run time.
 
     See the module docstring for the rewrite and the math. Lossy (``tolerance``: 5% of the output
     magnitude; cosine >= 0.99 on a BERT-style encoder). Conv is skipped and reported.
@@ -181,11 +185,15 @@ class QuantizeDynamicPass(Pass):
                 )
             graph = model.graph
         todo = matmul_candidates(graph, self.exclude, self.min_weight_size, stats)
-        if not todo:
+        lstms = self._lstm_candidates(graph, stats)
+        if not todo and not lstms:
             return bool(lifted)
         if use_contrib:
             model.opset_imports.setdefault("com.microsoft", 1)
         b = _Builder(graph)
+        for node in lstms:
+            to_dynamic_lstm(graph, node, b)
+            stats.count("dynamic_LSTM")
         shared_dql: dict[int, ir.Node] = {}
         for node in todo:
             weight_v = node.inputs[1]
@@ -235,6 +243,23 @@ class QuantizeDynamicPass(Pass):
         drop_unused_initializers(graph)
         stats.details["contrib_op"] = use_contrib
         return True
+
+    def _lstm_candidates(self, graph: ir.Graph, stats: PassStats) -> list[ir.Node]:
+        """LSTMs to rewrite as onnxruntime's DynamicQuantizeLSTM (see :mod:`.recurrent`)."""
+        todo = []
+        for node in graph:
+            if node.op_type not in RECURRENT or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.name in self.exclude or node.op_type in self.exclude:
+                stats.skip(node, "excluded by option 'exclude'")
+            elif self.context.target == "onnx":
+                stats.skip(node, "LSTM stays float on target onnx: its int8 form, DynamicQuantizeLSTM, is an "
+                                 "onnxruntime contrib op")
+            elif why := not_quantizable(node):
+                stats.skip(node, why)
+            else:
+                todo.append(node)
+        return todo
 
     def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(Wq int8 [K, N], s_w)`` computed a column chunk at a time (bounded float64 temporaries)."""

@@ -583,7 +583,7 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
         stats.details["fallback"]["drop_final"] = full
         stats.note(f"max_drop: all-int8 drop {full:.4g} within budget {budget:g}")
         return chosen
-    weighted = sorted(i for i in chosen if infos[i].role == "weighted")
+    weighted = sorted(i for i in chosen if infos[i].role in ("weighted", "dynamic"))
     # ranking on fewer samples (one build per node), budget checks on all of them
     ranker = scorer if len(scorer.feeds) <= _SENSITIVITY_FEEDS else _Scorer(pass_, qc, _SENSITIVITY_FEEDS)
     sens = {i: ranker.error({i}) for i in weighted}

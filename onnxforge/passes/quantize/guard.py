@@ -151,7 +151,7 @@ def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | Non
 
     groups = regions(model, qc.analysis, chosen)
     if len(groups) > 1:
-        weight = {tuple(g): sum(infos[i].role == "weighted" for i in g) for g in groups}
+        weight = {tuple(g): sum(infos[i].role in ("weighted", "dynamic") for i in g) for g in groups}
         ordered = sorted(groups, key=lambda g: (-weight[tuple(g)], g[0]))
         singles = ordered[:MAX_REGIONS]
         rest = sorted(i for g in ordered[MAX_REGIONS:] for i in g)

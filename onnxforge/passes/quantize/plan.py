@@ -75,6 +75,8 @@ def plan_tensors(model: ir.Model, analysis: Analysis, chosen: set[int], *, targe
     for idx in sorted(chosen):
         node = nodes[idx]
         info = infos[idx]
+        if info.role == "dynamic":  # quantized by its kernel at run time: no Q/DQ (see .recurrent)
+            continue
         if info.role == "rescale":
             # no Q/DQ of its own: its readers read its input's Q through a DQ with the scale times factor
             v = node.inputs[info.data_input]

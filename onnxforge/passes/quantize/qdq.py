@@ -55,6 +55,7 @@ from onnxforge.passes.quantize.decisions import DecisionRecord
 from onnxforge.passes.quantize.isa import Int8Choices, choose
 from onnxforge.passes.quantize.qmath import QParams, activation_qparams
 from onnxforge.passes.quantize.range_search import SCOPES, apply_factors
+from onnxforge.passes.quantize.recurrent import to_dynamic_lstm
 from onnxforge.passes.quantize.rewrite import _Builder, _values_by_name, apply_plan  # noqa: F401
 from onnxforge.passes.cleanup import lift_constant_tensors
 from onnxforge.passes.registry import register_pass
@@ -124,11 +125,19 @@ class QuantContext:
             v = model.graph.initializers.get(name)
             if v is not None and v.const_value is not None and tuple(v.const_value.shape.numpy()) == w.shape:
                 v.const_value = ir.tensor(w, name=name)
-        plan = plan_tensors(model, self.analysis, chosen, target=self.target)
+        dynamic = [i for i in sorted(chosen) if self.analysis.infos[i].role == "dynamic"]
+        recurrent = [list(model.graph)[i] for i in dynamic]  # held before the rewrite shifts indices
+        plan = plan_tensors(model, self.analysis, set(chosen) - set(dynamic), target=self.target)
         plan.reduce_range = self.reduce_range
         plan.weight_scales = {name: scale for name, (_, scale) in rounding.items()}
         qps = self.qparams_for(model, plan)
         apply_plan(model, plan, qps, analysis=self.analysis, stats=stats)
+        if recurrent:
+            builder = _Builder(model.graph)
+            for node in recurrent:
+                to_dynamic_lstm(model.graph, node, builder)
+            if stats:
+                stats.count("LSTM_dynamic_int8", len(recurrent))
         return model
 
     def _weights_of(self, model: ir.Model, chosen: set[int]) -> set[str]:
@@ -159,7 +168,9 @@ class QuantizeInt8Pass(Pass):
     QLinearAdd, ...). Add/Mul/Concat/pooling are quantized inside int8 regions; Reshape/Transpose/
     Flatten/MaxPool/Resize share their input's scale; Relu and Clip(0, m) are folded into the
     preceding Q range (uint8 saturation at the zero point *is* the ReLU). Softmax, LayerNorm, Gelu,
-    HardSwish and anything unknown stay float, with no Q/DQ around them.
+    HardSwish and anything unknown stay float, with no Q/DQ around them. On the CPU an LSTM becomes
+    onnxruntime's ``DynamicQuantizeLSTM`` (int8 weights, activations quantized by the kernel; no
+    Q/DQ, its own region for the latency guard, a candidate of ``max_drop``: see :mod:`.recurrent`).
 
     Math: ``q = saturate(round_half_even(x / s) + z)``, ``x' = (q - z) * s``. Activations:
     ``cpu`` uint8 asymmetric ``s = (hi - lo) / 255, z = round(-lo / s)`` (U8S8 with int8 weights);
