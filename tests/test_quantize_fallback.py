@@ -114,6 +114,31 @@ def test_task_metric_budget_counts_every_calibration_sample(outlier_mlp, monkeyp
     assert _q(model, many, max_drop=0.01).stats.details["fallback"]["samples"] == 16
 
 
+def test_budget_measure_proxy_ignores_the_context_metric(outlier_mlp):
+    """budget_measure=proxy (tune's O3 candidate): the budget is measured by the proxies even when the
+    context carries a metric; the default (auto) uses the metric. The record keeps the option."""
+    model, calib, names = outlier_mlp
+    calls = []
+
+    def harsh(outputs, feeds):  # every int8 model loses 100 points: auto keeps everything float
+        calls.append(1)
+        return 0.0 if len(calls) > 1 else 100.0
+
+    def build(**opts):
+        m = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        return create_pass("quantize-int8", {"max_drop": 0.01, **opts},
+                           PassContext(calibration_data=calib, options={"metric": harsh}))(m)
+
+    auto = build()
+    assert auto.stats.details["fallback"]["measure"] == "metric" and calls
+    calls.clear()
+    proxy = build(budget_measure="proxy")
+    assert proxy.stats.details["fallback"]["measure"] != "metric" and not calls
+    assert proxy.stats.details["fallback"]["measure"] == _q(model, calib, max_drop=0.01).stats.details["fallback"]["measure"]
+    with pytest.raises(PassOptionError):
+        build(budget_measure="metric")
+
+
 def test_budget_confidence_holds_an_upper_bound_of_the_drop(outlier_mlp):
     """budget_confidence=c: the budget must hold for drop + Phi^-1(c) x its standard error over the
     feeds. A budget the all-int8 point estimate meets, but not its bound, keeps a layer float."""

@@ -372,14 +372,23 @@ def test_default_space_starts_from_o3s_int8():
     tune's max_drop, mixed precision), in both strategies, however small the budget."""
     from onnxforge.tune.search import _GridProposer, _OptunaProposer
 
+    from onnxforge.passes.spec import PRESETS
+    from onnxforge.tune.budget import budgeted
+    from onnxforge.passes.spec import parse_pipeline
+
     space = default_space(max_drop=1.0)
     wanted = [space.pipeline(p) for p in space.first_candidates]
-    assert len(wanted) == 2 and all("quantize-int8(calibration=sqnr,bias_correction=true,per_channel=true,"
-                                    "weight_rounding=nearest" in p for p in wanted)
+    assert len(wanted) == 3 and all("quantize-int8(calibration=sqnr,bias_correction=true,per_channel=true,"
+                                    "weight_rounding=nearest" in p for p in wanted[:2])
     assert "max_drop" not in wanted[0] and "max_drop=1.0,budget_confidence=0.9" in wanted[1]
-    assert not any("prune-channels" in p or ",fuse," in p for p in wanted)
+    assert not any("prune-channels" in p or ",fuse," in p for p in wanted[:2])
+    # the third: O3's int8 as the preset builds it (fuse on, its own proxy budget and guard), which
+    # tune's metric judges afterwards; its budget is not wired to tune's metric
+    o3_int8 = PRESETS["O3"].rsplit(",quantize-int8(", 1)[1].rstrip(")")
+    assert ",fuse,quantize-int8(" + o3_int8 + ",budget_measure=proxy)" in wanted[2]
+    assert budgeted(parse_pipeline(wanted[1])) and not budgeted(parse_pipeline(wanted[2]))
     proposer = _OptunaProposer(space, 0, "tpe", 1.0, budget=8)
-    drawn = [space.pipeline(proposer.ask()[1]) for _ in range(3)]
+    drawn = [space.pipeline(proposer.ask()[1]) for _ in range(4)]
     assert drawn == [space.pipeline({})] + wanted
     grid = _GridProposer(space, budget=4, seed=0, notes=[])
     assert set(wanted) <= {space.pipeline(p) for p in grid.queue} and len(grid.queue) == 4

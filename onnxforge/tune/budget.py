@@ -55,8 +55,10 @@ def pass_budget(max_drop: float) -> dict[str, float]:
 
 
 def budgeted(specs: list["PassSpec"]) -> bool:
-    """Whether the pipeline runs ``quantize-int8`` with an accuracy budget (and so needs the metric)."""
-    return any(s.name == PASS and s.options.get("max_drop") is not None for s in specs)
+    """Whether the pipeline runs ``quantize-int8`` with an accuracy budget in tune's metric (and so
+    needs the metric): not with ``budget_measure=proxy`` (O3's int8 as the preset builds it)."""
+    return any(s.name == PASS and s.options.get("max_drop") is not None
+               and s.options.get("budget_measure", "auto") == "auto" for s in specs)
 
 
 def search_feeds(evaluator: "Evaluator", min_feeds: int = 1) -> tuple[list[dict[str, np.ndarray]], dict[int, int]]:

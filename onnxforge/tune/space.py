@@ -326,7 +326,9 @@ def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: 
     ``quantize-int8`` (calibration method, bias correction, per-channel, weight rounding), given tune's
     ``max_drop`` also mixed-precision int8 (slot ``mixed-int8``: ``max_drop`` = tune's, measured in
     tune's own metric and held at 90 % confidence, see :mod:`onnxforge.tune.budget`) or
-    ``quantize-dynamic``, ``fuse`` on/off; O3's int8 options are the first candidates.
+    ``quantize-dynamic``, ``fuse`` on/off; O3's int8 options are the first candidates, and (given
+    ``max_drop``) O3's int8 as the preset builds it (slot ``o3-int8``: its own proxy budget and latency
+    guard, ``budget_measure=proxy``; judged by tune's metric like every candidate).
 
     A pass missing from the registry is left out, with a note; so is an option it does not have, and
     a choice its annotation does not allow. Without calibration data the data-driven passes and
@@ -390,6 +392,12 @@ def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: 
         # --max-drop at 90 % confidence on the search data (onnxforge.tune.budget)
         add("quantize-int8", {**int8, **pass_budget(max_drop)}, exclusive="quantize", needs_data=True,
             label="mixed-int8")
+        # O3's int8 exactly as the preset builds it (its proxy budget and latency guard), judged by
+        # tune's metric like any candidate: tune's answer is never worse than the preset's where the
+        # preset fits --max-drop (the trained YOLOX on an AMD EPYC: O3 2.05x at -0.7 points held out,
+        # the mixed-int8 slot's 90 % bound on tune's metric 1.84x; BENCHMARKS.md, Tune run 6)
+        add("quantize-int8", {**_preset_int8("O3"), "budget_measure": "proxy"}, exclusive="quantize",
+            needs_data=True, label="o3-int8")
     add("quantize-dynamic", {}, exclusive="quantize")
     space.first_candidates = _o3_int8_candidates(space)
     return space
@@ -401,14 +409,23 @@ def default_space(*, with_calibration: bool = True, base: str = "O1", max_drop: 
 _O3_INT8 = {"calibration": "sqnr", "bias_correction": True, "per_channel": True, "weight_rounding": "nearest"}
 
 
+def _preset_int8(preset: str) -> dict[str, Any]:
+    """The options of the preset's ``quantize-int8`` (the preset string stays their one source)."""
+    from onnxforge.passes.spec import PRESETS, parse_pipeline
+
+    return dict(next(s.options for s in parse_pipeline(PRESETS[preset]) if s.name == "quantize-int8"))
+
+
 def _o3_int8_candidates(space: Space) -> list[dict[str, Any]]:
     """The default space's first candidates: O3's int8 options alone after the base, all-int8 and
-    (given a budget) mixed precision, so that tune starts from what the preset would build."""
+    (given a budget) mixed precision, then O3's int8 as the preset builds it (``fuse`` on, as in
+    the preset), so that tune starts from what the preset would build."""
     off = {s.key: False for s in space.slots if s.optional and not s.exclusive and not s.requires}
     out = []
     for slot in (s for s in space.slots if s.name == "quantize-int8" and s.exclusive):
         searched = slot.searched()
-        out.append({f"exclusive:{slot.exclusive}": slot.key, **off,
+        fuse = {"fuse": True} if slot.key == "o3-int8" and "fuse" in off else {}
+        out.append({f"exclusive:{slot.exclusive}": slot.key, **off, **fuse,
                     **{f"{slot.key}.{k}": v for k, v in _O3_INT8.items()
                        if k in searched and v in searched[k].values}})
     return out

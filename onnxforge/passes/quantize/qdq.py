@@ -188,6 +188,9 @@ class QuantizeInt8Pass(Pass):
     keeps an int8 region (a connected quantized subgraph) only where it is measured faster beyond
     the noise, and the model float if int8 is not (see :mod:`.guard`), timed by the wall clock at the
     default threads or, with ``latency_clock=cpu``, by one thread's CPU time (steady under load).
+    ``budget_measure=proxy`` measures ``max_drop`` by the proxies even when the context carries a
+    task metric (``auto``: the metric when given); ``tune`` uses it to try O3's int8 as the preset
+    builds it, judged by tune's metric afterwards like any candidate.
     ``decisions=PATH`` writes these measured decisions (and the CPU-dependent choices) to a JSON
     record, or, when the file exists, replays it without measuring: byte-identical rebuilds (see :mod:`.decisions`).
     ``reduce_range`` (default: by the CPU's int8 path, see :mod:`.isa`) gives 7-bit weights to the
@@ -237,6 +240,7 @@ class QuantizeInt8Pass(Pass):
         budget_confidence: float = 0.0,
         max_cosine_drop: float | None = None,
         latency_clock: Literal["wall", "cpu"] = "wall",
+        budget_measure: Literal["auto", "proxy"] = "auto",
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -255,6 +259,8 @@ class QuantizeInt8Pass(Pass):
             raise PassOptionError(f"quantize-int8: max_cosine_drop must be in [0, 2], got {max_cosine_drop!r}")
         if latency_clock not in ("wall", "cpu"):
             raise PassOptionError(f"quantize-int8: latency_clock must be wall or cpu, got {latency_clock!r}")
+        if budget_measure not in ("auto", "proxy"):
+            raise PassOptionError(f"quantize-int8: budget_measure must be auto or proxy, got {budget_measure!r}")
         if not 0.0 <= budget_confidence < 1.0:
             raise PassOptionError(f"quantize-int8: budget_confidence must be in [0, 1), got {budget_confidence!r}")
         self.calibration = calibration
@@ -275,6 +281,7 @@ class QuantizeInt8Pass(Pass):
         self.budget_confidence = float(budget_confidence)
         self.latency_clock = latency_clock
         self.max_cosine_drop = max_cosine_drop
+        self.budget_measure = budget_measure
 
     def requires(self, model: ir.Model) -> None:
         data = self.context.calibration_data
@@ -391,6 +398,8 @@ class QuantizeInt8Pass(Pass):
             opts["max_cosine_drop"] = self.max_cosine_drop
         if self.latency_clock != "wall":
             opts["latency_clock"] = self.latency_clock
+        if self.budget_measure != "auto":
+            opts["budget_measure"] = self.budget_measure
         return opts
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
