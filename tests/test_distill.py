@@ -118,18 +118,19 @@ def test_cli_distill_then_int8(tmp_path, teacher, student, digits):
     x_train, y_train, x_test, y_test = digits
     torch.save(module.state_dict(), tmp_path / "teacher.pt")
     onnxforge.save(student, tmp_path / "student.onnx")
-    np.savez(tmp_path / "train.npz", input=x_train[:256], labels=y_train[:256])
+    np.savez(tmp_path / "train.npz", input=x_train[:512], labels=y_train[:512])
     out = tmp_path / "distilled.onnx"
     result = CliRunner().invoke(main, [
         "distill", str(tmp_path / "student.onnx"), "--teacher", "onnxforge.testing.zoo:build_digits_cnn",
-        "--state-dict", str(tmp_path / "teacher.pt"), "--data", str(tmp_path / "train.npz"), "--epochs", "2",
+        "--state-dict", str(tmp_path / "teacher.pt"), "--data", str(tmp_path / "train.npz"), "--epochs", "4",
         "--then", "O1,quantize-int8", "-o", str(out), "-q",
     ])
     assert result.exit_code == 0, result.output
     assert "best epoch" in result.output
     distilled = onnxforge.load(out)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in distilled.graph}
-    # 2 epochs on 256 samples: the mechanics, not the figure (that is the test above)
+    # 4 epochs on 512 samples: the mechanics, not the figure (that is the test above; 2 epochs on 256
+    # moved 0.097 on an AMD EPYC, 0.1 on the Xeon: the margin was the CPU's rounding)
     assert accuracy(distilled, x_test, y_test) > accuracy(student, x_test, y_test) + 0.1
 
 
