@@ -137,11 +137,22 @@ def suite_metric(outputs, data, original) -> float:
         _SUITE_CASE["case"] = load_case(os.environ["BENCH_TUNE_SUITE_CASE"])
     case = _SUITE_CASE["case"]
     n = len(next(iter(data.values())))
+    axes = _batch_axes(case)
 
     def split(d):
-        return [{k: v[i:i + 1] for k, v in d.items()} for i in range(n)]
+        # tune gives samples on axis 0; the case decodes the model's own layout (the recognizer's
+        # logits are (T, N, C)), so each sample goes back to its output's batch axis
+        return [{k: np.moveaxis(v[i:i + 1], 0, axes.get(k, 0)) for k, v in d.items()} for i in range(n)]
 
     return 100.0 * float(case.metric(split(original), split(outputs)))
+
+
+def _batch_axes(case) -> dict[str, int]:
+    if "axes" not in _SUITE_CASE:
+        from onnxforge.runtime.batch import batch_axes
+
+        _SUITE_CASE["axes"] = batch_axes(case.model_path.read_bytes(), case.eval_feeds(1)[0])
+    return _SUITE_CASE["axes"]
 
 
 def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None = None, n_calib: int = 16) -> dict:

@@ -122,7 +122,9 @@ class PassMetric:
         else:
             rows = np.concatenate([np.arange(self.starts[id(f)], self.starts[id(f)] + r) for f, r in zip(feeds, real)])
         # outputs by name (the one comparator pairs by name), samples concatenated, padding dropped
-        cand = {name: np.concatenate([np.asarray(outs[j])[:r] for outs, r in zip(outputs_per_feed, real)])
+        axes = self.evaluator.batch_axes  # samples on axis 0, as the evaluator gives the original's
+        cand = {name: np.concatenate([np.moveaxis(np.asarray(outs[j]), axes.get(name, 0), 0)[:r]
+                                      for outs, r in zip(outputs_per_feed, real)])
                 for j, name in enumerate(self.names)}
         orig = {name: v[rows] for name, v in self.evaluator.original_outputs().items()}
         data = {name: v[rows] for name, v in self.evaluator.data.items()}

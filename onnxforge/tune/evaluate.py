@@ -13,7 +13,9 @@
      original's; drop ``1 - value``;
    - ``max-abs``: the largest absolute difference to the original's outputs; drop ``value``;
    - ``module:function``: ``function(outputs, data) -> float``, higher is better, where ``outputs``
-     is ``{output name: array}`` (samples concatenated on axis 0) and ``data`` the eval arrays;
+     is ``{output name: array}`` (samples concatenated on axis 0, also for an output whose batch axis
+     is another, such as a CTC recognizer's ``(T, N, C)``: it arrives as ``(N, T, C)``) and ``data``
+     the eval arrays;
      drop ``baseline - value``. A function with a third parameter also gets the original model's
      outputs on the same data (``function(outputs, data, original_outputs)``): a task metric that
      scores agreement with the fp32 model (detections' F1, decoded strings) needs no labels.
@@ -266,6 +268,7 @@ class Evaluator:
         self.n = len(self.data[self.input_names[0]])
         self._calibration = None
         self._original_outputs: dict[str, np.ndarray] | None = None
+        self._batch_axes: dict[str, int] | None = None
         self._baseline: float | None = None
         self._baseline_quick: float | None = None
 
@@ -319,8 +322,19 @@ class Evaluator:
             return make_session(model_bytes, (self.settings.target,), threads=self.settings.threads,
                                 optimize=self.settings.optimize).session
 
+    @property
+    def batch_axes(self) -> dict[str, int]:
+        """Each output's batch axis in the original model (:func:`onnxforge.runtime.batch.batch_axes`):
+        not 0 for a recognizer's ``(T, N, C)`` logits."""
+        if self._batch_axes is None:
+            from onnxforge.runtime.batch import batch_axes
+
+            self._batch_axes = batch_axes(self.model_bytes, {k: self.data[k][:1] for k in self.input_names})
+        return self._batch_axes
+
     def run(self, model_bytes: bytes, stop: int | None = None, session: Any = None) -> dict[str, np.ndarray]:
-        """Outputs on the first ``stop`` eval samples (all by default), batched."""
+        """Outputs on the first ``stop`` eval samples (all by default), batched: samples on axis 0 of
+        every output (an output whose batch axis is another, see :attr:`batch_axes`, is moved so)."""
         session = session or self._session(model_bytes)
         stop = self.n if stop is None else min(stop, self.n)
         first = session.get_inputs()[0]
@@ -337,7 +351,9 @@ class Evaluator:
                     arr = np.concatenate([arr, np.repeat(arr[-1:], fixed - (hi - lo), axis=0)])
                 feeds[name] = arr
             outs = session.run(names, feeds)
-            chunks.append([o[: hi - lo] for o in outs])
+            axes = self.batch_axes
+            chunks.append([np.moveaxis(o, axes.get(n, 0), 0)[: hi - lo] if np.ndim(o) else o
+                           for n, o in zip(names, outs)])
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
     def original_outputs(self) -> dict[str, np.ndarray]:
