@@ -10,10 +10,12 @@
 * ``share``: data movement onnxruntime runs on uint8 with the input's scale (MaxPool, Resize,
   Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice, ...): its QDQ pair is dropped;
 * ``fold``: Relu and Clip(min=0), implemented by the saturation of the producer's output Q;
+* ``dynamic`` (CPU): LSTM with constant weights, rewritten as onnxruntime's DynamicQuantizeLSTM
+  (:mod:`.recurrent`): int8 weights, activations quantized by the kernel, no Q/DQ at its edges;
 * ``float``: everything else, with a reason.
 
-:func:`select` picks the nodes to quantize: weighted ops always; the others only when they touch a
-quantized neighbour, because a lone QLinearAdd surrounded by float ops costs more Q/DQ than it
+:func:`select` picks the nodes to quantize: weighted and dynamic ops always; the others only when they
+touch a quantized (weighted, int8 or share) neighbour, because a lone QLinearAdd surrounded by float ops costs more Q/DQ than it
 saves. :func:`regions` groups the chosen nodes into connected int8 regions (the unit of the latency
 guard).
 """
