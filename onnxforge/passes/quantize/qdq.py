@@ -126,7 +126,8 @@ class QuantContext:
             if v is not None and v.const_value is not None and tuple(v.const_value.shape.numpy()) == w.shape:
                 v.const_value = ir.tensor(w, name=name)
         dynamic = [i for i in sorted(chosen) if self.analysis.infos[i].role == "dynamic"]
-        recurrent = [list(model.graph)[i] for i in dynamic]  # held before the rewrite shifts indices
+        nodes = list(model.graph)
+        recurrent = [nodes[i] for i in dynamic]  # held before the rewrite shifts indices
         plan = plan_tensors(model, self.analysis, set(chosen) - set(dynamic), target=self.target)
         plan.reduce_range = self.reduce_range
         plan.weight_scales = {name: scale for name, (_, scale) in rounding.items()}

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxforge.ir.graph import const_value
-from onnxforge.passes.quantize.qmath import WEIGHT_QMAX
+from onnxforge.passes.quantize.qmath import quantize_weight
 
 MS_DOMAIN = "com.microsoft"
 RECURRENT = {"LSTM"}
@@ -44,10 +44,10 @@ def not_quantizable(node: ir.Node) -> str | None:
 
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(Wq [dirs, K, 4H] int8, scale [dirs, 4H] float32)`` of ``w`` ``[dirs, 4H, K]`` (module docstring)."""
-    scale = (np.abs(w).max(axis=2) / WEIGHT_QMAX).astype(np.float32)
-    scale[scale == 0] = 1.0  # an all-zero row: any scale gives zeros
-    q = np.clip(np.round(w / scale[:, :, None]), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
-    return np.ascontiguousarray(q.transpose(0, 2, 1)), scale
+    dirs, rows, k = w.shape
+    q, qp = quantize_weight(w.reshape(dirs * rows, k), 0)  # one scale per row (an all-zero row: 1)
+    return (np.ascontiguousarray(q.reshape(dirs, rows, k).transpose(0, 2, 1)),
+            np.asarray(qp.scale, np.float32).reshape(dirs, rows))
 
 
 def to_dynamic_lstm(graph: ir.Graph, node: ir.Node, builder) -> ir.Node:
