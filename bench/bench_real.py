@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -326,6 +327,19 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit // 3] + " … " + text[-(2 * limit) // 3 :]
 
 
+def paired_change(ref_right: list[bool], cand_right: list[bool], z: float = 1.96) -> tuple[float, float, float]:
+    """Accuracy change of a candidate vs the fp32 model on the same samples, with a 95 % interval:
+    ``(won - lost) / n`` with ``won``/``lost`` the samples only the candidate / only fp32 gets right;
+    the paired standard error ``sqrt(won + lost - (won - lost)^2 / n) / n`` (McNemar's), so the
+    samples both get right or both wrong add no noise."""
+    n = len(ref_right)
+    won = sum(c and not r for r, c in zip(ref_right, cand_right))
+    lost = sum(r and not c for r, c in zip(ref_right, cand_right))
+    d = (won - lost) / n
+    se = math.sqrt(max(won + lost - (won - lost) ** 2 / n, 0.0)) / n
+    return d, d - z * se, d + z * se
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score 95 % interval of a proportion ``k / n`` (top-1 agreement or accuracy)."""
     if n == 0:
@@ -371,6 +385,7 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
     ref_out = _outputs(ref_info, held)
     labels = case.eval_labels(n_eval)
     kinds = case.eval_kinds(n_eval)
+    ref_right = None if labels is None else [case.decode(o) == y for o, y in zip(ref_out, labels)]
     built: dict[str, bytes] = {}
     results: dict[str, dict[str, Any]] = {}
     for label in rows:
@@ -394,6 +409,7 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
             if labels is not None:  # accuracy against the known label (orientation: the rotation applied)
                 res["accuracy"] = case.accuracy(cand_out, labels)
                 res["accuracy_ci"] = wilson(int(round(res["accuracy"] * len(labels))), len(labels))
+                res["accuracy_change"] = paired_change(ref_right, [case.decode(o) == y for o, y in zip(cand_out, labels)])
             if kinds is not None:  # per kind of sample (orientation: document pages vs photos)
                 res["by_kind"] = {}
                 for k in sorted(set(kinds)):
@@ -593,6 +609,9 @@ def markdown(rows: list[dict]) -> str:
             metric += f" [{r['metric_ci'][0]:.3f}, {r['metric_ci'][1]:.3f}]"
         if r.get("accuracy") is not None:
             metric += f"; accuracy {r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]"
+            if r.get("accuracy_change") and r["row"] != "fp32":
+                d, lo, hi = r["accuracy_change"]
+                metric += f", {100 * d:+.1f} pt vs fp32 [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         for k, sub in (r.get("by_kind") or {}).items():
             metric += f"; {k}s ({sub['n']}): {sub['metric']:.3f}" + (
                 f", acc {sub['accuracy']:.3f}" if "accuracy" in sub else "")
@@ -603,7 +622,8 @@ def markdown(rows: list[dict]) -> str:
     lines.append("\n× fp32 / × ort-all: p50 ratio to the original at ORT_DISABLE_ALL / ORT_ENABLE_ALL in the same "
                  "interleaved run (below 1: faster). ≥: some ops' FLOPs unknown (recurrent/custom), a lower bound. "
                  "[a, b]: 95 % interval of the metric (Wilson for agreement/accuracy, bootstrap over samples for F1); "
-                 "accuracy: against the true label where the case knows it (orientation).")
+                 "accuracy: against the true label where the case knows it (orientation: the rotation; ocr: the "
+                 "text rendered), and its change vs fp32 on the same samples with a paired 95 % interval.")
     return "\n".join(lines)
 
 

@@ -80,3 +80,19 @@ def test_sqnr_calibration_reports_its_choices_and_keeps_accuracy(digits):
     assert sum(picked.values()) > 0 and set(picked) <= {"minmax", "entropy", "percentile(99.9)",
                                                          "percentile(99.99)", "percentile(99.999)"}
     assert dg.accuracy(r.model, digits["x"], digits["y"]) >= digits["acc"] - 0.01
+
+
+def test_o3_budget_in_expected_accuracy_holds_on_digits_test_labels(digits):
+    """O3's int8 (``budget_unit=accuracy``) on the trained digits CNN: the budget is read in expected
+    accuracy, and the accuracy against the true labels of the test split stays within its 1 point."""
+    from onnxforge.passes.spec import PRESETS, parse_pipeline
+    from onnxforge.testing import digits as dg
+
+    spec = parse_pipeline(PRESETS["O3"])[-1]
+    assert spec.name == "quantize-int8" and spec.options["budget_unit"] == "accuracy"
+    opts = {k: v for k, v in spec.options.items() if k != "latency_guard"}  # timing is not this test's subject
+    result = _q(digits, **opts)
+    fb = result.stats.details["fallback"]
+    assert fb["measure"] == "expected top-1 accuracy lost" and fb["drop_final"] <= 0.01
+    acc = dg.accuracy(result.model, digits["x"], digits["y"])
+    assert acc >= digits["acc"] - 0.01, (acc, digits["acc"])

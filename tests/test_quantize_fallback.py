@@ -534,3 +534,64 @@ def test_max_drop_on_a_recognizer_budgets_expected_sequence_changes():
 
     ref = run_outputs(model, calib, optimize=False)
     assert expected_flips(ref, run_outputs(r.model, calib), [1]) <= 0.01  # measured independently
+
+
+def test_accuracy_loss_weighs_a_change_by_the_probability_it_moves():
+    from onnxforge.passes.quantize.fallback import _accuracy_loss, expected_flips
+
+    # the float model holds classes 0 and 1 equally likely: int8 moving the answer costs nothing
+    tied = np.array([[4.0, 4.0 - 1e-4, -3.0]])
+    moved = np.array([[4.0 - 0.01, 4.0 + 0.01, -3.0]])
+    assert _accuracy_loss(tied, moved)[0] < 1e-3
+    assert expected_flips([[tied]], [[moved]]) > 0.4  # while an answer did change
+    # a confident answer moved: its whole probability is lost (the realised part)
+    sure, wrong = np.array([[6.0, 0.0, 0.0]]), np.array([[0.0, 6.0, 0.0]])
+    p = np.exp(6.0) / (np.exp(6.0) + 2.0)
+    assert _accuracy_loss(sure, wrong)[0] == pytest.approx(p - (1.0 - p) / 2.0)
+    # no change, small noise: the modelled part, q_j (P_c - P_j), below the flip probability
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((64, 10)) * 2.0
+    zq = z + 0.3 * rng.standard_normal(z.shape)
+    acc = expected_flips([[z]], [[zq]], unit="accuracy")
+    assert 0.0 < acc < expected_flips([[z]], [[zq]])
+    # a sequence (T, N, C): the modelled part only, per position, combined like a string's changes
+    seq, seq_q = tied[None].repeat(20, axis=0), moved[None].repeat(20, axis=0)
+    assert expected_flips([[seq]], [[seq_q]], [1], unit="accuracy") < 0.02
+
+
+@pytest.fixture(scope="module")
+def twin_class_mlp():
+    """A classifier whose two top classes are twins (same weights, same bias far above the rest):
+    the float model's answer between them is a coin toss, like 'z' vs 'Z' in a captcha recognizer."""
+    import torch
+    from onnxforge.testing import zoo
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        mlp[2].weight[1] = mlp[2].weight[0] + 1e-4 * torch.randn(64)
+        mlp[2].bias[:2] = 20.0
+    model = zoo.export_model(mlp, (torch.zeros(4, 16),))
+    rng = np.random.default_rng(1)
+    name = model.graph.inputs[0].name
+    calib = [{name: rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(8)]
+    return model, calib
+
+
+def test_budget_unit_accuracy_does_not_pay_for_coin_tosses(twin_class_mlp):
+    model, calib = twin_class_mlp
+    answers = _q(model, calib, max_drop=0.01)
+    accuracy = _q(model, calib, max_drop=0.01, budget_unit="accuracy")
+    fa, fb = answers.stats.details["fallback"], accuracy.stats.details["fallback"]
+    assert fa["measure"] == "expected top-1 flips" and fb["measure"] == "expected top-1 accuracy lost"
+    # the answers that change are between the twins: many change, little accuracy is at stake
+    assert fa["drop_all_int8"] > 0.05 and fb["drop_all_int8"] < 0.01
+    assert _float_gemms(answers.model) and not _float_gemms(accuracy.model)
+    # measured independently: the int8 answers stay among the twins where the float ones were
+    ref = run_outputs(model, calib, optimize=False)
+    got = run_outputs(accuracy.model, calib)
+    top_ref = np.concatenate([r[0].argmax(1) for r in ref])
+    top_got = np.concatenate([g[0].argmax(1) for g in got])
+    assert set(top_ref) <= {0, 1} and set(top_got) <= {0, 1}
+    with pytest.raises(PassOptionError):
+        _q(model, calib, max_drop=0.01, budget_unit="points")

@@ -160,6 +160,22 @@ def test_calibration_and_eval_feeds_are_disjoint_and_deterministic(name, monkeyp
     assert case.dims == dict(cases.SUITE[name].dims) and case.metric_name == cases.SUITE[name].metric_name
 
 
+def test_ocr_labels_are_the_texts_rendered(monkeypatch, photos):
+    case = _fake_case("ocr", monkeypatch, photos)
+    drawn = []
+    real_line = images.text_line
+    monkeypatch.setattr(images, "text_line", lambda rng, text, size: drawn.append(text) or real_line(rng, text, size))
+    case.eval_feeds(5)
+    labels = [cases.ocr_label(i) for i in range(5)]
+    assert drawn == labels and all(4 <= len(t) <= 6 and set(t) <= set(images.CAPTCHA_CHARS) for t in labels)
+    assert len(set(labels)) == 5
+    # accuracy is the exact string; the paired change vs fp32 (bench_real) counts only disagreements
+    labelled = cases.RealCase(name="ocr", model_path=None, spec=cases.SUITE["ocr"], input_name="x", sample=None,
+                              decode=lambda o: o["s"], score=metrics.string_agreement, label=cases.ocr_label)
+    outs = [{"s": t} for t in labels[:4]] + [{"s": labels[4].lower() + "x"}]
+    assert labelled.eval_labels(5) == labels and labelled.accuracy(outs, labels) == pytest.approx(0.8)
+
+
 def test_photo_pool_splits_photos(monkeypatch, photos):
     monkeypatch.setattr(images, "_all_photos", lambda cache_dir: tuple(photos))
     cal, ev = images.photo_pool("calibration"), images.photo_pool("eval")
@@ -379,6 +395,15 @@ def test_bench_cpu_peak_formula(bench_real):
     assert p2["int8_gops"] == pytest.approx(2 * p1["int8_gops"]) and p1["fp32_gflops"] > 0
     per_cycle = {"avx512-vnni": 256, "avx-vnni": 128, "avx512": 128, "avx2": 64}.get(p1["isa"], 32)
     assert p1["int8_gops"] == pytest.approx(p1["ghz"] * per_cycle)
+
+
+def test_bench_paired_accuracy_change(bench_real):
+    ref = [True] * 90 + [False] * 10
+    same = bench_real.paired_change(ref, ref)
+    assert same == (0.0, 0.0, 0.0)  # no disagreement: no noise
+    cand = [False] * 3 + [True] * 87 + [True] * 2 + [False] * 8  # lost 3, won 2
+    d, lo, hi = bench_real.paired_change(ref, cand)
+    assert d == pytest.approx(-0.01) and lo < -0.01 < hi and hi - lo < 0.1
 
 
 def test_bench_metric_intervals(bench_real):

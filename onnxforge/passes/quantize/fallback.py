@@ -125,16 +125,61 @@ def _flip_probability(z: np.ndarray, zq: np.ndarray) -> np.ndarray:
     return probs
 
 
-def _sample_change(r: np.ndarray, o: np.ndarray, sample_axis: int | None) -> np.ndarray:
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _accuracy_loss(z: np.ndarray, zq: np.ndarray, realised: bool = True) -> np.ndarray:
+    """Per row of ``(P, C)`` scores: the expected accuracy lost, reading the float model's softmax
+    ``P`` as the probability that each answer is right (module docstring, ``budget_unit=accuracy``).
+
+    A move from the float answer ``c`` to ``j`` costs ``P_c - P_j``: nothing between two answers the
+    float model holds equally likely, ``P_c`` when it was sure. Per row the larger of the modelled cost
+    ``sum_j q_j (P_c - P_j)`` (``q_j = Phi(-m_j / sigma)`` as in :func:`_flip_probability`, scaled to
+    sum at most 1) and, with ``realised``, the realised one, ``P_c - P_k`` with ``k`` the int8 answer
+    (the Gaussian model's tails are lighter than the int8 error's).
+    """
+    from math import erf, sqrt
+
+    probs = np.exp(_log_softmax(np.asarray(z, np.float64)))
+    loss = np.zeros(len(z))
+    for k, (zs, zqs) in enumerate(zip(z, zq)):
+        c = int(np.argmax(zs))
+        seen = float(probs[k, c] - probs[k, int(np.argmax(zqs))]) if realised else 0.0
+        sigma = sqrt(2.0) * float(np.std(zqs - zs))
+        modelled = 0.0
+        if sigma > 0.0:
+            margins = zs[c] - zs
+            near = np.flatnonzero(margins < 6.0 * sigma)
+            near = near[near != c]
+            q = np.array([0.5 * (1.0 + erf(-float(margins[j]) / sigma / sqrt(2.0))) for j in near])
+            if q.sum() > 1.0:
+                q = q / q.sum()
+            modelled = float(np.sum(q * (probs[k, c] - probs[k, near]))) if len(near) else 0.0
+        loss[k] = max(modelled, seen)
+    return loss
+
+
+def _sample_change(r: np.ndarray, o: np.ndarray, sample_axis: int | None, unit: str = "agreement") -> np.ndarray:
     """Per sample, the probability that any of its top-1 answers changes.
 
     ``r``/``o``: float/int8 scores with the classes on the last axis. A ``(N, C)`` output has one
     answer per sample. A sequence ``(..., T, C)`` has one per position, and a sample's answer (a
     recognizer's string) changes when any position's does: ``1 - prod_t (1 - p_t)``. ``sample_axis``
     is the batch axis of a sequence; None: the whole output is one sample (a batch of one).
+    ``unit="accuracy"``: ``p`` is the expected accuracy lost (:func:`_accuracy_loss`) instead; for a
+    sequence only the modelled part, since a position's answer can change without changing the string
+    (a CTC recognizer's blank/character frames at a character's edge).
     """
+    def per_row(z: np.ndarray, zq: np.ndarray, sequence: bool) -> np.ndarray:
+        if unit == "agreement":
+            return _flip_probability(z, zq)
+        # a sequence's realised part would count every edge frame that moved: modelled only
+        return _accuracy_loss(z, zq, realised=not sequence)
+
     if r.ndim == 2:
-        return _flip_probability(_class_scores(r), _class_scores(o))
+        return per_row(_class_scores(r), _class_scores(o), False)
     if sample_axis is None:
         r, o = r[None], o[None]
     else:
@@ -142,21 +187,22 @@ def _sample_change(r: np.ndarray, o: np.ndarray, sample_axis: int | None) -> np.
     out = []
     for rs, os_ in zip(r, o):
         rows = rs.reshape(-1, rs.shape[-1])
-        p = _flip_probability(_class_scores(rows), _class_scores(os_.reshape(rows.shape)))
+        p = per_row(_class_scores(rows), _class_scores(os_.reshape(rows.shape)), True)
         out.append(1.0 - float(np.prod(1.0 - p)))
     return np.asarray(out)
 
 
 def expected_flips(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]],
-                   sample_axes: list[int | None] | None = None) -> float:
+                   sample_axes: list[int | None] | None = None, unit: str = "agreement") -> float:
     """Mean over samples and outputs of the probability that a sample's top-1 answer changes
-    (:func:`_sample_change`; module docstring). ``sample_axes``: per output, the batch axis of a
-    sequence output (:func:`class_score_outputs`)."""
+    (:func:`_sample_change`; module docstring), or with ``unit="accuracy"`` of the accuracy it is
+    expected to lose. ``sample_axes``: per output, the batch axis of a sequence output
+    (:func:`class_score_outputs`)."""
     probs = []
     for r_feed, o_feed in zip(ref, outs):
         for k, (r, o) in enumerate(zip(r_feed, o_feed)):
             axis = sample_axes[k] if sample_axes else 0
-            probs.extend(_sample_change(np.asarray(r, np.float64), np.asarray(o, np.float64), axis))
+            probs.extend(_sample_change(np.asarray(r, np.float64), np.asarray(o, np.float64), axis, unit))
     return float(np.mean(probs)) if probs else 0.0
 
 
@@ -344,8 +390,11 @@ class _Scorer:
         self.ref_metric = self._metric(self.ref) if self.metric else None
         # per output, the batch axis of its class scores (a sequence's: see class_score_outputs)
         self.sample_axes = None if self.metric else class_score_outputs(qc.fresh(), self.ref)
+        self.unit = getattr(pass_, "budget_unit", "agreement")
+        kind = "top-1" if is_classifier(self.ref) else "sequence"
         self.measure = ("metric" if self.metric else "1 - cosine" if self.sample_axes is None else
-                        "expected top-1 flips" if is_classifier(self.ref) else "expected sequence changes")
+                        f"expected {kind} accuracy lost" if self.unit == "accuracy" else
+                        "expected top-1 flips" if kind == "top-1" else "expected sequence changes")
         self.z = NormalDist().inv_cdf(confidence) if confidence > 0 and len(self.feeds) >= 2 else 0.0
         self.ref_per_feed = ([self._metric([r], [i]) for i, r in enumerate(self.ref)]
                              if self.z and self.metric else None)
@@ -372,7 +421,7 @@ class _Scorer:
             return float(base - self._metric(outs, idx))
         ref = self.ref if idx is None else [self.ref[i] for i in idx]
         if self.sample_axes is not None:
-            return expected_flips(ref, outs, self.sample_axes)
+            return expected_flips(ref, outs, self.sample_axes, self.unit)
         return fidelity_drop(ref, outs)
 
     def _measure(self, chosen: set[int]) -> None:

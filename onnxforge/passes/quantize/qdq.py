@@ -189,6 +189,10 @@ class QuantizeInt8Pass(Pass):
     keeps an int8 region (a connected quantized subgraph) only where it is measured faster beyond
     the noise, and the model float if int8 is not (see :mod:`.guard`), timed by the wall clock at the
     default threads or, with ``latency_clock=cpu``, by one thread's CPU time (steady under load).
+    ``budget_unit`` sets what ``max_drop`` counts for a classifier or a recognizer without a task
+    metric: ``agreement`` (default), the answers expected to change; ``accuracy``, the accuracy
+    expected to be lost, each change weighted by how much of the float model's probability it moves
+    (a flip between two answers the float model holds equally likely costs nothing; O3 uses it).
     ``budget_measure=proxy`` measures ``max_drop`` by the proxies even when the context carries a
     task metric (``auto``: the metric when given); ``tune`` uses it to try O3's int8 as the preset
     builds it, judged by tune's metric afterwards like any candidate.
@@ -242,6 +246,7 @@ class QuantizeInt8Pass(Pass):
         max_cosine_drop: float | None = None,
         latency_clock: Literal["wall", "cpu"] = "wall",
         budget_measure: Literal["auto", "proxy"] = "auto",
+        budget_unit: Literal["agreement", "accuracy"] = "agreement",
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -262,6 +267,8 @@ class QuantizeInt8Pass(Pass):
             raise PassOptionError(f"quantize-int8: latency_clock must be wall or cpu, got {latency_clock!r}")
         if budget_measure not in ("auto", "proxy"):
             raise PassOptionError(f"quantize-int8: budget_measure must be auto or proxy, got {budget_measure!r}")
+        if budget_unit not in ("agreement", "accuracy"):
+            raise PassOptionError(f"quantize-int8: budget_unit must be agreement or accuracy, got {budget_unit!r}")
         if not 0.0 <= budget_confidence < 1.0:
             raise PassOptionError(f"quantize-int8: budget_confidence must be in [0, 1), got {budget_confidence!r}")
         self.calibration = calibration
@@ -283,6 +290,7 @@ class QuantizeInt8Pass(Pass):
         self.latency_clock = latency_clock
         self.max_cosine_drop = max_cosine_drop
         self.budget_measure = budget_measure
+        self.budget_unit = budget_unit
 
     def requires(self, model: ir.Model) -> None:
         data = self.context.calibration_data
@@ -401,6 +409,8 @@ class QuantizeInt8Pass(Pass):
             opts["latency_clock"] = self.latency_clock
         if self.budget_measure != "auto":
             opts["budget_measure"] = self.budget_measure
+        if self.budget_unit != "agreement":
+            opts["budget_unit"] = self.budget_unit
         return opts
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:

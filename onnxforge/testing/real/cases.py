@@ -93,9 +93,10 @@ class RealCase:
     decode: Callable[[Mapping[str, np.ndarray]], Any]
     score: Callable[[list, list], float]
     cache_dir: pathlib.Path | None = None
-    # true label of eval sample i where the generator knows it (orientation: the rotation applied),
-    # in the model's class numbering; None for tasks judged only against the fp32 model
-    label: Callable[[int], int] | None = None
+    # true label of eval sample i where the generator knows it (orientation: the rotation applied,
+    # in the model's class numbering; ocr: the text rendered); None for tasks judged only against
+    # the fp32 model
+    label: Callable[[int], Any] | None = None
     # kind of eval sample i where the generator mixes kinds (orientation: "document" or "photo")
     kind: Callable[[int], str] | None = None
 
@@ -119,7 +120,7 @@ class RealCase:
     def eval_feeds(self, n: int) -> list[dict[str, np.ndarray]]:
         return self._feeds("eval", n)
 
-    def eval_labels(self, n: int) -> list[int] | None:
+    def eval_labels(self, n: int) -> list[Any] | None:
         """True labels of ``eval_feeds(n)`` (same order), or None when the case has none."""
         return None if self.label is None else [self.label(i) for i in range(n)]
 
@@ -127,8 +128,9 @@ class RealCase:
         """Kind of each of ``eval_feeds(n)`` (e.g. document page vs photo), or None."""
         return None if self.kind is None else [self.kind(i) for i in range(n)]
 
-    def accuracy(self, outputs: Sequence[Mapping[str, np.ndarray]], labels: Sequence[int]) -> float:
-        """Top-1 accuracy of ``outputs`` (decoded as the case decodes) against ``labels``."""
+    def accuracy(self, outputs: Sequence[Mapping[str, np.ndarray]], labels: Sequence[Any]) -> float:
+        """Accuracy of ``outputs`` (decoded as the case decodes) against ``labels``: top-1, or the
+        exact string for the recognizer."""
         if len(outputs) != len(labels):
             raise ValueError(f"{self.name}: {len(outputs)} outputs vs {len(labels)} labels")
         return float(np.mean([self.decode(o) == y for o, y in zip(outputs, labels)]))
@@ -154,10 +156,20 @@ def _bgr_mean_std(img: Image.Image) -> np.ndarray:
     return _chw((arr - IMAGENET_MEAN) / IMAGENET_STD)
 
 
+def ocr_text(rng) -> str:
+    """The captcha text of an ``ocr_sample`` (its first draws from ``rng``): 4-6 characters."""
+    return "".join(images.CAPTCHA_CHARS[j] for j in rng.integers(0, len(images.CAPTCHA_CHARS), int(rng.integers(4, 7))))
+
+
+def ocr_label(i: int) -> str:
+    """The text eval sample ``i`` of the ``ocr`` case renders (the seed ``RealCase._feeds`` gives it)."""
+    return ocr_text(np.random.default_rng([zlib.crc32(b"ocr"), SPLITS["eval"], i]))
+
+
 def ocr_sample(rng, photos, i) -> np.ndarray:
     """ddddocr OCREngine: resize to height 64 keeping the aspect (our lines are 4:1 → width 256),
     Lanczos, grey ('L'), /255, (1, 1, 64, W)."""
-    text = "".join(images.CAPTCHA_CHARS[j] for j in rng.integers(0, len(images.CAPTCHA_CHARS), int(rng.integers(4, 7))))
+    text = ocr_text(rng)
     w = int(rng.integers(100, 161))
     img = images.text_line(rng, text, (w, w // 4)).resize((256, 64), Image.LANCZOS).convert("L")
     return (np.asarray(img, np.float32) / 255.0)[None, None]
@@ -312,7 +324,8 @@ def load_case(name: str, cache_dir: str | os.PathLike | None = None) -> RealCase
     kw: dict[str, Any] = dict(name=name, model_path=path, spec=spec, input_name=_input_name(path), cache_dir=cdir)
     if name == "ocr":
         charset = ddddocr_charset(spec.requirement, None if cdir is None else str(cdir))
-        return RealCase(sample=ocr_sample, decode=_make_ocr_decode(charset), score=metrics.string_agreement, **kw)
+        return RealCase(sample=ocr_sample, decode=_make_ocr_decode(charset), score=metrics.string_agreement,
+                        label=ocr_label, **kw)
     if name == "det":
         return RealCase(sample=det_sample, decode=det_decode, score=metrics.detection_f1, **kw)
     if name == "layout":
