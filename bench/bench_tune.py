@@ -126,15 +126,22 @@ _SUITE_CASE = {}
 
 
 def suite_metric(outputs, data, original) -> float:
-    """The suite case's task metric (in points: 100 = the fp32 model's results) on per-sample
-    dicts split from the evaluator's batched outputs."""
+    """The suite case's task metric in points on per-sample dicts split from the evaluator's batched
+    outputs: against the truth where the case knows it and the eval data carries the samples'
+    ``index`` (accuracy of the strings / rotations, F1 of the characters' boxes), else its agreement
+    with the fp32 model's results (100 = the same)."""
     import os
 
-    # The tuner imports this module by name (``bench_tune``), apart from the running script.
+    # The tuner imports this module by name (``bench_tune``), apart from the running script: its cache
+    # follows the suite model the script is on (``--suite det ocr`` tunes both in one process)
+    name = os.environ.get("BENCH_TUNE_SUITE_CASE")
+    if name and _SUITE_CASE.get("name", name) != name:
+        _SUITE_CASE.clear()
     if "case" not in _SUITE_CASE:
         from onnxforge.testing.real_suite import load_case
 
-        _SUITE_CASE["case"] = load_case(os.environ["BENCH_TUNE_SUITE_CASE"])
+        _SUITE_CASE["case"] = load_case(name)
+        _SUITE_CASE["name"] = name
     case = _SUITE_CASE["case"]
     n = len(next(iter(data.values())))
     axes = _batch_axes(case)
@@ -144,7 +151,19 @@ def suite_metric(outputs, data, original) -> float:
         # logits are (T, N, C)), so each sample goes back to its output's batch axis
         return [{k: np.moveaxis(v[i:i + 1], 0, axes.get(k, 0)) for k, v in d.items()} for i in range(n)]
 
+    if "index" in data:
+        labels = _labels(case)
+        return 100.0 * float(case.accuracy(split(outputs), [labels[int(i)] for i in np.asarray(data["index"])]))
     return 100.0 * float(case.metric(split(original), split(outputs)))
+
+
+def _labels(case) -> list:
+    # the eval split's labels, as many as the run drew (bench_tune sets it; a worker process computes it)
+    if "labels" not in _SUITE_CASE:
+        import os
+
+        _SUITE_CASE["labels"] = case.eval_labels(int(os.environ["BENCH_TUNE_SUITE_N"]))
+    return _SUITE_CASE["labels"]
 
 
 def _batch_axes(case) -> dict[str, int]:
@@ -155,7 +174,8 @@ def _batch_axes(case) -> dict[str, int]:
     return _SUITE_CASE["axes"]
 
 
-def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None = None, n_calib: int = 16) -> dict:
+def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None = None, n_calib: int = 16,
+              truth: bool = True) -> dict:
     from onnxforge.runtime.bench import bench_interleaved
     from onnxforge.runtime.session import make_session
     from onnxforge.testing.real_suite import load_case
@@ -165,7 +185,8 @@ def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None =
     import os
 
     case = load_case(name)
-    _SUITE_CASE["case"] = case
+    _SUITE_CASE.clear()  # labels and output axes of the model tuned before
+    _SUITE_CASE.update(case=case, name=name)
     os.environ["BENCH_TUNE_SUITE_CASE"] = name
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"bench_tune_{name}_"))
     calib = case.calibration_feeds(n_calib)  # distill (--space) wants hundreds
@@ -173,6 +194,11 @@ def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None =
     feeds = case.eval_feeds(2 * n)
     seen, unseen = feeds[:n], feeds[n:]
     arrays = {k: np.concatenate([f[k] for f in seen]) for k in seen[0]}
+    labels = case.eval_labels(2 * n) if truth else None
+    if labels is not None:  # the metric scores against the truth: it finds each sample's label by index
+        arrays["index"] = np.arange(n)
+        os.environ["BENCH_TUNE_SUITE_N"] = str(2 * n)
+        _SUITE_CASE["labels"] = labels
     settings = EvalSettings(metric="bench_tune:suite_metric", max_drop=1.0, batch_size=1, eval_batch=8,
                             quick_samples=max(8, n // 2), latency="cpu")
     t0 = time.perf_counter()
@@ -206,7 +232,15 @@ def run_suite(name: str, n: int, budget: int, seed: int = 0, space: str | None =
         names = [o.name for o in info.session.get_outputs()]
         return [dict(zip(names, info.session.run(None, f))) for f in unseen]
 
-    row["unseen_metric"] = 100.0 * float(case.metric(run_all(orig), run_all(tuned)))
+    orig_out, tuned_out = run_all(orig), run_all(tuned)
+    row["unseen_metric"] = 100.0 * float(case.metric(orig_out, tuned_out))
+    if labels is not None:  # on the unseen half, against the truth: the tuned model's change vs the original's
+        row["truth_name"] = case.truth_name
+        row["unseen_truth_original"] = 100.0 * case.accuracy(orig_out, labels[n:])
+        from bench_real import truth_change  # the paired 95 % interval bench_real reports
+
+        d, lo, hi = truth_change(case, labels[n:], orig_out, tuned_out)
+        row["unseen_truth_change"], row["unseen_truth_change_ci"] = 100.0 * d, (100.0 * lo, 100.0 * hi)
     res = bench_interleaved({"original": orig, "tuned": tuned}, unseen[0], rounds=20, per_round=3, warmup=3)
     row["ratio_p50"] = res["tuned"].p50_ms / res["original"].p50_ms
     from onnxforge.passes.prune.latency import timed
@@ -240,6 +274,8 @@ def main() -> None:
     ap.add_argument("--space", default=None, help="--suite: a space file instead of the default space "
                     "(e.g. README's prune -> reconstruct -> distill -> int8 space)")
     ap.add_argument("--n-calib", type=int, default=16, help="--suite: calibration inputs (distill: hundreds)")
+    ap.add_argument("--agreement", action="store_true", help="--suite: tune's metric is the agreement with the "
+                    "fp32 model even where the case knows the truth (ocr, det, orientation)")
     args = ap.parse_args()
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     if args.suite:
@@ -247,11 +283,11 @@ def main() -> None:
 
         print(f"# {cpu}, {os.cpu_count()} cores (shared), {platform.python_version()}; batch 1, threads 1")
         for name in args.suite:
-            r = run_suite(name, args.n, args.budget, space=args.space, n_calib=args.n_calib)
+            r = run_suite(name, args.n, args.budget, space=args.space, n_calib=args.n_calib, truth=not args.agreement)
             print(json.dumps(r), flush=True)
             short = (r["chosen"] or "-")[len(r["base"]):].lstrip(",") or "(base only)"
             print(f"| {name} | {short} | search {r['search_ratio']} drop {r['search_drop']} | unseen metric "
-                  f"{r.get('unseen_metric')} | wall p50 ratio {r.get('ratio_p50')} | CPU-time ratio {r.get('ratio_cpu')} | "
+                  f"{r.get('unseen_metric')}; {r.get('truth_name', 'truth')} change {r.get('unseen_truth_change')} {r.get('unseen_truth_change_ci')} | wall p50 ratio {r.get('ratio_p50')} | CPU-time ratio {r.get('ratio_cpu')} | "
                   f"{r['seconds']:.0f} s |", flush=True)
         return
     print(f"# {cpu}, {os.cpu_count()} cores, {platform.python_version()}; batch {args.batch}, threads 1, "

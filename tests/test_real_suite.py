@@ -176,6 +176,22 @@ def test_ocr_labels_are_the_texts_rendered(monkeypatch, photos):
     assert labelled.eval_labels(5) == labels and labelled.accuracy(outs, labels) == pytest.approx(0.8)
 
 
+def test_det_labels_are_the_characters_drawn(photos):
+    seed = lambda: np.random.default_rng([7, 1, 3])  # noqa: E731
+    x = cases.det_sample(seed(), photos, 3)[0].transpose(1, 2, 0)  # (416, 416, 3) BGR
+    boxes = cases.det_boxes(seed(), photos, 3)
+    assert boxes.shape[1] == 4 and 3 <= len(boxes) <= 5
+    assert (boxes >= 0).all() and (boxes <= 416).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+    for x1, y1, x2, y2 in boxes.astype(int):  # inside the letterboxed image, not the 114 padding
+        assert not (x[y1:y2, x1:x2] == 114).all()
+    case = cases.RealCase(name="det", model_path=None, spec=cases.SUITE["det"], input_name="x", sample=None,
+                          decode=lambda o: o["b"], score=metrics.detection_f1, label=lambda i: boxes,
+                          truth_score=metrics.detection_f1)
+    assert case.truth_name == "F1 vs truth"
+    assert case.accuracy([{"b": boxes}], case.eval_labels(1)) == 1.0
+    assert case.accuracy([{"b": boxes[:-1]}], case.eval_labels(1)) == pytest.approx(2 * (len(boxes) - 1) / (2 * len(boxes) - 1))
+
+
 def test_photo_pool_splits_photos(monkeypatch, photos):
     monkeypatch.setattr(images, "_all_photos", lambda cache_dir: tuple(photos))
     cal, ev = images.photo_pool("calibration"), images.photo_pool("eval")
@@ -404,6 +420,14 @@ def test_bench_paired_accuracy_change(bench_real):
     cand = [False] * 3 + [True] * 87 + [True] * 2 + [False] * 8  # lost 3, won 2
     d, lo, hi = bench_real.paired_change(ref, cand)
     assert d == pytest.approx(-0.01) and lo < -0.01 < hi and hi - lo < 0.1
+    # a pooled score (F1 against the true boxes): a paired bootstrap
+    det = cases.RealCase(name="det", model_path=None, spec=cases.SUITE["det"], input_name="x", sample=None,
+                         decode=lambda o: o["b"], score=metrics.detection_f1, truth_score=metrics.detection_f1)
+    truth = [np.array([[0, 0, 10, 10], [20, 20, 30, 30]]) for _ in range(40)]
+    ref_out = [{"b": t} for t in truth]
+    cand_out = [{"b": t[:1] if i < 4 else t} for i, t in enumerate(truth)]  # 4 of 80 boxes missed
+    d, lo, hi = bench_real.truth_change(det, truth, ref_out, cand_out)
+    assert d == pytest.approx(2 * 76 / 156 - 1.0) and lo <= d <= hi <= 0.0
 
 
 def test_bench_metric_intervals(bench_real):
@@ -420,3 +444,35 @@ def test_bench_metric_intervals(bench_real):
                          decode=lambda o: o["b"], score=metrics.detection_f1)
     boxes = [{"b": np.array([[0, 0, 10, 10]])} for _ in range(20)]
     assert bench_real.metric_interval(det, boxes, boxes) == (1.0, 1.0)  # bootstrap of F1
+
+
+def test_bench_tune_metric_scores_against_the_truth_by_sample_index(monkeypatch):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_tune.py"
+    spec = importlib.util.spec_from_file_location("bench_tune_for_test", path)
+    bt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bt)
+    case = cases.RealCase(name="orientation", model_path=None, spec=cases.SUITE["orientation"], input_name="x",
+                          sample=None, decode=cases.argmax_decode, score=metrics.top1_agreement,
+                          label=lambda i: i % 3)
+    monkeypatch.setitem(bt._SUITE_CASE, "case", case)
+    monkeypatch.setitem(bt._SUITE_CASE, "axes", {})
+    monkeypatch.setitem(bt._SUITE_CASE, "labels", case.eval_labels(6))
+    original = {"p": np.eye(3)[[2, 0, 0, 0]]}  # samples 2..5: labels 2, 0, 1, 2 -> fp32 right on 2 of 4
+    outputs = {"p": np.eye(3)[[2, 0, 1, 1]]}  # right on 3 of 4, and agrees with fp32 on 2
+    data = {"x": np.zeros((4, 1)), "index": np.array([2, 3, 4, 5])}
+    assert bt.suite_metric(outputs, data, original) == pytest.approx(75.0)
+    assert bt.suite_metric(original, data, original) == pytest.approx(50.0)
+    # without the index: agreement with the fp32 model
+    assert bt.suite_metric(outputs, {"x": data["x"]}, original) == pytest.approx(50.0)
+    # the cache follows the model being tuned (one process tunes `--suite det ocr`)
+    monkeypatch.setitem(bt._SUITE_CASE, "name", "orientation")
+    monkeypatch.setenv("BENCH_TUNE_SUITE_CASE", "orientation")
+    assert bt.suite_metric(outputs, data, original) == pytest.approx(75.0)
+    monkeypatch.setenv("BENCH_TUNE_SUITE_CASE", "no-such-model")
+    from onnxforge.errors import OnnxforgeError
+
+    with pytest.raises(OnnxforgeError, match="no-such-model"):
+        bt.suite_metric(outputs, data, original)  # dropped the orientation case, loads the new one

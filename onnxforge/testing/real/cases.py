@@ -99,6 +99,13 @@ class RealCase:
     label: Callable[[int], Any] | None = None
     # kind of eval sample i where the generator mixes kinds (orientation: "document" or "photo")
     kind: Callable[[int], str] | None = None
+    # score of decoded results against the labels where exact match is not it (det: F1 of the boxes)
+    truth_score: Callable[[list, list], float] | None = None
+
+    @property
+    def truth_name(self) -> str:
+        """What :meth:`accuracy` measures: exact-match accuracy, or the truth score's name."""
+        return "accuracy" if self.truth_score is None else "F1 vs truth"
 
     @property
     def metric_name(self) -> str:
@@ -129,10 +136,13 @@ class RealCase:
         return None if self.kind is None else [self.kind(i) for i in range(n)]
 
     def accuracy(self, outputs: Sequence[Mapping[str, np.ndarray]], labels: Sequence[Any]) -> float:
-        """Accuracy of ``outputs`` (decoded as the case decodes) against ``labels``: top-1, or the
-        exact string for the recognizer."""
+        """Accuracy of ``outputs`` (decoded as the case decodes) against ``labels``: top-1, the
+        exact string for the recognizer, or ``truth_score`` (the detector: F1 at IoU 0.5 against the
+        characters' boxes)."""
         if len(outputs) != len(labels):
             raise ValueError(f"{self.name}: {len(outputs)} outputs vs {len(labels)} labels")
+        if self.truth_score is not None:
+            return float(self.truth_score(list(labels), [self.decode(o) for o in outputs]))
         return float(np.mean([self.decode(o) == y for o, y in zip(outputs, labels)]))
 
     def metric(self, ref_outputs: Sequence[Mapping[str, np.ndarray]],
@@ -175,13 +185,26 @@ def ocr_sample(rng, photos, i) -> np.ndarray:
     return (np.asarray(img, np.float32) / 255.0)[None, None]
 
 
+def _det_captcha(rng, photos, i):
+    """The click captcha of ``det_sample`` (image, characters' boxes, letterbox ratio)."""
+    _, photo = photos[i % len(photos)]
+    size = (int(rng.integers(300, 421)), int(rng.integers(150, 401)))
+    img, boxes = images.click_captcha(rng, photo, size)
+    return img, boxes, min(416 / size[1], 416 / size[0])
+
+
+def det_boxes(rng, photos, i) -> np.ndarray:
+    """The characters' boxes of ``det_sample`` (same draws), in the 416×416 input's pixels: the
+    ground truth of the detector (x1, y1, x2, y2; the glyphs' tight boxes)."""
+    _, boxes, r = _det_captcha(rng, photos, i)
+    return np.asarray(boxes, np.float64).reshape(-1, 4) * r
+
+
 def det_sample(rng, photos, i) -> np.ndarray:
     """ddddocr DetectionEngine.preproc: letterbox into 416×416 (ratio r = min(416/h, 416/w),
     bilinear, top-left, pad 114), BGR, float 0..255, CHW."""
-    _, photo = photos[i % len(photos)]
-    size = (int(rng.integers(300, 421)), int(rng.integers(150, 401)))
-    img, _ = images.click_captcha(rng, photo, size)
-    r = min(416 / size[1], 416 / size[0])
+    img, _, r = _det_captcha(rng, photos, i)
+    size = img.size
     img = img.resize((int(size[0] * r), int(size[1] * r)), Image.BILINEAR)
     padded = np.full((416, 416, 3), 114, np.uint8)
     padded[: img.height, : img.width] = np.asarray(img)[:, :, ::-1]
@@ -327,7 +350,13 @@ def load_case(name: str, cache_dir: str | os.PathLike | None = None) -> RealCase
         return RealCase(sample=ocr_sample, decode=_make_ocr_decode(charset), score=metrics.string_agreement,
                         label=ocr_label, **kw)
     if name == "det":
-        return RealCase(sample=det_sample, decode=det_decode, score=metrics.detection_f1, **kw)
+        salt = zlib.crc32(name.encode())
+
+        def det_label(i: int) -> np.ndarray:  # the boxes eval sample i draws (same seed and photos as _feeds)
+            return det_boxes(np.random.default_rng([salt, SPLITS["eval"], i]), images.photo_pool("eval", cdir), i)
+
+        return RealCase(sample=det_sample, decode=det_decode, score=metrics.detection_f1, label=det_label,
+                        truth_score=metrics.detection_f1, **kw)
     if name == "layout":
         outs = _output_names(path)  # 4 score maps (…, 10 classes) then 4 distance maps (…, 32)
         half = len(outs) // 2
