@@ -149,6 +149,8 @@ def test_budget_confidence_holds_an_upper_bound_of_the_drop(outlier_mlp):
     point, se, floor = probe["point_all_int8"], probe["se_all_int8"], probe["floor"]
     z = NormalDist().inv_cdf(0.9)
     assert point > 0 and se > 0 and probe["drop_all_int8"] == pytest.approx(point + max(z * se, floor))
+    # a proxy (here expected flips) is continuous: no rule-of-three floor, the SE is the margin
+    assert probe["measure"] == "expected top-1 flips" and floor == 0.0
     budget = point + 0.5 * z * se
     plain = _q(model, calib, max_drop=budget).stats.details["fallback"]
     assert plain["drop_final"] == pytest.approx(point) and "kept_float" not in plain  # all int8

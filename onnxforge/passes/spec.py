@@ -58,7 +58,7 @@ PRESETS: dict[str, str] = {
     # every build; wall time on 2 busy cores made them a coin toss, run 14). A classifier's or a
     # recognizer's max_drop counts expected accuracy (budget_unit=accuracy): a changed answer costs the
     # float model's probability it moves, so flips between answers it holds equally likely ('z' vs 'Z')
-    # cost nothing (run 16: the recognizer all-int8 at 0.32x, accuracy against the rendered text +0.5).
+    # cost nothing (run 16: the recognizer all-int8 at 0.33-0.36x, accuracy against the rendered text +0.5).
     "O3": (
         "lift-constants,fold-constants,simplify,eliminate-identity,fold-batchnorm,fold-affine,"
         "cse,dedup-initializers,remove-unused,strip-metadata,fuse,remove-unused,"
