@@ -210,6 +210,27 @@ def test_tune_digits_meets_budget_reproduces_and_resumes(digits_files):
     assert report2["cache_hits"] == 6
     assert sorted(c["pipeline"] for c in report2["candidates"]) == sorted(c["pipeline"] for c in report["candidates"])
 
+    # A cached result whose pipeline now builds another model (written by another onnxforge) is not
+    # re-timed: its latency would no longer belong to its metric.
+    for entry in (f["dir"] / "cache").rglob("*.json"):
+        data = json.loads(entry.read_text())
+        data["candidate"]["model_sha256"] = "0" * 64
+        entry.write_text(json.dumps(data))
+    report3 = _tune(f, f["dir"] / "run3")
+    assert report3["cache_hits"] == 6 and report3["evaluations"] == 0
+    assert any(n.startswith("not re-timed:") for n in report3["notes"]), report3["notes"]
+    assert not any(n.startswith("re-timed the") for n in report3["notes"])
+
+
+def test_tune_cache_key_names_the_onnxforge_version(monkeypatch):
+    import onnxforge
+    from onnxforge.tune.cache import Cache
+
+    cache = Cache("/nonexistent", "ab" * 32, "data", {"metric": "top1"})
+    key = cache.key("O1")
+    monkeypatch.setattr(onnxforge, "__version__", "9.9.9")
+    assert cache.key("O1") != key
+
 
 def _front_signature(report: dict) -> list[tuple]:
     by = {c["pipeline"]: c for c in report["candidates"]}

@@ -2,8 +2,8 @@
 
 Layout: ``<cache_dir>/<model sha256[:16]>/<key>.json``, one file per candidate, written atomically
 as soon as the candidate is done (an interrupted run keeps everything it finished). The key is the
-sha256 of: the model's bytes hash, the pipeline string, the hash of the calibration and evaluation
-data, and the evaluation settings that change a result (metric, latency mode, batch size, threads,
+sha256 of: the onnxforge version, the model's bytes hash, the pipeline string, the hash of the
+calibration and evaluation data, and the evaluation settings that change a result (metric, latency mode, batch size, threads,
 onnxruntime optimization level, target, seed). Changing any of them misses the cache; changing only
 the search strategy, the budget or ``--max-drop`` does not. Early-stopped candidates are cached with
 the ``max_drop`` they were stopped under and are re-evaluated when the budget is looser.
@@ -65,8 +65,10 @@ class Cache:
         return self.root / self.model_sha256[:16] if self.root else None
 
     def key(self, pipeline: str) -> str:
-        blob = json.dumps({"v": VERSION, "model": self.model_sha256, "pipeline": pipeline, "data": self.data_hash,
-                           "settings": self.settings}, sort_keys=True)
+        from onnxforge import __version__  # another onnxforge may build the same pipeline differently
+
+        blob = json.dumps({"v": VERSION, "onnxforge": __version__, "model": self.model_sha256, "pipeline": pipeline,
+                           "data": self.data_hash, "settings": self.settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, pipeline: str, max_drop: float | None = None) -> Candidate | None:

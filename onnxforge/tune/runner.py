@@ -179,7 +179,8 @@ def _write_chosen(evaluator: Evaluator, chosen: Candidate, out_path: pathlib.Pat
                     s.options["decisions"] = str(copy.resolve())
     if not reproduced:
         warnings.warn(f"rebuilding the chosen pipeline gave different bytes than during the search: "
-                      f"some pass is not deterministic ({chosen.pipeline})", RuntimeWarning, stacklevel=3)
+                      f"some pass is not deterministic, or the search result came from a cache another build "
+                      f"wrote ({chosen.pipeline})", RuntimeWarning, stacklevel=3)
     save(model, out_path)
     config_file = config_path_for(out_path)
     calib_rel = None
