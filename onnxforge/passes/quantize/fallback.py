@@ -118,22 +118,33 @@ def is_classifier(ref: list[list[np.ndarray]]) -> bool:
                               for o in outs)
 
 
-def _flip_probability(z: np.ndarray, zq: np.ndarray) -> np.ndarray:
-    """Per row of ``(P, C)`` scores: ``min(1, sum_j Phi(-m_j / (sqrt(2) std(d))))`` (module docstring)."""
+def _competitor_flips(zs: np.ndarray, zqs: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """For one row of scores: the float answer ``c``, the competitors ``j`` within ``6 sigma`` of it
+    and their flip probabilities ``Phi(-m_j / sigma)`` (``m_j = z_c - z_j``, ``sigma = sqrt(2) std(d)``,
+    ``d = z_int8 - z``: a shift common to all classes changes no answer), and ``sigma``."""
     from math import erf, sqrt
 
+    sigma = sqrt(2.0) * float(np.std(zqs - zs))
+    c = int(np.argmax(zs))
+    if sigma == 0.0:
+        return c, np.zeros(0, np.int64), np.zeros(0), sigma
+    margins = zs[c] - zs
+    near = np.flatnonzero(margins < 6.0 * sigma)
+    near = near[near != c]
+    q = np.array([0.5 * (1.0 + erf(-float(margins[j]) / sigma / sqrt(2.0))) for j in near])
+    return c, near, q, sigma
+
+
+def _flip_probability(z: np.ndarray, zq: np.ndarray) -> np.ndarray:
+    """Per row of ``(P, C)`` scores: ``min(1, sum_j Phi(-m_j / (sqrt(2) std(d))))`` (module docstring)."""
     probs = np.zeros(len(z))
     for k, (zs, zqs) in enumerate(zip(z, zq)):
-        d = zqs - zs
-        sigma = sqrt(2.0) * float(np.std(d))  # a shift common to all classes changes no answer
-        c = int(np.argmax(zs))
-        margins = np.delete(zs[c] - zs, c)
+        c, _, q, sigma = _competitor_flips(zs, zqs)
         if sigma == 0.0:
-            probs[k] = 0.0 if margins.min() > 0 else 0.5
+            probs[k] = 0.0 if np.delete(zs[c] - zs, c).min() > 0 else 0.5
             continue
         # union bound over the competitors (a 1000-class model has many near the top)
-        near = margins[margins < 6.0 * sigma]
-        probs[k] = min(1.0, sum(0.5 * (1.0 + erf(-float(m) / sigma / sqrt(2.0))) for m in near))
+        probs[k] = min(1.0, float(q.sum()))
     return probs
 
 
@@ -148,27 +159,18 @@ def _accuracy_loss(z: np.ndarray, zq: np.ndarray, realised: bool = True) -> np.n
 
     A move from the float answer ``c`` to ``j`` costs ``P_c - P_j``: nothing between two answers the
     float model holds equally likely, ``P_c`` when it was sure. Per row the larger of the modelled cost
-    ``sum_j q_j (P_c - P_j)`` (``q_j = Phi(-m_j / sigma)`` as in :func:`_flip_probability`, scaled to
+    ``sum_j q_j (P_c - P_j)`` (``q_j`` the flip probabilities of :func:`_competitor_flips`, scaled to
     sum at most 1) and, with ``realised``, the realised one, ``P_c - P_k`` with ``k`` the int8 answer
     (the Gaussian model's tails are lighter than the int8 error's).
     """
-    from math import erf, sqrt
-
     probs = np.exp(_log_softmax(np.asarray(z, np.float64)))
     loss = np.zeros(len(z))
     for k, (zs, zqs) in enumerate(zip(z, zq)):
-        c = int(np.argmax(zs))
+        c, near, q, _ = _competitor_flips(zs, zqs)
         seen = float(probs[k, c] - probs[k, int(np.argmax(zqs))]) if realised else 0.0
-        sigma = sqrt(2.0) * float(np.std(zqs - zs))
-        modelled = 0.0
-        if sigma > 0.0:
-            margins = zs[c] - zs
-            near = np.flatnonzero(margins < 6.0 * sigma)
-            near = near[near != c]
-            q = np.array([0.5 * (1.0 + erf(-float(margins[j]) / sigma / sqrt(2.0))) for j in near])
-            if q.sum() > 1.0:
-                q = q / q.sum()
-            modelled = float(np.sum(q * (probs[k, c] - probs[k, near]))) if len(near) else 0.0
+        if q.sum() > 1.0:
+            q = q / q.sum()
+        modelled = float(np.sum(q * (probs[k, c] - probs[k, near]))) if len(near) else 0.0
         loss[k] = max(modelled, seen)
     return loss
 
