@@ -427,7 +427,7 @@ def run_model(name: str, rows: list[str], *, rounds: int, per_round: int, thread
             res["metric_ci"] = metric_interval(case, ref_out, cand_out)
             res["metric_name"] = case.metric_name
             res["n_eval"] = len(held)
-            if labels is not None:  # against the truth (orientation: the rotation; ocr: the text; det: the boxes)
+            if labels is not None:  # against the truth (orientation: the rotation; ocr: the text; det, layout: the boxes)
                 res["accuracy"] = case.accuracy(cand_out, labels)
                 res["accuracy_name"] = case.truth_name
                 if case.truth_score is None:
@@ -648,7 +648,8 @@ def markdown(rows: list[dict]) -> str:
                  "interleaved run (below 1: faster). ≥: some ops' FLOPs unknown (recurrent/custom), a lower bound. "
                  "[a, b]: 95 % interval of the metric (Wilson for agreement/accuracy, bootstrap over samples for F1); "
                  "accuracy: against the true label where the case knows it (orientation: the rotation; ocr: the "
-                 "text rendered), F1 vs truth: the detected boxes against the characters drawn (det), each with "
+                 "text rendered), F1 vs truth: the detected boxes against the characters drawn (det) or the page's "
+                 "blocks drawn, same class (layout), each with "
                  "its change vs fp32 on the same samples and a paired 95 % interval.")
     return "\n".join(lines)
 

