@@ -66,8 +66,9 @@ class Row:
     ort_quant: dict[str, Any] | None = None
     optimize: str = "all"  # onnxruntime graph optimization level of the timed session
     # quantize-int8's max_drop measured in the case's task metric on the calibration feeds
-    # (PassContext options "metric" and "eval_data", see task_metric) instead of its built-in proxy
-    task_metric: bool = False
+    # (PassContext options "metric" and "eval_data", see task_metric) instead of its built-in proxy:
+    # True = agreement with the fp32 model; "truth" = against the calibration samples' true labels
+    task_metric: bool | str = False
     # calibration-split feeds given to the pipeline when more than --calib: a QAT row (``distill`` after
     # ``quantize-int8``) trains on them while quantize-int8(num_samples=...) calibrates on the first ones
     n_data: int = 0
@@ -99,6 +100,10 @@ ROWS: dict[str, Row] = {
     # suite, run 5)
     "O3-taskmetric": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,weight_rounding=gptq,max_drop=0.01,"
                          "latency_guard=true)", task_metric=True),
+    # O3 with its budget in the case's accuracy against the calibration samples' true labels (det,
+    # layout: F1 against the boxes drawn; ocr: exact strings; orientation: the rotation): what a user with
+    # a labelled calibration set passes as --metric (BENCHMARKS.md, trained-model suite, run 17)
+    "O3-truth": Row("O3", task_metric="truth"),
     "O3-taskmetric-nearest": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,max_drop=0.01,"
                                  "latency_guard=true)", task_metric=True),
     # quantization-aware distillation (issue 11): the int8-nearest model (calibrated on the first 32
@@ -226,13 +231,19 @@ def _opset_at_least(model_bytes: bytes, opset: int) -> bytes:
         return model_bytes
 
 
-def task_metric(case, model_bytes: bytes):
+def task_metric(case, model_bytes: bytes, labelled: list[dict] | None = None):
     """``metric(outputs_per_feed, feeds) -> float`` for quantize-int8's ``max_drop`` (PassContext option
     ``metric``): ``case.metric`` (1.0 = the same task results) of the candidate's outputs against the
     fp32 model ``model_bytes`` (ORT_DISABLE_ALL) on the same feeds. The pass calls it on its float
     model's outputs too (its reference), so it compares with the original itself, not with its first
     call; the reference outputs are cached by the feed's input bytes. Outputs are matched by position
-    to the original's output names (the pipelines here keep the graph outputs in order)."""
+    to the original's output names (the pipelines here keep the graph outputs in order).
+
+    With ``labelled`` (the calibration feeds, in ``case.calibration_feeds`` order) the metric is the
+    case's accuracy against those feeds' true labels instead (``case.accuracy``: F1 against the boxes
+    drawn, exact strings, top-1): what a user with a labelled calibration set passes. The pass may
+    call it on any subset of the feeds (one feed alone for its confidence bound), so each feed's label
+    is found by its bytes."""
     import hashlib
 
     import numpy as np
@@ -242,20 +253,33 @@ def task_metric(case, model_bytes: bytes):
     inputs = [i.name for i in ref_info.session.get_inputs()]
     cache: dict[bytes, dict] = {}
 
-    def reference(feed) -> dict:
+    def key(feed) -> bytes:
         h = hashlib.sha1()
         for k in inputs:
             h.update(np.ascontiguousarray(feed[k]).tobytes())
-        key = h.digest()
-        if key not in cache:
-            cache[key] = dict(zip(names, ref_info.session.run(None, {k: feed[k] for k in inputs})))
-        return cache[key]
+        return h.digest()
+
+    truth = None
+    if labelled is not None:
+        labels = case.calibration_labels(len(labelled))
+        if labels is None:
+            raise ValueError(f"{case.name}: no true labels for a truth metric")
+        truth = {key(f): y for f, y in zip(labelled, labels)}
+
+    def reference(feed) -> dict:
+        k = key(feed)
+        if k not in cache:
+            cache[k] = dict(zip(names, ref_info.session.run(None, {n: feed[n] for n in inputs})))
+        return cache[k]
 
     def metric(outputs, feeds) -> float:
         outputs, feeds = list(outputs), list(feeds)
         if any(len(o) != len(names) for o in outputs):
             raise ValueError(f"task metric: the candidate has {len(outputs[0])} outputs, the original {len(names)}")
-        return float(case.metric([reference(f) for f in feeds], [dict(zip(names, o)) for o in outputs]))
+        named = [dict(zip(names, o)) for o in outputs]
+        if truth is not None:
+            return float(case.accuracy(named, [truth[key(f)] for f in feeds]))
+        return float(case.metric([reference(f) for f in feeds], named))
 
     return metric
 
@@ -271,7 +295,8 @@ def build_row(row: Row, model_bytes: bytes, calib: list[dict], case=None) -> byt
         if row.task_metric:
             if case is None:
                 raise ValueError("a task_metric row needs the case (its metric)")
-            context = PassContext(options={"metric": task_metric(case, model_bytes), "eval_data": calib})
+            labelled = calib if row.task_metric == "truth" else None
+            context = PassContext(options={"metric": task_metric(case, model_bytes, labelled), "eval_data": calib})
         result = optimize(onnx.load_from_string(out), row.spec, calibration_data=calib, context=context)
         out = model_to_bytes(result.model)
     if row.ort_quant is not None:
@@ -660,7 +685,7 @@ def main() -> None:
     ap.add_argument("--rows", default=DEFAULT_ROWS)
     ap.add_argument("--row", action="append", default=[], metavar="LABEL=SPEC",
                     help="an extra row: an onnxforge pipeline string under a label (repeatable; add the label "
-                         "to --rows, or it is appended); prefix the spec with 'taskmetric:' for a task_metric row")
+                         "to --rows, or it is appended); prefix the spec with 'taskmetric:' for a task_metric row (agreement with fp32), 'truthmetric:' for one against the calibration samples' true labels")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=3)
     ap.add_argument("--threads", default="1", help="intra-op thread counts to time, e.g. 1,2")
@@ -696,10 +721,10 @@ def main() -> None:
         label, sep, spec = extra.partition("=")
         if not sep or not label or not spec:
             ap.error(f"--row {extra!r}: expected LABEL=SPEC")
-        tm = spec.startswith("taskmetric:")
+        tm = "truth" if spec.startswith("truthmetric:") else spec.startswith("taskmetric:")
         # a distill step trains on max_samples calibration-split feeds (see Row.n_data)
         n_data = max((int(k) for k in re.findall(r"distill\([^)]*max_samples=(\d+)", spec)), default=0)
-        ROWS[label] = Row(spec.removeprefix("taskmetric:"), task_metric=tm, n_data=n_data)
+        ROWS[label] = Row(spec.removeprefix("taskmetric:").removeprefix("truthmetric:"), task_metric=tm, n_data=n_data)
         if label not in rows:
             rows.append(label)
     unknown = [r for r in rows if r not in ROWS]

