@@ -419,6 +419,45 @@ def test_optimize_metric_sets_the_int8_budget_in_task_units(tmp_path, monkeypatc
     assert bad.exit_code == 2 and "cannot import" in bad.output
 
 
+def test_optimize_metric_reads_the_calibration_labels(tmp_path, monkeypatch):
+    """A 'labels' array in the calibration .npz reaches ``--metric`` as ``data['labels']``, paired with
+    the samples the pass scores (all of them, and each feed alone for budget_confidence), so O3's
+    budget can be accuracy against the truth. It is never fed to the model."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from onnxforge.cli import main
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    data = np.load(repo / "examples" / "digits_data.npz")
+    x, y = data["x_test"][:48], data["y_test"][:48]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=x, labels=y)
+    (tmp_path / "h6_truth_metric.py").write_text(
+        "import numpy as np\n"
+        "seen = []\n"
+        "def accuracy(outputs, data):\n"
+        "    seen.append(([r.tobytes() for r in data['input']], data['labels'].tolist()))\n"
+        "    (a,) = outputs.values()\n"
+        "    return float(np.mean(a.argmax(1) == data['labels']))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(main, [
+        "optimize", str(repo / "examples" / "digits_cnn.onnx"), "-o", str(out), "--passes",
+        "O1,quantize-int8(max_drop=0.01,budget_confidence=0.9)", "--calibration-data", str(calib),
+        "--metric", "h6_truth_metric:accuracy", "--report", str(report), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rec = next(r for r in json.loads(report.read_text())["passes"] if r["name"] == "quantize-int8")
+    assert rec["stats"]["details"]["fallback"]["measure"] == "metric"
+    import h6_truth_metric
+
+    label_of = {r.astype(np.float32).tobytes(): int(k) for r, k in zip(x, y)}
+    sizes = {len(labels) for _, labels in h6_truth_metric.seen}
+    assert {1, 48} <= sizes  # all the samples, and one feed alone
+    for rows, labels in h6_truth_metric.seen:  # every call got its own samples' labels
+        assert [label_of[r] for r in rows] == labels
+
+
 def test_optimize_shows_what_the_lossy_passes_noted(tmp_path):
     """O3's budget, its measure and what it kept float are notes of quantize-int8: the table alone
     hid them (only --report json had them). They follow the table on stdout and sit in the HTML

@@ -160,3 +160,32 @@ def test_npz_for_a_model_without_batch_axis(tmp_path):
     assert data[0]["image"].shape == (3, 4, 4) and data[0]["image"].dtype == np.float32  # cast from float64
     with pytest.raises(CalibrationDataError, match="batch_size must be 1"):
         CalibrationData.from_npz(tmp_path / "c.npz", model, batch_size=2)
+
+
+def test_labels_array_is_kept_aside_and_cut_like_the_feeds(tmp_path):
+    """A 'labels' array next to the inputs is not fed to the model; label_of(i) is feed i's labels
+    (slices and batches keep the pairing); a count that disagrees with the inputs is a clear error."""
+    images = np.arange(5 * 3 * 4 * 4, dtype=np.float32).reshape(5, 3, 4, 4)
+    np.savez(tmp_path / "calib.npz", image=images, labels=np.array([7, 8, 9, 10, 11]))
+    data = CalibrationData.from_npz(tmp_path / "calib.npz", image_model())
+    assert len(data) == 5 and set(data[0]) == {"image"} and data.has_labels
+    assert data.label_of(3).tolist() == [10] and data.label_of(-1).tolist() == [11]
+    assert data[1:4].label_of(0).tolist() == [8] and data.take(2).label_of(1).tolist() == [8]
+    batched = CalibrationData.from_npz(tmp_path / "calib.npz", image_model(), batch_size=2)
+    assert [batched.label_of(i).tolist() for i in range(3)] == [[7, 8], [9, 10], [11]]
+    assert load(tmp_path / "calib.npz", image_model()).label_of(4).tolist() == [11]
+    plain = CalibrationData.from_arrays({"image": images}, image_model())
+    assert not plain.has_labels
+    with pytest.raises(CalibrationDataError, match="no 'labels'"):
+        plain.label_of(0)
+    with pytest.raises(CalibrationDataError, match="'labels' has 4 entries"):
+        CalibrationData.from_arrays({"image": images, "labels": np.arange(4)}, image_model())
+    # a model whose input is named labels gets it as an input
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["image", "labels"], ["y"])], "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4]),
+         helper.make_tensor_value_info("labels", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+    )
+    fed = CalibrationData.from_arrays({"image": images, "labels": images}, helper.make_model(graph))
+    assert set(fed[0]) == {"image", "labels"} and not fed.has_labels

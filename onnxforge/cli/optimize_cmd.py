@@ -48,7 +48,8 @@ from onnxforge.errors import CalibrationDataError, PipelineSpecError
                    "byte-identical output (e.g. --preset O3 in CI).")
 @click.option("--metric", "metric", metavar="MODULE:FUNCTION", default=None,
               help="quantize-int8's max_drop as a drop of this task metric on the calibration data instead of its "
-                   "proxy: function(outputs, data[, float_outputs]) -> float, higher is better (as for tune).")
+                   "proxy: function(outputs, data[, float_outputs]) -> float, higher is better (as for tune); "
+                   "a 'labels' array in the calibration .npz reaches it as data['labels'].")
 def optimize(model, output, passes_text, preset, config_path, target, calibration_data, verify, fixed_point,
              explain, report_path, as_json, bench, external_data, reproducer_dir, seed, quiet, max_memory=None, decisions=None,
              metric=None):
@@ -135,7 +136,7 @@ def _optimize(model, output, passes_text, preset, config_path, target, calibrati
     if config.metric:
         from onnxforge.passes.quantize.task_metric import TaskMetric
 
-        context.options["metric"] = TaskMetric(config.metric, [v.name for v in ir_model.graph.outputs])
+        context.options["metric"] = TaskMetric(config.metric, [v.name for v in ir_model.graph.outputs], data)
     snapshot = None
     if html_report:
         from onnxforge.report.collect import FloatSnapshot

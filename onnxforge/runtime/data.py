@@ -27,6 +27,10 @@ from onnxforge.runtime._model import InputSpec, ModelLike, check_feeds, check_in
 Feeds = dict[str, np.ndarray]
 
 
+# The array of a calibration .npz that holds the samples' true labels for a task metric, not a model input.
+LABELS = "labels"
+
+
 class SyntheticDataWarning(UserWarning):
     """Calibration is running on random data: results are not representative of real inputs."""
 
@@ -37,6 +41,11 @@ class CalibrationData:
     Iterating twice yields the same samples (files are re-read, arrays re-sliced; nothing is
     consumed). ``len(data)`` is the number of feeds (batches), ``data[i]`` one feed,
     ``data.take(n)`` the first ``n`` feeds.
+
+    Labels: an array named ``labels`` next to the inputs (leading axis = samples; not a model input)
+    is kept aside, never fed to the model: ``data.label_of(i)`` is feed ``i``'s labels, the samples
+    of that feed. A task metric (``optimize --metric``) reads them as ``data["labels"]``, so its
+    budget can count accuracy against the truth instead of agreement with the float model.
     """
 
     def __init__(
@@ -47,12 +56,29 @@ class CalibrationData:
         specs: Mapping[str, InputSpec] | None = None,
         source: str = "",
         synthetic: bool = False,
+        label_of: Callable[[int], np.ndarray] | None = None,
     ):
         self._length = int(length)
         self._get = get
         self.specs = dict(specs) if specs is not None else None
         self.source = source
         self.synthetic = synthetic
+        self._label_of = label_of
+
+    @property
+    def has_labels(self) -> bool:
+        return self._label_of is not None
+
+    def label_of(self, index: int) -> np.ndarray:
+        """The labels of feed ``index`` (its samples, leading axis kept)."""
+        if self._label_of is None:
+            raise CalibrationDataError(f"calibration data{' from ' + self.source if self.source else ''} has no "
+                                       "'labels' array")
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"calibration sample {index} out of range (0..{self._length - 1})")
+        return self._label_of(index)
 
     # --- sequence protocol --------------------------------------------------------------------
 
@@ -62,9 +88,10 @@ class CalibrationData:
     def __getitem__(self, index: int) -> Feeds:
         if isinstance(index, slice):
             indices = range(self._length)[index]
+            label_of = None if self._label_of is None else (lambda i: self._label_of(indices[i]))
             return CalibrationData(
                 len(indices), lambda i: self._get(indices[i]), specs=self.specs, source=self.source,
-                synthetic=self.synthetic,
+                synthetic=self.synthetic, label_of=label_of,
             )  # type: ignore[return-value]
         if index < 0:
             index += self._length
@@ -97,7 +124,8 @@ class CalibrationData:
     def with_model(self, model: ModelLike) -> CalibrationData:
         """The same samples, validated against ``model``'s inputs (checks the first one now)."""
         data = CalibrationData(
-            self._length, self._get, specs=input_specs(model), source=self.source, synthetic=self.synthetic
+            self._length, self._get, specs=input_specs(model), source=self.source, synthetic=self.synthetic,
+            label_of=self._label_of,
         )
         data.validate()
         return data
@@ -125,13 +153,15 @@ class CalibrationData:
 
         If an array has one axis more than the model input (the model has no batch axis),
         samples are taken one by one without keeping the leading axis (``batch_size`` must be 1).
+        An array named ``labels`` that is not a model input is kept aside (class docstring).
         """
         if batch_size < 1:
             raise CalibrationDataError(f"batch_size must be >= 1, got {batch_size}")
         arrays = {str(k): np.asarray(v) for k, v in arrays.items()}
+        specs = input_specs(model) if model is not None else None
+        labels = arrays.pop(LABELS) if LABELS in arrays and (specs is None or LABELS not in specs) else None
         if not arrays:
             raise CalibrationDataError(f"{source}: no arrays")
-        specs = input_specs(model) if model is not None else None
         if specs is not None:
             check_input_names(arrays.keys(), specs, source)
         lengths = {name: (a.shape[0] if a.ndim else None) for name, a in arrays.items()}
@@ -143,6 +173,9 @@ class CalibrationData:
                 f"{source}: arrays disagree on the number of samples (leading axis): {lengths}"
             )
         n_samples = next(iter(lengths.values()))
+        if labels is not None and (labels.ndim == 0 or len(labels) != n_samples):
+            raise CalibrationDataError(f"{source}: 'labels' has {labels.shape[0] if labels.ndim else 0} entries, "
+                                       f"the inputs {n_samples} samples (leading axis)")
         squeeze = set()
         if specs is not None:
             for name, a in arrays.items():
@@ -161,7 +194,11 @@ class CalibrationData:
                 name: (a[lo] if name in squeeze else a[lo : lo + batch_size]) for name, a in arrays.items()
             }
 
-        data = cls(n_feeds, get, specs=specs, source=source)
+        def label_of(i: int) -> np.ndarray:
+            lo = i * batch_size
+            return labels[lo : lo + batch_size]
+
+        data = cls(n_feeds, get, specs=specs, source=source, label_of=None if labels is None else label_of)
         if specs is not None:
             data.validate()
         return data
