@@ -456,6 +456,18 @@ def test_optimize_metric_reads_the_calibration_labels(tmp_path, monkeypatch):
     assert {1, 48} <= sizes  # all the samples, and one feed alone
     for rows, labels in h6_truth_metric.seen:  # every call got its own samples' labels
         assert [label_of[r] for r in rows] == labels
+    # the built-in top1 for a classifier: accuracy against the labels, max_drop in fractions (0.01 = 1 point)
+    top1 = CliRunner().invoke(main, [
+        "optimize", str(repo / "examples" / "digits_cnn.onnx"), "-o", str(tmp_path / "t.onnx"), "--preset", "O3",
+        "--calibration-data", str(calib), "--metric", "top1", "--report", str(report), "--quiet"])
+    assert top1.exit_code == 0, top1.output
+    fb = next(r for r in json.loads(report.read_text())["passes"] if r["name"] == "quantize-int8")["stats"]["details"]["fallback"]
+    assert fb["measure"] == "metric" and fb["budget"] == 0.01 and -0.05 < fb["drop_all_int8"] < 0.1, fb
+    np.savez(tmp_path / "unlabelled.npz", input=x)
+    bad = CliRunner().invoke(main, [
+        "optimize", str(repo / "examples" / "digits_cnn.onnx"), "-o", str(tmp_path / "u.onnx"), "--preset", "O3",
+        "--calibration-data", str(tmp_path / "unlabelled.npz"), "--metric", "top1", "--quiet"])
+    assert bad.exit_code == 2 and "needs the true classes" in bad.output and not (tmp_path / "u.onnx").exists()
 
 
 def test_optimize_shows_what_the_lossy_passes_noted(tmp_path):

@@ -46,10 +46,11 @@ from onnxforge.errors import CalibrationDataError, PipelineSpecError
               help="quantize-int8's decision record (JSON): written with what was measured when the file "
                    "does not exist, replayed without measuring when it does, so the same command rebuilds "
                    "byte-identical output (e.g. --preset O3 in CI).")
-@click.option("--metric", "metric", metavar="MODULE:FUNCTION", default=None,
+@click.option("--metric", "metric", metavar="top1|MODULE:FUNCTION", default=None,
               help="quantize-int8's max_drop as a drop of this task metric on the calibration data instead of its "
                    "proxy: function(outputs, data[, float_outputs]) -> float, higher is better (as for tune); "
-                   "a 'labels' array in the calibration .npz reaches it as data['labels'].")
+                   "a 'labels' array in the calibration .npz reaches it as data['labels']; top1: a classifier's "
+                   "top-1 accuracy against those labels.")
 def optimize(model, output, passes_text, preset, config_path, target, calibration_data, verify, fixed_point,
              explain, report_path, as_json, bench, external_data, reproducer_dir, seed, quiet, max_memory=None, decisions=None,
              metric=None):

@@ -11,7 +11,8 @@ in the function's unit: ``max_drop=0.01`` is one point of an F1 in ``[0, 1]``.
 
 With labels: when the calibration ``.npz`` has an array ``labels`` (one entry per sample, not a model
 input; :class:`~onnxforge.runtime.data.CalibrationData`), ``data["labels"]`` holds the labels of the
-samples the function is called on, so ``max_drop`` counts accuracy against the truth. The pass calls
+samples the function is called on, so ``max_drop`` counts accuracy against the truth (for a classifier,
+``--metric top1`` is built in: top-1 accuracy against integer ``labels``). The pass calls
 the metric on any subset of the feeds (one feed alone, for ``budget_confidence``'s standard error),
 so each feed's labels are found by the bytes of its inputs. Why it matters: agreement with the float
 model counts changes between answers the float model itself gets wrong as losses; on the trained
@@ -38,9 +39,9 @@ class TaskMetric:
     def __init__(self, spec: str, output_names: Sequence[str], labelled=None):
         from onnxforge.tune.evaluate import resolve_metric
 
-        if ":" not in spec:
-            raise PipelineSpecError(f"--metric {spec!r}: give module:function (higher is better), called as "
-                                    "function(outputs, data[, float_outputs]) with arrays by name")
+        if ":" not in spec and spec != "top1":
+            raise PipelineSpecError(f"--metric {spec!r}: give top1 (with labels) or module:function (higher is "
+                                    "better), called as function(outputs, data[, float_outputs]) with arrays by name")
         self.spec = spec
         self.metric = resolve_metric(spec)
         self.names = list(output_names)
@@ -49,6 +50,11 @@ class TaskMetric:
         if labelled is not None and getattr(labelled, "has_labels", False):
             for i, feed in enumerate(labelled):
                 self.labels[_key(feed)] = np.asarray(labelled.label_of(i))
+        # the built-in top1 is tune's, in percent; max_drop counts fractions (0.01 = one point)
+        self.scale = 0.01 if spec == "top1" else 1.0
+        if spec == "top1" and not self.labels:
+            raise PipelineSpecError("--metric top1 needs the true classes: an integer array 'labels' (one per "
+                                    "sample) in the calibration .npz beside the inputs")
 
     def _named(self, per_feed: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
         if any(len(outs) != len(self.names) for outs in per_feed):
@@ -62,7 +68,7 @@ class TaskMetric:
             if any(y is None for y in found):  # budget data other than the calibration data (eval_data)
                 raise PipelineSpecError(f"--metric {self.spec!r}: labels are known for the calibration samples only")
             data["labels"] = np.concatenate(found)
-        return float(self.metric.fn(self._named(outputs_per_feed), self._named(float_outputs_per_feed), data))
+        return self.scale * float(self.metric.fn(self._named(outputs_per_feed), self._named(float_outputs_per_feed), data))
 
 
 def _key(feed) -> bytes:
