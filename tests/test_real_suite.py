@@ -539,3 +539,38 @@ def test_bench_tune_metric_scores_against_the_truth_by_sample_index(monkeypatch)
 
     with pytest.raises(OnnxforgeError, match="no-such-model"):
         bt.suite_metric(outputs, data, original)  # dropped the orientation case, loads the new one
+
+
+def test_near_ties_diag_margins_and_exposed_scores():
+    """bench/diag_near_ties.py: the fp32 margin p1 - p2 (softmax of logits, probabilities as they are,
+    the smallest step of a sequence) and the class scores behind an in-graph ArgMax."""
+    import importlib.util
+    import pathlib
+
+    import onnx
+    import onnx.helper as oh
+    import onnxruntime as ort
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "diag_near_ties.py"
+    spec = importlib.util.spec_from_file_location("diag_near_ties", path)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    assert diag.margin(np.array([[0.5, 0.3, 0.2]])) == pytest.approx(0.2)  # probabilities as given
+    assert diag.margin(np.array([[2.0, 2.0, -5.0]])) == pytest.approx(0.0, abs=1e-12)  # logits: a tie
+    seq = np.array([[[0.9, 0.1]], [[0.55, 0.45]], [[0.2, 0.8]]])  # (T, N, C): the weakest step decides
+    assert diag.margin(seq) == pytest.approx(0.1)
+    # a recognizer that arg-maxes in its graph: the ArgMax's input becomes an extra output
+    graph = oh.make_graph([oh.make_node("Relu", ["x"], ["s"]), oh.make_node("ArgMax", ["s"], ["i"], axis=2, keepdims=0)],
+                          "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 1, 2])],
+                          [oh.make_tensor_value_info("i", onnx.TensorProto.INT64, [3, 1])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
+    exposed, name = diag.expose_scores(model)
+    assert name == "s"
+    sess = ort.InferenceSession(exposed, providers=["CPUExecutionProvider"])
+    idx, scores = sess.run(None, {"x": seq.astype(np.float32)})
+    assert idx.ravel().tolist() == [0, 0, 1] and np.allclose(scores, seq)
+    plain = oh.make_model(oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "g",
+                                        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+                                        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])]),
+                          opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
+    assert diag.expose_scores(plain) == (plain, None)
