@@ -189,3 +189,14 @@ def test_labels_array_is_kept_aside_and_cut_like_the_feeds(tmp_path):
     )
     fed = CalibrationData.from_arrays({"image": images, "labels": images}, helper.make_model(graph))
     assert set(fed[0]) == {"image", "labels"} and not fed.has_labels
+
+
+def test_folder_of_samples_carries_labels(tmp_path):
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", image=np.full((1, 3, 4, 4), i, np.float32), labels=np.array([10 + i]))
+    data = CalibrationData.from_dir(tmp_path, image_model())
+    assert data.has_labels and set(data[2]) == {"image"} and data.label_of(2).tolist() == [12]
+    np.savez(tmp_path / "3.npz", image=np.zeros((1, 3, 4, 4), np.float32))  # one file without labels
+    data = CalibrationData.from_dir(tmp_path, image_model())
+    with pytest.raises(CalibrationDataError, match="no 'labels' array"):
+        data.label_of(3)

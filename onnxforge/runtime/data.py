@@ -218,8 +218,9 @@ class CalibrationData:
     ) -> CalibrationData:
         """A folder with one sample per file, in natural file-name order.
 
-        ``.npz`` files hold one array per input name; an ``.npy`` file holds the single input of a
-        one-input model (name taken from ``model`` or ``input_name``). If an array has one axis less
+        ``.npz`` files hold one array per input name (and ``labels``, kept aside, if the first file
+        has it); an ``.npy`` file holds the single input of a one-input model (name taken from
+        ``model`` or ``input_name``). If an array has one axis less
         than the model input, a batch axis of 1 is added.
         """
         path = Path(path)
@@ -246,25 +247,38 @@ class CalibrationData:
                 )
             single = required[0]
 
-        def get(i: int) -> Feeds:
-            file = files[i]
+        def read(file: Path) -> dict[str, np.ndarray]:
             try:
                 if file.suffix == ".npy":
-                    feeds = {single: np.load(file, allow_pickle=False)}
-                else:
-                    with np.load(file, allow_pickle=False) as npz:
-                        feeds = {name: npz[name] for name in npz.files}
+                    return {single: np.load(file, allow_pickle=False)}
+                with np.load(file, allow_pickle=False) as npz:
+                    return {name: npz[name] for name in npz.files}
             except Exception as exc:
                 raise CalibrationDataError(f"cannot read calibration file {file}: {exc}") from exc
+
+        # a 'labels' array in the sample files (not a model input): kept aside like from_arrays does
+        labelled = (files[0].suffix == ".npz" and (specs is None or LABELS not in specs)
+                    and LABELS in read(files[0]))
+
+        def label_of(i: int) -> np.ndarray:
+            arrays = read(files[i])
+            if LABELS not in arrays:
+                raise CalibrationDataError(f"{files[i]}: no 'labels' array (the first sample file has one)")
+            return arrays[LABELS]
+
+        def get(i: int) -> Feeds:
+            feeds = read(files[i])
+            if labelled:
+                feeds.pop(LABELS, None)
             if specs is not None:
-                check_input_names(feeds.keys(), specs, str(file))
+                check_input_names(feeds.keys(), specs, str(files[i]))
                 for name, a in feeds.items():
                     shape = specs[name].shape
                     if shape is not None and a.ndim == len(shape) - 1:
                         feeds[name] = a[None]
             return feeds
 
-        data = cls(len(files), get, specs=specs, source=str(path))
+        data = cls(len(files), get, specs=specs, source=str(path), label_of=label_of if labelled else None)
         if specs is not None:
             data.validate()
         return data
