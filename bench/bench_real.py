@@ -244,20 +244,15 @@ def task_metric(case, model_bytes: bytes, labelled: list[dict] | None = None):
     drawn, exact strings, top-1): what a user with a labelled calibration set passes. The pass may
     call it on any subset of the feeds (one feed alone for its confidence bound), so each feed's label
     is found by its bytes."""
-    import hashlib
-
-    import numpy as np
+    from onnxforge.passes.quantize.task_metric import feed_key
 
     ref_info = make_session(model_bytes, threads=1, optimize="disable")
     names = [o.name for o in ref_info.session.get_outputs()]
     inputs = [i.name for i in ref_info.session.get_inputs()]
     cache: dict[bytes, dict] = {}
 
-    def key(feed) -> bytes:
-        h = hashlib.sha1()
-        for k in inputs:
-            h.update(np.ascontiguousarray(feed[k]).tobytes())
-        return h.digest()
+    def key(feed) -> bytes:  # the model inputs of a feed, identified as TaskMetric identifies them
+        return feed_key({n: feed[n] for n in inputs})
 
     truth = None
     if labelled is not None:

@@ -49,7 +49,7 @@ class TaskMetric:
         self.labels: dict[bytes, np.ndarray] = {}
         if labelled is not None and getattr(labelled, "has_labels", False):
             for i, feed in enumerate(labelled):
-                self.labels[_key(feed)] = np.asarray(labelled.label_of(i))
+                self.labels[feed_key(feed)] = np.asarray(labelled.label_of(i))
         # the built-in top1 is tune's, in percent; max_drop counts fractions (0.01 = one point)
         self.scale = 0.01 if spec == "top1" else 1.0
         if spec == "top1" and not self.labels:
@@ -64,14 +64,14 @@ class TaskMetric:
     def __call__(self, outputs_per_feed, feeds, float_outputs_per_feed) -> float:
         data = {k: np.concatenate([np.asarray(f[k]) for f in feeds]) for k in feeds[0]} if feeds else {}
         if self.labels and feeds:
-            found = [self.labels.get(_key(f)) for f in feeds]
+            found = [self.labels.get(feed_key(f)) for f in feeds]
             if any(y is None for y in found):  # budget data other than the calibration data (eval_data)
                 raise PipelineSpecError(f"--metric {self.spec!r}: labels are known for the calibration samples only")
             data["labels"] = np.concatenate(found)
         return self.scale * float(self.metric.fn(self._named(outputs_per_feed), self._named(float_outputs_per_feed), data))
 
 
-def _key(feed) -> bytes:
+def feed_key(feed) -> bytes:
     """A feed's identity: the digest of its arrays' names, shapes, types and bytes."""
     import hashlib
 
