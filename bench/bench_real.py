@@ -87,6 +87,9 @@ ROWS: dict[str, Row] = {
     "O1": Row("O1"),
     "O2": Row("O2"),
     "O3": Row("O3"),
+    # O3 before score_gate (session 30): a detector's 1 - cosine over every anchor (run 18)
+    "O3-ungated": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,max_drop=0.01,max_cosine_drop=0.002,"
+                      "budget_confidence=0.9,latency_guard=true,latency_clock=cpu,budget_unit=accuracy)"),
     # issue 11 comparison (BENCHMARKS.md, Trained-model suite, run 4): all-int8 with round-to-nearest or
     # GPTQ weights, and O3 as it was before weight_rounding=gptq
     "int8-nearest": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true)"),

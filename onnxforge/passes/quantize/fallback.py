@@ -49,6 +49,8 @@ Accuracy fallback (``max_drop``): the drop of a model is measured on the calibra
   ``max_cosine_drop`` (when given) is the budget for it instead of ``max_drop``. On the suite's two
   trained detectors 1 point of F1 sat near ``1 - cos = 0.002``: YOLOX all-int8 0.0052 lost 1.4
   points, PicoDet's set for 0.01 lost 3.0, both sets for 0.002 lost 0.9 (O3 uses 0.002).
+  With ``score_gate`` (O3: 0.2) a detector's outputs are read on the anchors that score
+  (:mod:`.detection`): the measure is the ``score-gated 1 - cosine``, with the same budget.
 
 The budget and the ranking use different measures. A calibration sample whose top two classes are
 nearly tied adds about 0.5 expected flips for *any* int8 error, so on such data one quantized node
@@ -73,6 +75,7 @@ import numpy as np
 
 from onnxforge.passes.base import PassStats, Skip
 from onnxforge.passes.quantize import calibrate as cal
+from onnxforge.passes.quantize.detection import detection_heads, gated_fidelity_drop, gated_outputs
 from onnxforge.passes.quantize.qmath import cosine
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,7 @@ _SENSITIVITY_FEEDS = 8  # sensitivity runs one model per weighted node: keep O3'
 # the budget checks (all-int8, bisection, final) see up to this many samples: a float set fitted on 32
 # read 0.009 there and 0.032 on 200 held-out captchas (the recognizer); fitted on 200, 0.010 and 0.010
 _BUDGET_FEEDS = 256
+GATED = "score-gated 1 - cosine"  # the measure's name for a detector with score_gate (see .detection)
 
 
 def _eval_feeds(pass_, qc) -> list[dict[str, np.ndarray]]:
@@ -408,8 +412,13 @@ class _Scorer:
         # per output, the batch axis of its class scores (a sequence's: see class_score_outputs)
         self.sample_axes = None if self.metric else class_score_outputs(qc.fresh(), self.ref)
         self.unit = getattr(pass_, "budget_unit", "agreement")
+        # a detector's anchor rows, measured where they score (score_gate; see .detection)
+        self.gate = getattr(pass_, "score_gate", None)
+        self.heads = (detection_heads(self.ref) if self.gate is not None and not self.metric
+                      and self.sample_axes is None else None)
         kind = "top-1" if is_classifier(self.ref) else "sequence"
-        self.measure = ("metric" if self.metric else "1 - cosine" if self.sample_axes is None else
+        self.measure = ("metric" if self.metric else GATED if self.heads is not None else
+                        "1 - cosine" if self.sample_axes is None else
                         f"expected {kind} accuracy lost" if self.unit == "accuracy" else
                         "expected top-1 flips" if kind == "top-1" else "expected sequence changes")
         self.z = NormalDist().inv_cdf(confidence) if confidence > 0 and len(self.feeds) >= 2 else 0.0
@@ -441,6 +450,11 @@ class _Scorer:
         ref = self.ref if idx is None else [self.ref[i] for i in idx]
         if self.sample_axes is not None:
             return expected_flips(ref, outs, self.sample_axes, self.unit)
+        if self.heads is not None:
+            gated = gated_outputs(ref, self.heads)
+            rest = [k for k in range(len(ref[0])) if k not in gated]
+            plain = fidelity_drop([[f[k] for k in rest] for f in ref], [[f[k] for k in rest] for f in outs])
+            return max(gated_fidelity_drop(ref, outs, self.heads, self.gate), plain)
         return fidelity_drop(ref, outs)
 
     def _measure(self, chosen: set[int]) -> None:
@@ -627,7 +641,7 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
     scorer = _Scorer(pass_, qc, confidence=confidence)
     budget = float(pass_.max_drop)
     cosine_budget = getattr(pass_, "max_cosine_drop", None)
-    if scorer.measure == "1 - cosine" and cosine_budget is not None:
+    if scorer.measure in ("1 - cosine", GATED) and cosine_budget is not None:
         budget = float(cosine_budget)  # max_drop is in task points; 1 - cosine is not (see O3)
     infos = qc.analysis.infos
     full = scorer.drop(chosen)
@@ -643,6 +657,14 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
                                           f"{scorer.event or 0.0:.4g}) over {len(scorer.feeds)} feeds"),
             point_all_int8=scorer.points[key], se_all_int8=scorer.ses[key],
             floor=scorer.rare * (scorer.event or 0.0))
+    if scorer.measure == GATED:
+        stats.details["fallback"]["score_gate"] = scorer.gate
+        names = [v.name for v in qc.fresh().graph.outputs]
+        stats.details["fallback"]["score_columns"] = {names[k]: int(m.sum()) for k, m in scorer.heads.items()
+                                                      if m.any()}
+        stats.note(f"max_drop is measured as 1 - cosine of the detector's outputs on the anchors that score "
+                   f">= {scorer.gate:g} in the float or the int8 model (score_gate); a task metric "
+                   "(--metric module:function) budgets in the task's own unit")
     if scorer.measure == "1 - cosine":
         # said where a user reads it: O3 with this proxy kept the trained YOLOX all-int8, which lost
         # 1.5 points of F1 on 200 held-out images (BENCHMARKS.md, trained-model suite, run 11)

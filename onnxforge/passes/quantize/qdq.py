@@ -196,6 +196,9 @@ class QuantizeInt8Pass(Pass):
     ``budget_measure=proxy`` measures ``max_drop`` by the proxies even when the context carries a
     task metric (``auto``: the metric when given); ``tune`` uses it to try O3's int8 as the preset
     builds it, judged by tune's metric afterwards like any candidate.
+    ``score_gate=g`` measures a detector's ``1 - cosine`` only on the anchors whose score (a
+    probability column of its anchor rows, near 0 on the background) is at least ``g`` in the float
+    or the int8 model: the background thousands change no detection (O3 uses 0.2; see :mod:`.detection`).
     ``decisions=PATH`` writes these measured decisions (and the CPU-dependent choices) to a JSON
     record, or, when the file exists, replays it without measuring: byte-identical rebuilds (see :mod:`.decisions`).
     ``reduce_range`` (default: by the CPU's int8 path, see :mod:`.isa`) gives 7-bit weights to the
@@ -247,6 +250,7 @@ class QuantizeInt8Pass(Pass):
         latency_clock: Literal["wall", "cpu"] = "wall",
         budget_measure: Literal["auto", "proxy"] = "auto",
         budget_unit: Literal["agreement", "accuracy"] = "agreement",
+        score_gate: float | None = None,
     ):
         super().__init__()
         if calibration not in cal.METHODS:
@@ -269,6 +273,8 @@ class QuantizeInt8Pass(Pass):
             raise PassOptionError(f"quantize-int8: budget_measure must be auto or proxy, got {budget_measure!r}")
         if budget_unit not in ("agreement", "accuracy"):
             raise PassOptionError(f"quantize-int8: budget_unit must be agreement or accuracy, got {budget_unit!r}")
+        if score_gate is not None and not 0.0 < score_gate < 1.0:
+            raise PassOptionError(f"quantize-int8: score_gate must be in (0, 1), got {score_gate!r}")
         if not 0.0 <= budget_confidence < 1.0:
             raise PassOptionError(f"quantize-int8: budget_confidence must be in [0, 1), got {budget_confidence!r}")
         self.calibration = calibration
@@ -291,6 +297,7 @@ class QuantizeInt8Pass(Pass):
         self.max_cosine_drop = max_cosine_drop
         self.budget_measure = budget_measure
         self.budget_unit = budget_unit
+        self.score_gate = None if score_gate is None else float(score_gate)
 
     def requires(self, model: ir.Model) -> None:
         data = self.context.calibration_data
@@ -411,6 +418,8 @@ class QuantizeInt8Pass(Pass):
             opts["budget_measure"] = self.budget_measure
         if self.budget_unit != "agreement":
             opts["budget_unit"] = self.budget_unit
+        if self.score_gate is not None:
+            opts["score_gate"] = self.score_gate
         return opts
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
