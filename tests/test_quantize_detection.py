@@ -55,6 +55,11 @@ def test_detection_heads_reads_score_columns_from_the_outputs():
     assert detection_heads([[logits]]) is None
     assert detection_heads([[np.exp(logits) / np.exp(logits).sum()]]) is None
     assert detection_heads([[rng.normal(size=(1, 8, 16, 16)).astype(np.float32)]]) is None
+    # probabilities near 0 with no box columns beside them: a sigmoid mask, a dark image in [0, 1]
+    # (a gate would skip their dark rows, whose error a regression's user sees)
+    mask = _sigmoid(rng.normal(-5.0, 1.0, (1, 1, 64, 64))).astype(np.float32)
+    assert detection_heads([[mask]]) is None
+    assert detection_heads([[scores]]) is None  # PicoDet's scores without their distances
 
 
 def test_gated_drop_reads_the_anchors_that_score_not_the_background():

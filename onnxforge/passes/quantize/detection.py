@@ -24,11 +24,14 @@ feeds, no model-specific decoding):
   ``_SCORE_MEDIAN_MAX``: a probability that is near zero on most anchors (the background). A box
   offset or a distance logit takes negative values or sits far from 0; a one-class detector's
   class probability, high everywhere, is not a gate (its objectness is);
-* both ways of misreading a column err toward the plain measure: a box column taken for a score
-  only adds the anchors it lifts over the gate; a score the rule misses (logits, not probabilities)
-  leaves its output ungated, measured by the plain ``1 - cosine``;
 * outputs with the same number of rows are the **same anchors** (PicoDet's per-level score and
-  distance outputs; YOLOX's single ``(1, A, 5 + C)``).
+  distance outputs; YOLOX's single ``(1, A, 5 + C)``), and such a group is a **detection head** only
+  when it holds both score columns and other columns (the boxes): a sigmoid mask or an image in
+  ``[0, 1]``, dark on most pixels, has no box columns and keeps the plain measure, where a gate would
+  skip its dark rows;
+* misreading a head's column errs toward the plain measure: a box column taken for a score only adds
+  the anchors it lifts over the gate; a score the rule misses (logits, not probabilities) leaves its
+  output ungated, measured by the plain ``1 - cosine``.
 
 The measure (:func:`gated_fidelity_drop`): per feed and per group of outputs that holds a score
 column, the anchors ``a`` whose best score is at least ``gate`` in the float **or** the int8 model
@@ -76,15 +79,18 @@ def detection_heads(ref: list[list[np.ndarray]]) -> dict[int, np.ndarray] | None
         finite = np.isfinite(allrows).all(axis=0)
         heads[k] = (finite & (allrows.min(axis=0) >= 0.0) & (allrows.max(axis=0) <= 1.0)
                     & (np.median(allrows, axis=0) < _SCORE_MEDIAN_MAX))
-    return heads if any(m.any() for m in heads.values()) else None
+    heads = {k: heads[k] for ks in _groups(ref[0], heads) for k in ks}
+    return heads or None
 
 
 def _groups(ref_feed: list[np.ndarray], heads: dict[int, np.ndarray]) -> list[list[int]]:
-    """Outputs of ``heads`` with the same anchor count, for the groups that hold a score column."""
+    """Outputs of ``heads`` with the same anchor count, for the groups that hold score columns and
+    other columns (detection heads, module docstring)."""
     by_count: dict[int, list[int]] = {}
     for k in heads:
         by_count.setdefault(_rows(ref_feed[k]).shape[0], []).append(k)
-    return [ks for ks in by_count.values() if any(heads[k].any() for k in ks)]
+    return [ks for ks in by_count.values()
+            if any(heads[k].any() for k in ks) and not all(heads[k].all() for k in ks)]
 
 
 def gated_outputs(ref: list[list[np.ndarray]], heads: dict[int, np.ndarray]) -> set[int]:
