@@ -199,6 +199,20 @@ def test_quantize_int8_budgets_a_detector_where_its_anchors_score(tiny_detector)
     assert plain["drop_all_int8"] <= budget and not plain.get("kept_float"), plain
 
 
+def test_score_gate_decisions_replay_byte_identical(tiny_detector, tmp_path):
+    """A build with ``score_gate`` writes its decisions; the rebuild replays them to the same bytes,
+    and a record made without the gate is refused (the gate changes what the budget measures)."""
+    model, calib = tiny_detector
+    path = str(tmp_path / "det.decisions.json")
+    opts = dict(calibration="sqnr", max_drop=0.01, max_cosine_drop=1e-4, score_gate=0.2, decisions=path)
+    a, b = _q(model, calib, **opts), _q(model, calib, **opts)
+    assert b.stats.details["decisions"]["source"].startswith("record")
+    ser = lambda m: ir.serde.serialize_model(m).SerializeToString()  # noqa: E731
+    assert ser(a.model) == ser(b.model)
+    with pytest.raises(PassOptionError, match="score_gate"):
+        _q(model, calib, **{**opts, "score_gate": None})
+
+
 def test_score_gate_is_checked():
     with pytest.raises(PassOptionError, match="score_gate"):
         create_pass("quantize-int8", {"score_gate": 1.5}, PassContext())
