@@ -20,8 +20,9 @@ dtypes; values within fp32 tolerance ``|a - e| <= 1e-5 + 1e-4 max|e|`` or the ca
 - ``refused``: a typed ``OnnxforgeError`` raised on purpose (listed with its message);
 - ``not-runnable``: neither runtime runs the original; the optimized model passes
   ``onnx.checker.check_model(full_check=True)`` and keeps the output names and types;
-- ``upstream``: the outputs differ, but the unoptimized model differs from run to run (random ops,
-  still random after the pipeline), or the runtime already gives the optimized outputs for the
+- ``upstream``: the outputs differ (or match by chance: a model with a random op is checked for
+  randomness either way), but the unoptimized model differs from run to run (random ops, still random
+  after the pipeline), or the runtime already gives the optimized outputs for the
   unoptimized frozen model, or the *original* run disagrees with ONNX's expected outputs while the
   optimized one agrees (a runtime bug, not ours), or the frozen model already fails to run;
 - ``broken``: anything else — different values/shapes/dtypes, a lost or renamed output, an invalid
@@ -250,9 +251,12 @@ def check(case, spec: str, variant: str = "inputs", target: str = "cpu") -> Node
         cause = "load" if runner == "onnxruntime" else "run"
         return out("broken", cause, runner, f"{type(e).__name__}: {str(e)[:300]}")
     cause, detail = _close(expected, actual, case.rtol, case.atol)
-    if cause == "ok":
+    random_op = _has_random_op(candidate.graph)
+    if cause == "ok" and not random_op:
         return out("preserved", "", runner)
     close = functools.partial(_close, rtol=case.rtol, atol=case.atol)
+    # a random op's outputs can match by chance (a Bernoulli of 10 elements: about 1 run in 200), so
+    # whether its randomness survived is checked whatever this one draw gave
     if _runs(candidate, cand_feeds, runner):
         # up to 8 draws: a small random output (Bernoulli of a few elements) can repeat by chance
         first = _run_with(candidate, cand_feeds, runner)
@@ -263,15 +267,35 @@ def check(case, spec: str, variant: str = "inputs", target: str = "cpu") -> Node
             if all(close(actual, _run_with(result, cand_feeds, runner))[0] == "ok" for _ in range(7)):
                 return out("broken", "randomness-lost", runner, f"a random op was folded into a constant: {detail}")
             return out("upstream", "nondeterministic", runner, f"the unoptimized model differs from run to run: {detail}")
+        if cause == "ok":  # a random op that draws the same every time (probabilities 0 or 1, a seed)
+            return out("preserved", "", runner)
         if variant == "frozen" and close(first, actual)[0] == "ok":
             # the runtime gives other numbers for the same op on constants than on inputs
             return out("upstream", "frozen-differs", runner, f"the unoptimized frozen model already differs: {detail}")
+    if cause == "ok":
+        return out("preserved", "", runner)
     # Is the original's runtime the one that is wrong (the optimized model matches ONNX's outputs)?
     onnx_expected = _expected(case)
     if close(onnx_expected, actual)[0] == "ok" and close(onnx_expected, expected)[0] != "ok":
         return out("upstream", "runtime-differs-from-onnx", runner,
                    f"{runner} gives {detail} for the original; the optimized model matches ONNX's expected outputs")
     return out("broken", cause, runner, detail)
+
+
+_RANDOM_OPS = {"Bernoulli", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
+               "Multinomial", "Dropout"}
+
+
+def _has_random_op(graph: onnx.GraphProto) -> bool:
+    """A node (in the graph or a subgraph) whose outputs may differ from run to run."""
+    for node in graph.node:
+        if node.op_type in _RANDOM_OPS:
+            return True
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            if any(_has_random_op(g) for g in subs):
+                return True
+    return False
 
 
 def _run_with(proto: onnx.ModelProto, feeds: dict[str, object], runner: str):
