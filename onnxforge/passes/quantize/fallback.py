@@ -410,7 +410,9 @@ class _Scorer:
         self.ref = cal.run_outputs(qc.float_bytes, self.feeds, optimize=False)
         self.ref_metric = self._metric(self.ref) if self.metric else None
         # per output, the batch axis of its class scores (a sequence's: see class_score_outputs)
-        self.sample_axes = None if self.metric else class_score_outputs(qc.fresh(), self.ref)
+        model = None if self.metric else qc.fresh()
+        self.sample_axes = None if model is None else class_score_outputs(model, self.ref)
+        self.output_names = [v.name for v in model.graph.outputs] if model is not None else []
         self.unit = getattr(pass_, "budget_unit", "agreement")
         # a detector's anchor rows, measured where they score (score_gate; see .detection)
         self.gate = getattr(pass_, "score_gate", None)
@@ -659,9 +661,8 @@ def accuracy_fallback(pass_, qc, chosen: set[int], stats: PassStats) -> set[int]
             floor=scorer.rare * (scorer.event or 0.0))
     if scorer.measure == GATED:
         stats.details["fallback"]["score_gate"] = scorer.gate
-        names = [v.name for v in qc.fresh().graph.outputs]
-        stats.details["fallback"]["score_columns"] = {names[k]: int(m.sum()) for k, m in scorer.heads.items()
-                                                      if m.any()}
+        stats.details["fallback"]["score_columns"] = {scorer.output_names[k]: int(m.sum())
+                                                      for k, m in scorer.heads.items() if m.any()}
         stats.note(f"max_drop is measured as 1 - cosine of the detector's outputs on the anchors that score "
                    f">= {scorer.gate:g} in the float or the int8 model (score_gate); a task metric "
                    "(--metric module:function) budgets in the task's own unit")
