@@ -6,6 +6,7 @@ import io as pyio
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
@@ -365,3 +366,29 @@ def test_shape_arithmetic_is_followed_past_div():
     static = _model(nodes, [_vi("x", [1, 4, 5, 5])], [_vi("y", None)], [_w("w", [8, 2, 3, 3])] + ints)
     s = summarize(static)
     assert s.flops == 2 * macs(1, 5, 5) and s.flops_exact and not s.symbolic_dims_as_one
+
+
+def _paddle_style(model_bytes: bytes) -> ir.Model:
+    """The model with its input's dims as paddle2onnx writes them: -1 batch, unnamed height and width,
+    and the -1 left on the output too."""
+    proto = onnx.load_from_string(model_bytes)
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_param"):
+                d.Clear()
+                if i == 0:
+                    d.dim_value = -1
+    del proto.graph.value_info[:]
+    return io.load(proto.SerializeToString())
+
+
+def test_minus_one_dims_are_unknown_and_a_feed_shape_sizes_them(hw_model_bytes):
+    """paddle2onnx's -1 "dynamic" dims are unknown sizes, never a negative count (the quantizer's
+    latency model read -7.9e16 for a PP-OCR classifier); a feed's shape sizes every dim of an input."""
+    model = _paddle_style(hw_model_bytes)
+    macs, elements = node_work(model)
+    assert all(m is None or m >= 0 for m in macs) and all(v >= 0 for v in elements.values())
+    assert summarize(model).flops >= 0
+    macs, elements = node_work(model, None, {model.graph.inputs[0].name: (3, 3, 16, 32)})
+    assert 2 * sum(m for m in macs if m) == _hand_flops(3, 16, 32)
+    assert elements[model.graph.outputs[0].name] == 3 * 6

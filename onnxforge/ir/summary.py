@@ -265,7 +265,7 @@ def _dims_from_ir(shape: ir.Shape | None) -> list[Dim] | None:
     dims: list[Dim] = []
     for d in shape:
         if isinstance(d, int):
-            dims.append(d)
+            dims.append(d if d >= 0 else None)  # some exporters (paddle2onnx) write -1 for "dynamic"
         else:
             value = getattr(d, "value", None)
             dims.append(None if value is None else str(value))
@@ -286,7 +286,7 @@ def _dims_from_proto(type_proto: onnx.TypeProto) -> list[Dim] | None:
     dims: list[Dim] = []
     for d in tensor_type.shape.dim:
         if d.HasField("dim_value"):
-            dims.append(d.dim_value)
+            dims.append(d.dim_value if d.dim_value >= 0 else None)  # -1: paddle2onnx's "dynamic"
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
         else:
@@ -304,14 +304,22 @@ def symbolic_names(inputs: Sequence[TensorInfo]) -> list[str]:
     return list(names)
 
 
-def _fix_input_dims(proto: onnx.ModelProto, dim_values: dict[str, int]) -> None:
-    """Give the symbolic input dims their sizes (1 for those not named, as they are counted) and forget
-    every derived shape, so that shape inference recomputes them all from the inputs (a stale "s0//2"
-    would otherwise win)."""
+def _fix_input_dims(proto: onnx.ModelProto, dim_values: dict[str, int],
+                    input_shapes: dict[str, Sequence[int]] | None = None) -> None:
+    """Give the symbolic input dims their sizes (1 for those not named, as they are counted; every dim
+    of an input ``input_shapes`` gives whole) and forget every derived shape, so that shape inference
+    recomputes them all from the inputs (a stale "s0//2" would otherwise win)."""
     graph = proto.graph
+    input_shapes = input_shapes or {}
     for vi in graph.input:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            for d in vi.type.tensor_type.shape.dim:
+            given = input_shapes.get(vi.name)
+            dims = vi.type.tensor_type.shape.dim
+            if given is not None and len(given) == len(dims):
+                for d, n in zip(dims, given):
+                    d.dim_value = int(n)
+                continue
+            for d in dims:
                 if d.HasField("dim_param"):
                     d.dim_value = dim_values.get(d.dim_param, 1)  # clears dim_param (a oneof)
     del graph.value_info[:]
@@ -416,7 +424,8 @@ def _infer_with_shape_folding(proto: onnx.ModelProto, max_rounds: int = 8) -> on
     return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
 
 
-def _inferred_shapes(model: ir.Model, dim_values: dict[str, int] | None = None) -> dict[str, list[Dim]]:
+def _inferred_shapes(model: ir.Model, dim_values: dict[str, int] | None = None,
+                     input_shapes: dict[str, Sequence[int]] | None = None) -> dict[str, list[Dim]]:
     """Shapes by value name from onnx's shape inference on a serialized copy (no data read).
 
     External tensors stay references in the copy, so a multi-GB model serializes cheaply.
@@ -424,8 +433,8 @@ def _inferred_shapes(model: ir.Model, dim_values: dict[str, int] | None = None) 
     """
     try:
         proto = serde.serialize_model(model)
-        if dim_values:
-            _fix_input_dims(proto, dim_values)
+        if dim_values or input_shapes:
+            _fix_input_dims(proto, dim_values or {}, input_shapes)
         inferred = _infer_with_shape_folding(proto)
     except Exception:
         return {}
@@ -458,16 +467,18 @@ def _inferred_shapes(model: ir.Model, dim_values: dict[str, int] | None = None) 
 class _ShapeLookup:
     """Shapes of values: the IR's own, completed by onnx shape inference when needed."""
 
-    def __init__(self, model: ir.Model, dim_values: dict[str, int] | None = None) -> None:
+    def __init__(self, model: ir.Model, dim_values: dict[str, int] | None = None,
+                 input_shapes: dict[str, Sequence[int]] | None = None) -> None:
         self._model = model
         self._dim_values = dict(dim_values or {})
+        self._input_shapes = {k: tuple(int(n) for n in v) for k, v in (input_shapes or {}).items()}
         self._inferred: dict[str, list[Dim]] | None = None
         self.used_symbolic = False
         self.counted: dict[str, None] = {}  # symbolic dim names counted as 1, in order
 
     def inferred(self) -> dict[str, list[Dim]]:
         if self._inferred is None:
-            self._inferred = _inferred_shapes(self._model, self._dim_values)
+            self._inferred = _inferred_shapes(self._model, self._dim_values, self._input_shapes)
         return self._inferred
 
     def __call__(self, value: ir.Value | None) -> list[int] | None:
@@ -476,7 +487,9 @@ class _ShapeLookup:
         dims: list[Dim] | None = None
         if value.const_value is not None:
             dims = list(value.const_value.shape.numpy())
-        elif self._dim_values and (value.name or "") in self.inferred():
+        elif (value.name or "") in self._input_shapes:
+            dims = list(self._input_shapes[value.name or ""])
+        elif (self._dim_values or self._input_shapes) and (value.name or "") in self.inferred():
             # Sizes given: the shapes derived from them beat the model's symbolic annotations.
             dims = list(self.inferred()[value.name or ""])
         elif value.shape is not None:
@@ -584,11 +597,12 @@ def _node_macs(node: ir.Node, shape: _ShapeLookup) -> int | None:
     return None
 
 
-def node_work(model: ir.Model, dim_values: dict[str, int] | None = None
-              ) -> tuple[list[int | None], dict[str, int]]:
+def node_work(model: ir.Model, dim_values: dict[str, int] | None = None,
+              input_shapes: dict[str, Sequence[int]] | None = None) -> tuple[list[int | None], dict[str, int]]:
     """``(MACs of every main-graph node in graph order, {value name: elements})``: ``None`` MACs and
-    missing elements where a shape is unknown. ``dim_values`` sizes symbolic input dimensions by name."""
-    shape = _ShapeLookup(model, dim_values)
+    missing elements where a shape is unknown. ``dim_values`` sizes symbolic input dimensions by name;
+    ``input_shapes`` gives graph inputs their whole shape (a feed's: also sizes unnamed and ``-1`` dims)."""
+    shape = _ShapeLookup(model, dim_values, input_shapes)
     macs: list[int | None] = []
     elements: dict[str, int] = {}
     values = list(model.graph.inputs)

@@ -523,7 +523,8 @@ class LatencyModel:
                 for d, n in zip(v.shape, np.shape(feed[v.name])):
                     if isinstance(d, ir.SymbolicDim) and d.value is not None:
                         dims[d.value] = int(n)
-        macs, self.elements = node_work(model, dims or None)
+        shapes = {v.name: np.shape(feed[v.name]) for v in model.graph.inputs if v.name in feed}
+        macs, self.elements = node_work(model, dims or None, shapes)
         self.weighted = weighted
         self.macs = {i: macs[i] for i in weighted}
         nodes = list(model.graph)
