@@ -315,7 +315,9 @@ def test_cache_root_env(tmp_path, monkeypatch):
 def test_unknown_suite_model_is_a_typed_error():
     with pytest.raises(OnnxforgeError, match="unknown suite model 'nope'"):
         cases.load_case("nope")
-    assert set(cases.SUITE) == {"ocr", "det", "layout", "orientation", "effnet"}
+    assert set(cases.SUITE) == {"ocr", "det", "layout", "orientation", "effnet", "pp-det", "pp-rec", "pp-cls"}
+    assert set(cases.DEVELOPMENT) | set(cases.HELD_OUT) == set(cases.SUITE)
+    assert not set(cases.DEVELOPMENT) & set(cases.HELD_OUT)
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0

