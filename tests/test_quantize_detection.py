@@ -59,6 +59,11 @@ def test_detection_heads_reads_score_columns_from_the_outputs():
     # (a gate would skip their dark rows, whose error a regression's user sees)
     mask = _sigmoid(rng.normal(-5.0, 1.0, (1, 1, 64, 64))).astype(np.float32)
     assert detection_heads([[mask]]) is None
+    # a text detector's probability map: dark background, but a few columns busy on most rows (a text
+    # column down the page); every column stays in [0, 1], so there are no box columns: not a head
+    page = _sigmoid(rng.normal(-5.0, 1.0, (1, 1, 96, 64)))
+    page[..., 20:24] = _sigmoid(rng.normal(2.0, 1.0, (1, 1, 96, 4)))
+    assert detection_heads([[page.astype(np.float32)]]) is None
     assert detection_heads([[scores]]) is None  # PicoDet's scores without their distances
 
 
@@ -161,7 +166,8 @@ def tiny_detector():
         det.obj.weight *= scale
         det.obj.bias.fill_(float(np.log(0.3 / 0.7) - scale * (q90 - b)))
         det.cls.bias -= 6.0
-        det.box.bias += 0.5  # box offsets around the cell's centre, not near 0 like a background score
+        det.box.bias += 0.5  # box offsets around the cell's centre, not near 0 like a background score,
+        det.box.bias[0] -= 1.0  # and a signed one (x offset) that leaves [0, 1], as box regressions do
     model = zoo.export_model(det, (torch.from_numpy(images[0]),))
     name = model.graph.inputs[0].name
     return model, [{name: x} for x in images]

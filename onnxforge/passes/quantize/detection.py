@@ -26,9 +26,12 @@ feeds, no model-specific decoding):
   class probability, high everywhere, is not a gate (its objectness is);
 * outputs with the same number of rows are the **same anchors** (PicoDet's per-level score and
   distance outputs; YOLOX's single ``(1, A, 5 + C)``), and such a group is a **detection head** only
-  when it holds both score columns and other columns (the boxes): a sigmoid mask or an image in
-  ``[0, 1]``, dark on most pixels, has no box columns and keeps the plain measure, where a gate would
-  skip its dark rows;
+  when it holds both score columns and box columns, columns that leave ``[0, 1]`` (offsets in
+  pixels, distance logits): a sigmoid mask or an image in ``[0, 1]``, dark on most pixels, has none
+  and keeps the plain measure, where a gate would skip its dark rows — a text detector's probability
+  map (PP-OCR's DBNet, ``(1, 1, H, W)``) read as rows of pixels has columns that are busy on most
+  rows, but they stay in ``[0, 1]`` (a head whose boxes are normalised to ``[0, 1]`` errs the same
+  safe way: the plain measure);
 * misreading a head's column errs toward the plain measure: a box column taken for a score only adds
   the anchors it lifts over the gate; a score the rule misses (logits, not probabilities) leaves its
   output ungated, measured by the plain ``1 - cosine``.
@@ -71,15 +74,17 @@ def detection_heads(ref: list[list[np.ndarray]]) -> dict[int, np.ndarray] | None
     if not ref or not ref[0]:
         return None
     heads: dict[int, np.ndarray] = {}
+    regression: dict[int, bool] = {}  # the output has a column that leaves [0, 1] (box offsets, logits)
     for k in range(len(ref[0])):
         rows = [_rows(f[k]) for f in ref]
         if any(r is None for r in rows) or len({r.shape[1] for r in rows}) != 1:
             continue
         allrows = np.concatenate(rows)
         finite = np.isfinite(allrows).all(axis=0)
-        heads[k] = (finite & (allrows.min(axis=0) >= 0.0) & (allrows.max(axis=0) <= 1.0)
-                    & (np.median(allrows, axis=0) < _SCORE_MEDIAN_MAX))
-    heads = {k: heads[k] for ks in _groups(ref[0], heads) for k in ks}
+        unit = finite & (allrows.min(axis=0) >= 0.0) & (allrows.max(axis=0) <= 1.0)
+        heads[k] = unit & (np.median(allrows, axis=0) < _SCORE_MEDIAN_MAX)
+        regression[k] = bool((finite & ~unit).any())
+    heads = {k: heads[k] for ks in _groups(ref[0], heads) if any(regression[k] for k in ks) for k in ks}
     return heads or None
 
 
