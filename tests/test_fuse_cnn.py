@@ -131,6 +131,19 @@ def test_hardswish_from_clip_form():
     _check_close(model, fused, (2, 3, 6, 6))
 
 
+def test_hardswish_below_opset_14_becomes_x_times_hardsigmoid():
+    """Opset 12 (paddle2onnx's PP-OCR models) has no HardSwish: x·Clip(x+3,0,6)/6 → x·HardSigmoid(x)."""
+    model = _export(ManualHardSwish(), (1, 3, 6, 6))
+    model.opset_imports[""] = 12  # Add, Clip (min/max inputs), Mul, Div: all opset-12 ops
+    fused, stats = _fuse(model, rules=["HardSwish"])
+    assert numerics.op_count(fused, "HardSwish") == 0 and numerics.op_count(fused, "HardSigmoid") == 1
+    assert numerics.op_count(fused, "Clip") == 0 and numerics.op_count(fused, "Div") == 0
+    (hs,) = [n for n in fused.graph if n.op_type == "HardSigmoid"]
+    assert hs.attributes["alpha"].value == pytest.approx(1 / 6) and hs.attributes["beta"].value == 0.5
+    assert stats.counts["HardSwish"] >= 1
+    _check_close(model, fused, (2, 3, 6, 6))
+
+
 class PadConv(nn.Module):
     def __init__(self):
         super().__init__()
