@@ -481,6 +481,23 @@ def test_fold_affine_before_conv():
     check_same(original, model)
 
 
+def test_fold_affine_before_conv_with_the_constant_first():
+    """``Conv(Add(c2, Mul(c1, x)))``, operands as paddle2onnx writes them (PP-OCR's learnable affine
+    blocks before each 1x1 conv): folded like ``x * c1 + c2``."""
+    original = export("affine_before_conv", opset=13)
+    for node in original.graph:
+        if node.op_type in ("Mul", "Add"):
+            a, b = node.inputs
+            node.replace_input_with(0, b)
+            node.replace_input_with(1, a)
+    mul, add = (next(n for n in original.graph if n.op_type == t) for t in ("Mul", "Add"))
+    assert mul.inputs[1] is original.graph.inputs[0] and add.inputs[1] is mul.outputs[0]  # constants first
+    model = copy(original)
+    fold(model, "lift-constants", "fold-affine")
+    assert [n.op_type for n in model.graph] == ["Conv"], [n.op_type for n in model.graph]
+    check_same(original, model)
+
+
 def test_fold_batchnorm_then_affine_chain_torchscript_opset11():
     # The whole chain as the O1 preset would run it, on an old-opset export with Constant nodes.
     for name in ["residual", "linear_affine", "convt_bn_g2"]:

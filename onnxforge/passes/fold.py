@@ -508,7 +508,7 @@ def affine_rules() -> list[RewriteRule]:
         rules.append(FoldAffineAfter.rule(producer, "Sub"))
         rules.append(FoldAffineAfter.rule(producer, "Sub", const_first=True))
         rules.append(FoldAffineAfter.rule(producer, "Div"))
-    rules.append(AffineBeforeConv.rule())
+    rules.extend(AffineBeforeConv.rule().commute())  # Mul(c, x), Add(c, .): paddle2onnx writes the constant first
     return rules
 
 
