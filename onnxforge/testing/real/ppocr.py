@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from onnxforge.testing.real import images, metrics
 
@@ -71,8 +71,6 @@ def _line(rng: np.random.Generator, hw: tuple[int, int]) -> tuple[Image.Image, s
     scale = rng.uniform(2.0, 3.0)
     w, h = int(hw[1] * scale), int(hw[0] * scale)
     img = Image.new("RGB", (w, h), images.random_color(rng, 215, 256))
-    from PIL import ImageDraw
-
     draw = ImageDraw.Draw(img)
     f = images.font(rng, int(h * rng.uniform(0.55, 0.75)))
     left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
