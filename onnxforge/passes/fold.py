@@ -532,7 +532,9 @@ class FoldAffinePass(Pass):
     ``W' = W * s`` (output-channel axis), ``b' = b * s + t``; ``Div c`` is ``Mul 1/c``, ``Sub c`` is
     ``Add -c``, ``c - y`` is ``y * -1 + c``; a bias is created when the producer has none (MatMul has
     no bias input: only Mul/Div fold into it). Also ``Conv(x * s + o)`` with scalar s, o and no
-    padding (onnxscript's ``affine_conv_fusion_rule``). Chains fold one op at a time until none is left.
+    padding (onnxscript's ``affine_conv_fusion_rule``, either operand order: paddle2onnx writes
+    ``Add(o, Mul(s, x))``): ``W' = W * s``, ``b' = b + o * sum(W)`` over each output channel's
+    taps. Chains fold one op at a time until none is left.
 
     Left alone and reported: a constant varying along batch or spatial axes (or of higher rank than
     the output); a constant, weight or bias that is also a graph input (overridable; see

@@ -10,7 +10,8 @@ its choices carry to models it was not.
 
 Modules: ``wheels`` (wheel cache), ``images`` (photos, rendered text, captchas, pages), ``metrics``
 (agreement metrics and each project's post-processing), ``effnet`` (EfficientNet-Lite0 in torch),
-``ppocr`` (the held-out PaddleOCR models' pre- and post-processing), ``cases`` (every model). ``bench/bench_real.py`` runs every optimization row on every model.
+``ppocr`` (the held-out PaddleOCR models' pre- and post-processing), ``cases`` (every model).
+``bench/bench_real.py`` runs every optimization row on every model.
 """
 
 from onnxforge.testing.real.cases import DEVELOPMENT, HELD_OUT, SUITE, RealCase, SuiteSpec, fetch, load_case
