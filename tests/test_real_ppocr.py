@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from PIL import Image
 
 from onnxforge.testing.real import cases, images, metrics, ppocr
 
@@ -36,7 +37,7 @@ def test_text_lines_keep_their_aspect_and_pad_with_zeros():
     # resize_norm_img: min(width, ceil(48 * aspect)), zeros to the right of a narrower line)
     rec = ppocr.rec_sample(np.random.default_rng(0), [], 0)
     assert np.abs(rec[0, :, :, -4:]).max() > 0
-    narrow = ppocr._resize_norm_line(images.Image.new("RGB", (96, 48), (255, 255, 255)), ppocr.CLS_HW)
+    narrow = ppocr._resize_norm_line(Image.new("RGB", (96, 48), (255, 255, 255)), ppocr.CLS_HW)
     assert np.all(narrow[0, :, :, :96] == 1.0) and np.all(narrow[0, :, :, 96:] == 0.0)
 
 
