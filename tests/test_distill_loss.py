@@ -113,3 +113,34 @@ def test_qat_with_auto_loss_lowers_the_int8_error_on_unseen_inputs(heads):
     print(f"\nQAT(auto) |error| / int8 |error| per output: {ratios}")
     assert all(r <= 1.0 for r in ratios.values()), ratios
     assert np.mean(list(ratios.values())) <= 0.8, ratios
+
+
+def test_a_quantized_softmax_input_is_read_before_its_qdq_pair():
+    """PP-OCRv4's recognizer, quantized, rounds its logits (an ``Add``) with a Q/DQ pair before the
+    Softmax: the KD target is the float logits, named as in the teacher, and a QAT run trains on it
+    (it failed with 'the teacher has no value named ..._DequantizeLinear_out')."""
+    from onnxforge.torch_export import export
+
+    class Rec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            f = torch.relu(self.conv(x)).mean(2).transpose(1, 2)  # (N, T, C): a sequence
+            return torch.softmax(self.fc(f) + 0.5, dim=-1)
+
+    torch.manual_seed(0)
+    teacher = export(Rec().eval(), (torch.randn(2, 3, 4, 8),))
+    feeds = [random_inputs(teacher, seed=i, default_dim=2) for i in range(8)]
+    student = copy_model(teacher)
+    create_pass("quantize-int8", {"include_ops": ["Conv", "MatMul", "Gemm", "Add"]},
+                PassContext(calibration_data=feeds))(student)
+    softmax = next(n for n in student.graph if n.op_type == "Softmax")
+    assert softmax.inputs[0].producer().op_type == "DequantizeLinear"  # the case this test is about
+    logits = next(n for n in teacher.graph if n.op_type == "Softmax").inputs[0].name
+    assert kd_targets(student) == [logits] and kd_loss_kinds(student, [logits], "auto") == ["kl"]
+    ctx = PassContext(calibration_data=feeds, reference_model=teacher, seed=0)
+    r = create_pass("distill", {"loss": "auto", "epochs": 1, "batch_size": 4}, ctx)(student)
+    assert r.modified

@@ -8,8 +8,8 @@ without labels it is the soft-target term only,
 copy of the student graph: same nodes, same names, new initializer values.
 
 What the loss compares: for a graph output produced by ``Softmax`` over the last axis, the
-``Softmax`` *input* (the logits; a KL between two softmaxes of probabilities would be nearly flat),
-else the output itself. Both models must have a value of that name (a pruned or re-fitted student
+``Softmax`` *input* (the logits; a KL between two softmaxes of probabilities would be nearly flat;
+in a quantized student, the value before the Q/DQ pair that rounds them), else the output itself. Both models must have a value of that name (a pruned or re-fitted student
 keeps the teacher's names). Float outputs only; every other output is left out of the loss.
 
 With ``loss="mse"`` (outputs that are not logits: box regressions, heat maps) the loss is
@@ -76,10 +76,23 @@ def kd_targets(student: ir.Model) -> list[str]:
             rank = len(out.shape) if out.shape is not None else None
             a = -1 if axis is None else int(axis.value)
             if a == -1 or (rank is not None and a == rank - 1):
-                names.append(node.inputs[0].name)
+                names.append(_before_qdq(node.inputs[0]).name)
                 continue
         names.append(out.name)
     return names
+
+
+def _before_qdq(value: ir.Value) -> ir.Value:
+    """The float value a ``QuantizeLinear -> DequantizeLinear`` pair rounds, else ``value``: a quantized
+    student's logits are named as in its teacher only before the pair (PP-OCRv4's recognizer: its
+    ``Add`` before the Softmax is quantized)."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+        return value
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None or not q.inputs[0].name:
+        return value
+    return q.inputs[0]
 
 
 def _is_probability(value: ir.Value) -> bool:
