@@ -106,6 +106,11 @@ def test_region_guard_keeps_the_faster_region_only(two_regions, monkeypatch):
     assert rep["model"]["decision"] == "int8" and rep["model"]["verdict"] == "faster"
     kept = r.stats.details["kept_float"]
     assert b1 in kept and "region" in kept[b1] and "slower" in kept[b1]
+    # the user reads why on the CLI: one note with the region kept float and its measured ratio
+    notes = [n for n in r.stats.notes if n.startswith("latency guard: kept float")]
+    assert len(notes) == 1 and "1 region(s)" in notes[0] and "slower" in notes[0], r.stats.notes
+    ratio = next(e["ratio"] for e in rep["regions"] if e["decision"] == "float")
+    assert f"{ratio:.2f}" in notes[0] and "1 of 2 region(s) stay int8" in notes[0]
     # the guard's result is a valid int8 model: numerics vs fp32 (stated bound: cosine >= 0.99)
     ref = run_outputs(model, calib, optimize=False)
     out = run_outputs(r.model, calib)
@@ -121,6 +126,8 @@ def test_region_guard_ties_fall_back_to_float(two_regions, monkeypatch):
     assert rep["pending"]["decision"] == "float"
     assert _quantized_convs(r.model) == set()
     assert "model" not in rep  # nothing left to compare against fp32
+    assert any(n.startswith("latency guard: kept float 2 region(s)") and "not measurably faster" in n
+               and "0 of 2 region(s) stay int8" in n for n in r.stats.notes), r.stats.notes
 
 
 def test_whole_model_must_beat_fp32_beyond_noise(two_regions, monkeypatch):

@@ -123,6 +123,27 @@ def compare(a: bytes, b: bytes, feeds: Mapping[str, np.ndarray], clock: str = "w
         rounds = ROUNDS
 
 
+def _note_regions(stats: PassStats, report: dict[str, Any]) -> None:
+    """One line for the user: which int8 regions the guard kept float, and the ratios that decided it."""
+    regions = report["regions"]
+    slower = [e for e in regions if e["decision"] == "float"]
+    pending = report.get("pending")
+    parts = []
+    if slower:
+        ratios = sorted(e["ratio"] for e in slower)
+        span = f"{ratios[0]:.2f}" if len(ratios) == 1 else f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+        parts.append(f"{len(slower)} region(s) of {sum(len(e['nodes']) for e in slower)} node(s) measured slower "
+                     f"in int8 (int8/float time {span})")
+    if pending and pending["decision"] == "float":
+        n = sum(e["decision"] == "pending" for e in regions)
+        parts.append(f"{n} region(s) of {pending['nodes']} node(s) not measurably faster, even together "
+                     f"(int8/float time {pending['ratio']:.2f})")
+    if parts:
+        kept = sum(e["decision"] == "int8" for e in regions) + (
+            sum(e["decision"] == "pending" for e in regions) if pending and pending["decision"] == "int8" else 0)
+        stats.note(f"latency guard: kept float {'; '.join(parts)}; {kept} of {len(regions)} region(s) stay int8")
+
+
 def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | None = None,
                   clock: str = "wall") -> set[int]:
     """Keep int8 only for the regions (and the model) measured faster; see the module docstring."""
@@ -184,6 +205,7 @@ def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | Non
             if not keep:
                 revert(pend, f"latency guard: regions not measurably faster in int8, even together "
                              f"(ratio {t.ratio:.3f}, interval [{t.lo:.3f}, {t.hi:.3f}])")
+        _note_regions(stats, report)
     if chosen:
         t = compare(qc.build(chosen), qc.float_bytes, feeds, clock)
         keep = t.hi < MIN_GAIN
