@@ -136,8 +136,8 @@ def _note_regions(stats: PassStats, report: dict[str, Any]) -> None:
                      f"in int8 (int8/float time {span})")
     if pending and pending["decision"] == "float":
         n = sum(e["decision"] == "pending" for e in regions)
-        parts.append(f"{n} region(s) of {pending['nodes']} node(s) not measurably faster, even together "
-                     f"(int8/float time {pending['ratio']:.2f})")
+        parts.append(f"{n} region(s) of {pending['nodes']} node(s) not measurably faster"
+                     f"{', even together' if n > 1 else ''} (int8/float time {pending['ratio']:.2f})")
     if parts:
         kept = sum(e["decision"] == "int8" for e in regions) + (
             sum(e["decision"] == "pending" for e in regions) if pending and pending["decision"] == "int8" else 0)
