@@ -9,8 +9,9 @@ copy of the student graph: same nodes, same names, new initializer values.
 
 What the loss compares: for a graph output produced by ``Softmax`` over the last axis, the
 ``Softmax`` *input* (the logits; a KL between two softmaxes of probabilities would be nearly flat;
-in a quantized student, the value before the Q/DQ pair that rounds them), else the output itself. Both models must have a value of that name (a pruned or re-fitted student
-keeps the teacher's names). Float outputs only; every other output is left out of the loss.
+in a quantized student, the value before the Q/DQ pair that rounds them), else the output itself.
+Both models must have a value of that name (a pruned or re-fitted student keeps the teacher's
+names). Float outputs only; every other output is left out of the loss.
 
 With ``loss="mse"`` (outputs that are not logits: box regressions, heat maps) the loss is
 the mean squared error of the *standardised* outputs: each channel of the last axis shifted and
