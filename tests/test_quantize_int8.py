@@ -286,6 +286,28 @@ def test_opset11_model_upgraded_and_runs(digits, caplog):
     assert any(n.op_type == "DequantizeLinear" for n in r.model.graph)
 
 
+def test_opset11_model_left_float_keeps_its_opset(digits):
+    """The upgrade to 13 is for the int8 model: a model the pass leaves float (here every weighted op
+    excluded) comes back at opset 11, with the same outputs. O3 upgraded float models before."""
+    from onnxforge.testing import zoo
+    from onnxforge.testing.numerics import run
+
+    try:
+        model = zoo.export_opset11("digits_cnn")
+    except Exception as e:  # pragma: no cover - exporter missing pieces
+        pytest.skip(f"opset-11 export unavailable: {e}")
+    name = model.graph.inputs[0].name
+    calib = [{name: c[next(iter(c))]} for c in digits["calib"]]
+    r = quantize(model, calib, exclude=["Conv", "Gemm", "MatMul"])
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in r.model.graph)
+    assert r.model.opset_imports[""] == 11
+    assert "opset_upgraded" not in r.stats.counts
+    assert any("opset 11 kept" in n for n in r.stats.notes)
+    assert not any(n.startswith("upgraded opset") for n in r.stats.notes)
+    feeds = {name: digits["x"][:16]}
+    np.testing.assert_array_equal(run(r.model, feeds)[0], run(model, feeds)[0])
+
+
 # ------------------------------------------------------------------------------ calibration
 
 

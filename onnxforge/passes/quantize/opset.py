@@ -1,4 +1,9 @@
-"""Opset upgrade for the quantization passes (per-channel DequantizeLinear needs opset >= 13)."""
+"""Opset upgrade for the quantization passes (per-channel DequantizeLinear needs opset >= 13).
+
+A model the pass leaves float needs nothing of opset 13, so :func:`copy_model` / :func:`restore_model`
+let it come back at the opset it came with (an opset-11 export stays loadable by the runtimes it was
+made for).
+"""
 
 from __future__ import annotations
 
@@ -36,3 +41,16 @@ def upgrade_opset(model: ir.Model, version: int, stats: PassStats) -> bool:
     stats.count("opset_upgraded")
     return True
 
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy of ``model`` (external tensors stay references to their files)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def restore_model(model: ir.Model, copy: ir.Model) -> None:
+    """Make ``model`` what ``copy`` is, in place (graph, functions, IR version)."""
+    model.graph = copy.graph
+    model.ir_version = copy.ir_version
+    model.functions.clear()
+    model.functions.update(copy.functions)

@@ -49,7 +49,7 @@ from onnxforge.passes.base import Pass, PassStats, Skip
 from onnxforge.passes.quantize import calibrate as cal
 # Re-exported: dynamic.py and weight_only.py import these from here.
 from onnxforge.passes.quantize.analysis import Analysis, NodeInfo, _attr, _is_float, analyze, select  # noqa: F401
-from onnxforge.passes.quantize.opset import upgrade_opset  # noqa: F401
+from onnxforge.passes.quantize.opset import copy_model, restore_model, upgrade_opset  # noqa: F401
 from onnxforge.passes.quantize.plan import Plan, plan_tensors
 from onnxforge.passes.quantize.decisions import DecisionRecord
 from onnxforge.passes.quantize.isa import Int8Choices, choose
@@ -431,6 +431,9 @@ class QuantizeInt8Pass(Pass):
             stats.count("constants_lifted", lifted)
         path = self.decisions or self.context.options.get("decisions")
         record = DecisionRecord.load(path) if path and pathlib.Path(path).exists() else None
+        # prepare() upgrades an old opset to 13 (and folds BatchNorm) for the int8 model; a model left
+        # float is given back as it came
+        as_given = copy_model(model) if (opset_version(model) or 0) < 13 else None
         qc = self.prepare(model, stats, record.choices if record else None)
         analysis = qc.analysis
         sha = DecisionRecord.fingerprint(qc.float_bytes)
@@ -508,6 +511,11 @@ class QuantizeInt8Pass(Pass):
         stats.details["kept_float"] = kept_float
         if not chosen:
             stats.note("nothing quantized: the model stays float")
+            if as_given is not None and stats.counts.pop("opset_upgraded", 0):
+                restore_model(model, as_given)
+                stats.counts.pop("batchnorm_folded", None)
+                stats.notes[:] = [n for n in stats.notes if not n.startswith(("upgraded opset", "folded "))]
+                stats.note(f"opset {opset_version(model)} kept: the upgrade to 13 was for the int8 model")
             return bool(lifted or stats.counts.get("opset_upgraded") or stats.counts.get("batchnorm_folded"))
         for info in analysis.infos:
             if info.index in chosen:
