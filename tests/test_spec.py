@@ -24,6 +24,23 @@ def test_parse_names_and_typed_options():
     ]
 
 
+def test_preset_options_set_the_passes_that_have_them():
+    """O3(...) moves O3's balance without copying its pass list: the options go to quantize-int8,
+    every other pass and option stays as the preset has it."""
+    plain = parse_pipeline("O3")
+    specs = parse_pipeline("O3(budget_unit=agreement,score_gate=none,max_drop=0.005),extra")
+    assert [s.name for s in specs] == [s.name for s in plain] + ["extra"]
+    q, q0 = specs[len(plain) - 1], plain[-1]
+    assert q.name == "quantize-int8"
+    assert q.options == {**q0.options, "budget_unit": "agreement", "score_gate": None, "max_drop": 0.005}
+    assert specs[: len(plain) - 1] == plain[:-1]
+    assert parse_pipeline("O3") == plain  # the preset itself is not changed
+    from onnxforge.passes.registry import create_pass
+
+    p = create_pass(q.name, q.options)
+    assert (p.budget_unit, p.score_gate, p.max_drop) == ("agreement", None, 0.005)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -51,7 +68,8 @@ def test_preset_expands():
         ("a,,b", "pass name"),
         ("a,", "trailing"),
         ("a(x=1,x=2)", "given twice"),
-        ("O1(x=1)", "takes no options"),
+        ("O1(x=1)", "no pass of preset O1 has option 'x'"),
+        ("O3(budget_unt=agreement)", "no pass of preset O3 has option 'budget_unt'"),
     ],
 )
 def test_parse_errors(text, fragment):

@@ -5,7 +5,8 @@ Text form (round-trips through :func:`format_pipeline`)::
     fold-constants,fold-batchnorm,prune-channels(ratio=0.3,criterion=l1),quantize-int8(exclude=[Softmax,/head/Gemm])
 
 A value is a number, ``true``/``false``, ``none``, a bare word or a quoted string, or a ``[list]`` of
-those. A preset name (``O1``) stands for its pass list.
+those. A preset name (``O1``) stands for its pass list; with options (``O3(max_drop=0.005)``) each
+option is set on the preset's passes that have it.
 
 File form (``onnxforge.toml`` or ``[tool.onnxforge]`` in ``pyproject.toml``)::
 
@@ -220,15 +221,37 @@ def parse_pipeline(text: str) -> list[PassSpec]:
                     i += 1
             expect(")")
         if name in PRESETS:
-            if options:
-                raise PipelineSpecError(f"pipeline: preset {name} takes no options")
-            specs.extend(parse_pipeline(PRESETS[name]))
+            specs.extend(_preset_with_options(name, options))
         else:
             specs.append(PassSpec(name, options))
         if i < len(tokens):
             expect(",")
             if i >= len(tokens):
                 raise PipelineSpecError(f"pipeline: trailing ',' in {text!r}")
+    return specs
+
+
+def _preset_with_options(name: str, options: dict[str, Any]) -> list[PassSpec]:
+    """The preset's passes, each option set on every one of them that has it.
+
+    ``O3(budget_unit=agreement,score_gate=none)`` is O3 with those two options of its
+    ``quantize-int8`` changed: a preset's balance moved without copying its pass list. An option that
+    no pass of the preset has is an error (a typo would otherwise change nothing).
+    """
+    specs = parse_pipeline(PRESETS[name])
+    if not options:
+        return specs
+    from onnxforge.passes.registry import get_pass_class, option_specs
+
+    takers = {key: [s for s in specs if key in option_specs(get_pass_class(s.name))] for key in options}
+    for key, passes in takers.items():
+        if not passes:
+            known = sorted({k for s in specs for k in option_specs(get_pass_class(s.name))})
+            raise PipelineSpecError(
+                f"pipeline: no pass of preset {name} has option {key!r} (their options: {', '.join(known) or 'none'})"
+            )
+        for spec in passes:
+            spec.options[key] = options[key]
     return specs
 
 
