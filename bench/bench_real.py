@@ -91,7 +91,8 @@ ROWS: dict[str, Row] = {
     "O3-ungated": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,max_drop=0.01,max_cosine_drop=0.002,"
                       "budget_confidence=0.9,latency_guard=true,latency_clock=cpu,budget_unit=accuracy)"),
     # O3 with its budget in answers changed rather than expected accuracy, and every anchor measured:
-    # what a user who needs the fp32 model's answers (not the truth's) within a point asks for (run 22)
+    # what a user who needs the fp32 model's answers (not the truth's) within a point asks for (run 22);
+    # the same passes as --passes "O3(budget_unit=agreement,score_gate=none)"
     "O3-agreement": Row("O2,quantize-int8(calibration=sqnr,bias_correction=true,max_drop=0.01,max_cosine_drop=0.002,"
                         "budget_confidence=0.9,latency_guard=true,latency_clock=cpu,budget_unit=agreement)"),
     # issue 11 comparison (BENCHMARKS.md, Trained-model suite, run 4): all-int8 with round-to-nearest or
