@@ -69,7 +69,7 @@ def test_preset_expands():
         ("a,", "trailing"),
         ("a(x=1,x=2)", "given twice"),
         ("O1(x=1)", "no pass of preset O1 has option 'x'"),
-        ("O3(budget_unt=agreement)", "no pass of preset O3 has option 'budget_unt'"),
+        ("O3(budget_unt=agreement)", "no pass of preset O3 has option 'budget_unt' (did you mean 'budget_unit'?"),
     ],
 )
 def test_parse_errors(text, fragment):

@@ -246,9 +246,13 @@ def _preset_with_options(name: str, options: dict[str, Any]) -> list[PassSpec]:
     takers = {key: [s for s in specs if key in option_specs(get_pass_class(s.name))] for key in options}
     for key, passes in takers.items():
         if not passes:
+            import difflib
+
             known = sorted({k for s in specs for k in option_specs(get_pass_class(s.name))})
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise PipelineSpecError(
-                f"pipeline: no pass of preset {name} has option {key!r} (their options: {', '.join(known) or 'none'})"
+                f"pipeline: no pass of preset {name} has option {key!r} ({hint}their options: {', '.join(known)})"
             )
         for spec in passes:
             spec.options[key] = options[key]
