@@ -42,7 +42,6 @@ def upgrade_opset(model: ir.Model, version: int, stats: PassStats) -> bool:
     return True
 
 
-
 def copy_model(model: ir.Model) -> ir.Model:
     """A deep copy of ``model`` (external tensors stay references to their files)."""
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
