@@ -42,14 +42,16 @@ def upgrade_opset(model: ir.Model, version: int, stats: PassStats) -> bool:
     return True
 
 
-def copy_model(model: ir.Model) -> ir.Model:
-    """A deep copy of ``model`` (external tensors stay references to their files)."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+def copy_model(model: ir.Model):
+    """``model`` as a ModelProto (external tensors stay references to their files); read back only by
+    :func:`restore_model`, so a model that gets quantized pays one serialization, not a round trip."""
+    return ir.serde.serialize_model(model)
 
 
-def restore_model(model: ir.Model, copy: ir.Model) -> None:
-    """Make ``model`` what ``copy`` is, in place (graph, functions, IR version)."""
-    model.graph = copy.graph
-    model.ir_version = copy.ir_version
+def restore_model(model: ir.Model, copy) -> None:
+    """Make ``model`` what the :func:`copy_model` ``copy`` is, in place (graph, functions, IR version)."""
+    restored = ir.serde.deserialize_model(copy)
+    model.graph = restored.graph
+    model.ir_version = restored.ir_version
     model.functions.clear()
-    model.functions.update(copy.functions)
+    model.functions.update(restored.functions)
